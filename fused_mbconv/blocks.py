@@ -8,6 +8,7 @@ squeeze-excite whose squeeze width comes from the block's *input* channels, proj
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -62,6 +63,33 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(self.fc2(self.act(self.fc1(s))))
 
 
+@dataclass(frozen=True)
+class MBConvSpec:
+    """Which submodule plays which role in an MBConv-style block, and the block's flags.
+
+    The contract between block recognizers (this package's MBConv, torchvision's MBConv,
+    timm's InvertedResidual / DepthwiseSeparableConv) and the fused block: the fused forward
+    reads parameters and BatchNorm state through these references, so the original modules
+    (and so the state_dict keys) stay where they are.
+    """
+
+    expand_conv: Optional[nn.Conv2d]
+    expand_bn: Optional[nn.BatchNorm2d]
+    dw_conv: nn.Conv2d
+    dw_bn: nn.BatchNorm2d
+    se_fc1: Optional[nn.Conv2d]
+    se_fc2: Optional[nn.Conv2d]
+    project_conv: nn.Conv2d
+    project_bn: nn.BatchNorm2d
+    stride: int
+    kernel_size: int
+    residual: bool
+    drop_path: float = 0.0
+    activation: str = "silu"
+    se_activation: str = "silu"
+    se_gate: str = "sigmoid"
+
+
 class MBConv(nn.Module):
     """Mobile inverted bottleneck block with squeeze-excite (EfficientNet's MBConv).
 
@@ -95,6 +123,8 @@ class MBConv(nn.Module):
         self.stride = stride
         self.expand_ratio = expand_ratio
         self.activation = activation
+        self.se_activation = activation
+        self.se_gate = se_gate
         self.use_residual = stride == 1 and in_channels == out_channels
         hidden = int(round(in_channels * expand_ratio))
         self.hidden_channels = hidden
@@ -117,6 +147,17 @@ class MBConv(nn.Module):
         self.project_conv = nn.Conv2d(hidden, out_channels, 1, bias=False)
         self.project_bn = bn(out_channels)
         self.drop_path = StochasticDepth(drop_path)
+
+    def spec(self) -> MBConvSpec:
+        return MBConvSpec(
+            expand_conv=self.expand_conv, expand_bn=self.expand_bn,
+            dw_conv=self.dw_conv, dw_bn=self.dw_bn,
+            se_fc1=self.se.fc1 if self.se is not None else None,
+            se_fc2=self.se.fc2 if self.se is not None else None,
+            project_conv=self.project_conv, project_bn=self.project_bn,
+            stride=self.stride, kernel_size=self.kernel_size, residual=self.use_residual,
+            drop_path=self.drop_path.p, activation=self.activation,
+            se_activation=self.se_activation, se_gate=self.se_gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
