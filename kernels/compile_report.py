@@ -1,9 +1,10 @@
 """Compile every registered Triton kernel specialization for real GPUs, without one.
 
 Each kernel module listed in ``MODULES`` exposes ``SPECIALIZATIONS``: (kernel, signature,
-constexprs, label) tuples covering the variants its launchers produce for EfficientNet-B0.
-Each is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
-and its PTX assembled by the ``ptxas`` that ships with Triton (``-v``) for registers and spills.
+constexprs, label) tuples covering the variants its launchers produce for EfficientNet-B0, and
+``COMPILE_OPTIONS`` (num_warps, ...) as its launchers pass them. Each is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, whose PTX Triton
+assembles with the ``ptxas -v`` it ships; that log gives registers and spills.
 
     python -m fused_mbconv.kernels.compile_report [--arch 80 90] [--dtype bf16 ...] [--jobs N]
 
@@ -15,22 +16,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import importlib
+import io
 import os
 import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 MODULES = ("fused_mbconv.kernels.dwconv_bn_silu",)
 DTYPE_TOKENS = ("fp16", "bf16", "fp32")
-
-
-def ptxas_path(arch: int) -> str:
-    """The ptxas Triton itself uses for ``arch`` (it ships two: one per CUDA generation)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-    return get_ptxas(arch).path
 
 
 def registry(dtypes=DTYPE_TOKENS):
@@ -46,38 +40,33 @@ def registry(dtypes=DTYPE_TOKENS):
     return specs
 
 
-def _arch_name(arch: int) -> str:
-    return f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-
-
 def compile_one(index: int, arch: int, dtypes) -> dict:
     """Compile specialization ``index`` of ``registry(dtypes)`` for ``arch``; ptxas -v it."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel, signature, constexprs, label = registry(dtypes)[index]
+    options = importlib.import_module(kernel.__module__).COMPILE_OPTIONS
     row = dict(label=label, arch=arch, regs=None, spill_stores=None, spill_loads=None,
                error=None)
     try:
         attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values())
                  if t.startswith("*")}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", arch, 32))
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = Path(tmp) / "k.ptx"
-            ptx.write_text(compiled.asm["ptx"])
-            # Triton's own flags, so the counts are those of the cubin it would load.
-            out = subprocess.run([ptxas_path(arch), "-v", "-lineinfo", "--regAllocOptLevel=2",
-                                  f"--gpu-name={_arch_name(arch)}", str(ptx),
-                                  "-o", str(Path(tmp) / "k.cubin")],
-                                 capture_output=True, text=True, check=True).stderr
+        # Triton assembles its PTX with `ptxas -v`; keep that log (printed when asked for)
+        # instead of assembling a second time: the counts are those of the cubin it loads.
+        knobs.nvidia.dump_ptxas_log = True
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                           target=GPUTarget("cuda", arch, 32), options=options)
+        out = log.getvalue()
         row["regs"] = int(re.search(r"Used (\d+) registers", out).group(1))
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
         row["spill_stores"], row["spill_loads"] = int(spill.group(1)), int(spill.group(2))
     except Exception as exc:  # reported per row; the run fails at the end
-        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
-        row["error"] = f"{type(exc).__name__}: {str(detail).strip().splitlines()[-1:]}"
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
     return row
 
 

@@ -29,7 +29,8 @@ Tensor = torch.Tensor
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
               torch.float32: tl.float32, torch.float64: tl.float64}
-NUM_WARPS = 4
+NUM_WARPS = 8  # 4 tile elements per thread: the K² tap loop needs ~half the registers
+COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
 BLOCK_T = 64  # partial rows merged per step by the finalize / sum kernels
 
 
@@ -320,7 +321,7 @@ def dwconv_bwd_input_kernel(gc_ptr, w_ptr, gx_ptr, C, H, W, OH, OW,
 
 # ----------------------------------------------------------------------------- launch config
 
-TILE_ELEMENTS = 1024  # 8 per thread at 4 warps: the K² tap loop stays within registers
+TILE_ELEMENTS = 1024
 
 
 def tile_sizes(channels: int, positions: int, channels_last: bool) -> Tuple[int, int]:
@@ -532,6 +533,7 @@ def specializations(layers=B0_DEPTHWISE_LAYERS, dtypes=tuple(_TL_NAMES)):
 
     big = 7 * 7  # positions of B0's smallest map: every tile at full size
     sums = dict(ACC=tl.float32, BLOCK_T=BLOCK_T, BLOCK_M=128)
+    add(sum_rows_kernel, "fp32", "bn grads", sums, activation_ptrs=())
     for dtype in dtypes:
         act = _TL_NAMES[dtype]
         for channels_last in (False, True):
@@ -554,11 +556,10 @@ def specializations(layers=B0_DEPTHWISE_LAYERS, dtypes=tuple(_TL_NAMES)):
                 add(bn_silu_apply_kernel, act, where, dict(CHANNELS_LAST=channels_last, **common))
                 add(bn_silu_bwd_reduce_kernel, act, where,
                     dict(CHANNELS_LAST=channels_last, **common))
-                add(bn_stats_finalize_kernel, "fp32", f"fp32 {block_p}x{block_c}",
+                add(bn_stats_finalize_kernel, "fp32", f"statistics {block_p}x{block_c}",
                     dict(ACC=tl.float32, BLOCK_P=block_p, BLOCK_T=BLOCK_T, BLOCK_C=block_c))
         add(sum_rows_kernel, act, f"{act} grad weight", sums,
             activation_ptrs={"out0_ptr", "out1_ptr"})
-    add(sum_rows_kernel, "fp32", "fp32 bn grads", sums, activation_ptrs=())
     return list(specs.values())
 
 
