@@ -1,9 +1,11 @@
 """Triton depthwise conv + BatchNorm + SiLU, forward and backward, and their launchers.
 
-Tiles are [BLOCK_P positions of the flattened (n, h, w) grid, BLOCK_C channels]; NCHW and
+Programs are (position tile, channel block, image); a tile is [BLOCK_P positions h·W + w of
+one image, BLOCK_C channels], so only the per-image base offset needs 64 bits. NCHW and
 channels_last are one source, the layout a constexpr (the launcher makes every activation
 contiguous in the input's memory format, so the unit-stride dimension is known at compile
-time). Math and statistics run in ACC (float32, or float64 for float64 inputs).
+time); a conv tap is the tile's centre offsets plus a scalar. Math and statistics run in ACC
+(float32, or float64 for float64 inputs).
 
 Training forward: conv -> d written once + per-tile (mean, M2) partials; finalize merges the
 partials with Chan's formula; apply reads d and writes SiLU(BN(d)).
@@ -474,8 +476,8 @@ def dwconv_bn_silu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, conv_ou
         gw_part = torch.empty((pr.rows if need_gw else 0, pr.c * pr.k * pr.k),
                               dtype=pr.acc_dtype, device=dev)
         dwconv_bwd_grad_conv_kernel[pr.grid](
-            go, d, x, gc, gw_part, mean, var, *affine, sum_g, sum_gx, pr.c, pr.h, pr.w, pr.oh, pr.ow,
-            pr.count, eps, K=pr.k, STRIDE=stride, CHANNELS_LAST=pr.channels_last,
+            go, d, x, gc, gw_part, mean, var, *affine, sum_g, sum_gx, pr.c, pr.h, pr.w, pr.oh,
+            pr.ow, pr.count, eps, K=pr.k, STRIDE=stride, CHANNELS_LAST=pr.channels_last,
             TRAINING=training, WRITE_GC=need_gx, NEED_GW=need_gw, **flags)
         note_launch("dwconv_bwd_grad_conv_kernel", "triton",
                     _nbytes(go, d) + per_channel + (_nbytes(x) if need_gw else 0)
