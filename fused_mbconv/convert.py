@@ -10,12 +10,15 @@ imported here.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Optional, Tuple
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch.nn as nn
 
 from .activations import ACTIVATIONS, GATES
 from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
+from .distributed import SyncBatchNorm
 
 
 class NotFusable(Exception):
@@ -52,7 +55,7 @@ _CONV_REASONS = {
     "timm.layers.conv2d_same.Conv2dSame":
         "TF 'same' padding (Conv2dSame pads at run time, asymmetrically for stride 2)",
     "timm.layers.mixed_conv2d.MixedConv2d":
-        "mixed-kernel conv (MixedConv2d: channel groups, each with its own kernel size)",
+        "MixedConv2d: channels split into groups, each with its own conv (mixed kernels)",
     "timm.layers.cond_conv2d.CondConv2d":
         "CondConv2d (per-sample mixture of expert kernels)",
 }
@@ -96,7 +99,7 @@ def _drop_path(module: Optional[nn.Module], where: str) -> float:
     if _is_identity(module):
         return 0.0
     name = qualified_name(type(module))
-    if isinstance(module, StochasticDepth) and type(module) is StochasticDepth:
+    if type(module) is StochasticDepth:
         return float(module.p)
     if name == "torchvision.ops.stochastic_depth.StochasticDepth":
         if module.mode != "row" and module.p > 0:
@@ -240,17 +243,15 @@ _RECOGNIZERS: Dict[str, Recognizer] = {}
 
 # Block classes that are not MBConv-with-depthwise blocks: listed in reports, never converted.
 _UNFUSABLE_BLOCKS: Dict[str, str] = {
-    _TV + "FusedMBConv": "EfficientNetV2 FusedMBConv: its expansion is a dense kxk conv, not "
-                         "depthwise, so there is no depthwise stage to fuse",
-    _TIMM + "EdgeResidual": "EdgeResidual (EfficientNetV2 fused MBConv): dense kxk expansion "
-                            "conv, not depthwise",
-    _TIMM + "CondConvResidual": "CondConvResidual: per-sample mixture of expert kernels",
-    _TIMM + "ConvBnAct": "ConvBnAct: a single conv + BN + activation, not an inverted-residual "
-                         "block",
-    _TIMM + "UniversalInvertedResidual": "UniversalInvertedResidual (MobileNetV4): optional "
-                                         "depthwise convs before and after the expansion and "
-                                         "layer scale",
-    _TIMM + "MobileAttention": "MobileAttention: attention block",
+    _TV + "FusedMBConv": "EfficientNetV2 fused MBConv: a dense kxk expansion conv, no depthwise "
+                         "stage to fuse",
+    _TIMM + "EdgeResidual": "EfficientNetV2 fused MBConv: a dense kxk expansion conv, no "
+                            "depthwise stage to fuse",
+    _TIMM + "CondConvResidual": "CondConv: per-sample mixture of expert kernels",
+    _TIMM + "ConvBnAct": "a single conv + BN + activation, not an inverted-residual block",
+    _TIMM + "UniversalInvertedResidual": "MobileNetV4 block: optional depthwise convs around the "
+                                         "expansion, layer scale",
+    _TIMM + "MobileAttention": "attention block",
 }
 
 
@@ -403,3 +404,113 @@ def iter_blocks(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Mo
         return
     for name, child in model.named_children():
         yield from iter_blocks(child, f"{prefix}.{name}" if prefix else name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports and conversion.
+
+_FUSED_BLOCK = "fused_mbconv.fused_block.FusedMBConv"
+
+
+def _is_fused(module: nn.Module) -> bool:
+    return any(qualified_name(c) == _FUSED_BLOCK for c in type(module).__mro__)
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One known block of a model: ``status`` is "converted" (already a FusedMBConv),
+    "convertible" (``convert`` would fuse it) or "unconverted" (``reason`` says why)."""
+
+    path: str
+    block_type: str
+    status: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    blocks: Tuple[BlockReport, ...]
+
+    def _with(self, status: str) -> List[BlockReport]:
+        return [b for b in self.blocks if b.status == status]
+
+    @property
+    def converted(self) -> List[BlockReport]:
+        return self._with("converted")
+
+    @property
+    def convertible(self) -> List[BlockReport]:
+        return self._with("convertible")
+
+    @property
+    def unconverted(self) -> List[BlockReport]:
+        return self._with("unconverted")
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.blocks)} MBConv-style blocks: {len(self.converted)} converted, "
+                 f"{len(self.convertible)} convertible, {len(self.unconverted)} unconverted"]
+        width = max((len(b.path or "<model>") for b in self.blocks), default=0)
+        for b in self.blocks:
+            line = f"  {b.path or '<model>':<{width}}  {b.status:<11}  {b.block_type}"
+            lines.append(f"{line}: {b.reason}" if b.reason else line)
+        return "\n".join(lines)
+
+
+def _block_report(path: str, module: nn.Module) -> BlockReport:
+    kind = f"{type(module).__module__.split('.')[0]}.{type(module).__qualname__}"
+    if _is_fused(module):
+        return BlockReport(path, kind, "converted")
+    try:
+        recognize(module)
+    except NotFusable as e:
+        return BlockReport(path, kind, "unconverted", str(e))
+    return BlockReport(path, kind, "convertible")
+
+
+def convert_report(model: nn.Module) -> ConversionReport:
+    """Which blocks of ``model`` are converted, would be converted, or can't be, and why."""
+    return ConversionReport(tuple(_block_report(p, m) for p, m in iter_blocks(model)))
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every BatchNorm2d (and timm BatchNormAct2d) under ``module``, outside fused
+    blocks, with ``distributed.SyncBatchNorm``: ``nn.SyncBatchNorm.convert_sync_batchnorm``'s
+    job, on any device, keeping timm's activation. Returns ``module`` (or its replacement)."""
+    if _is_fused(module):
+        return module
+    if qualified_name(type(module)) in _BATCH_NORMS:
+        return SyncBatchNorm.from_batch_norm(module, process_group)
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, process_group))
+    return module
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, module)
+
+
+def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False) -> nn.Module:
+    """Swap every block ``convert_report`` calls convertible for a ``FusedMBConv`` that adopts
+    the block's submodules under their names, so ``state_dict`` keys and values are unchanged.
+
+    Returns the converted model (a new one unless ``inplace``; when ``model`` itself is a
+    block, always a new module: use the return value).
+    """
+    from .fused_block import FusedMBConv
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    for path, block in list(iter_blocks(model)):
+        if _is_fused(block):
+            continue
+        try:
+            spec = recognize(block)
+        except NotFusable:
+            continue
+        fused = FusedMBConv.from_spec(block, spec)
+        fused.train(block.training)
+        if not path:
+            return fused
+        _replace(model, path, fused)
+    return model
