@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activations import make_activation, make_gate
+from .blocks import MBConvSpec, drop_path
 from .functional import update_running_stats
 from .tensors import accumulate_dtype, like_input
 
@@ -144,3 +146,28 @@ class SyncBatchNorm(nn.BatchNorm2d):
                 x = self._modules[name](x)
         return x
 
+
+
+def mbconv_sync_forward(spec: MBConvSpec, x: Tensor, process_group=None) -> Tensor:
+    """Training forward of the block ``spec`` describes with every BatchNorm's statistics taken
+    over all processes: aten convs and ``sync_batch_norm``, not the fused kernels (the fused
+    op computes its BatchNorm statistics inside one call, with no point to reduce them)."""
+    def bn(h: Tensor, m: nn.BatchNorm2d) -> Tensor:
+        return sync_batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias,
+                               bn_momentum(m), m.eps, process_group)
+
+    act = make_activation(spec.activation)
+    h = x
+    if spec.expand_conv is not None:
+        h = act(bn(F.conv2d(h, spec.expand_conv.weight), spec.expand_bn))
+    h = act(bn(F.conv2d(h, spec.dw_conv.weight, None, spec.stride, spec.kernel_size // 2, 1,
+                        h.shape[1]), spec.dw_bn))
+    if spec.se_fc1 is not None:
+        s = F.conv2d(h.mean((2, 3), keepdim=True), spec.se_fc1.weight, spec.se_fc1.bias)
+        s = F.conv2d(make_activation(spec.se_activation)(s), spec.se_fc2.weight,
+                     spec.se_fc2.bias)
+        h = h * make_gate(spec.se_gate)(s)
+    h = bn(F.conv2d(h, spec.project_conv.weight), spec.project_bn)
+    if spec.residual:
+        h = drop_path(h, spec.drop_path, True) + x
+    return h
