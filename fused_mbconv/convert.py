@@ -14,14 +14,16 @@ import copy
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from .activations import ACTIVATIONS, GATES
 from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
-from .distributed import SyncBatchNorm
+from .distributed import SyncBatchNorm, mbconv_sync_forward, sync_enabled
+from .fused_block import FusedMBConv, register_block_type
 
 
-class NotFusable(Exception):
+class NotFusable(ValueError):
     """A block that the fused block cannot express; ``str(exc)`` is the reason."""
 
 
@@ -409,11 +411,8 @@ def iter_blocks(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Mo
 # ---------------------------------------------------------------------------------------------
 # Reports and conversion.
 
-_FUSED_BLOCK = "fused_mbconv.fused_block.FusedMBConv"
-
-
 def _is_fused(module: nn.Module) -> bool:
-    return any(qualified_name(c) == _FUSED_BLOCK for c in type(module).__mro__)
+    return isinstance(module, FusedMBConv)
 
 
 @dataclass(frozen=True)
@@ -490,27 +489,57 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path), name, module)
 
 
-def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False) -> nn.Module:
+class SyncFusedMBConv(FusedMBConv):
+    """A converted block whose training statistics span every process of ``process_group``
+    (``convert(..., sync_bn=True)``). With an initialized group of two or more processes it
+    trains through ``distributed.mbconv_sync_forward`` (aten convs, synchronized BatchNorm:
+    the fused op has no point between its statistics and their use to reduce them); otherwise,
+    and in eval, it is FusedMBConv."""
+
+    process_group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and sync_enabled(self.process_group):
+            return mbconv_sync_forward(self.spec(), x, self.process_group)
+        return super().forward(x)
+
+
+def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
+            process_group=None) -> nn.Module:
     """Swap every block ``convert_report`` calls convertible for a ``FusedMBConv`` that adopts
     the block's submodules under their names, so ``state_dict`` keys and values are unchanged.
+
+    ``sync_bn``: batch statistics over every process of ``process_group`` (default: the whole
+    world), in the fused blocks and in every other BatchNorm2d (as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` would, but on any device).
 
     Returns the converted model (a new one unless ``inplace``; when ``model`` itself is a
     block, always a new module: use the return value).
     """
-    from .fused_block import FusedMBConv
-
     if not inplace:
         model = copy.deepcopy(model)
+    fused_type = SyncFusedMBConv if sync_bn else FusedMBConv
     for path, block in list(iter_blocks(model)):
         if _is_fused(block):
-            continue
-        try:
-            spec = recognize(block)
-        except NotFusable:
-            continue
-        fused = FusedMBConv.from_spec(block, spec)
-        fused.train(block.training)
+            if not sync_bn or isinstance(block, SyncFusedMBConv):
+                continue
+            recompute = block.recompute_dwconv
+            block = SyncFusedMBConv.from_spec(block, block.spec())
+            block.recompute_dwconv = recompute
+        else:
+            try:
+                spec = recognize(block)
+            except NotFusable:
+                continue
+            block = fused_type.from_module(block) if isinstance(block, MBConv) else \
+                fused_type.from_spec(block, spec)
+        if sync_bn:
+            block.process_group = process_group
         if not path:
-            return fused
-        _replace(model, path, fused)
-    return model
+            return block
+        _replace(model, path, block)
+    return convert_sync_batchnorm(model, process_group) if sync_bn else model
+
+
+# FusedMBConv.from_module's extension point: every block type these recognizers know.
+register_block_type(nn.Module, recognize)
