@@ -390,8 +390,10 @@ def is_block(module: nn.Module) -> bool:
 def recognize(module: nn.Module) -> MBConvSpec:
     """The checked ``MBConvSpec`` of ``module``; raises ``NotFusable`` with the reason."""
     recognizer, reason = _lookup(type(module))
+    if recognizer is None and reason is None:
+        raise TypeError(f"{_type_name(module)} is not a known MBConv-style block")
     if recognizer is None:
-        raise NotFusable(reason or f"{_type_name(module)} is not a known MBConv-style block")
+        raise NotFusable(reason)
     try:
         spec, in_channels = recognizer(module)
     except AttributeError as e:  # a library version with a different layout

@@ -212,7 +212,7 @@ def test_subclass_overriding_forward_is_refused():
 
 def test_non_blocks_are_not_listed():
     assert not is_block(nn.Conv2d(3, 3, 3))
-    with pytest.raises(NotFusable, match="not a known MBConv-style block"):
+    with pytest.raises(TypeError, match="not a known MBConv-style block"):
         recognize(nn.Sequential())
 
 
