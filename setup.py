@@ -38,9 +38,10 @@ def _extensions():
     if cuda:
         modules.append(CUDAExtension(
             "fused_mbconv._C_cuda", rel(build.cuda_sources()),
-            include_dirs=build.include_dirs() + build.cuda_extra_include_dirs(),
+            include_dirs=build.include_dirs(),
             extra_compile_args={"cxx": ["-O3"],
-                                "nvcc": build.NVCC_FLAGS + build.gencode_flags()}))
+                                "nvcc": build.NVCC_FLAGS + build.gencode_flags()
+                                + build.cuda_extra_include_flags()}))
     print(f"fused_mbconv: building CPU extension; CUDA extension: "
           f"{'yes' if cuda else 'no'} ({why})")
     return modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -82,13 +82,18 @@ def cuda_home() -> Optional[str]:
     return str(Path(nvcc).resolve().parent.parent)
 
 
-def cuda_extra_include_dirs() -> List[str]:
-    """Headers the system CUDA may lack (cusparse.h, cublas_v2.h, ...) that ATen's CUDA headers
-    include; the CUDA build of torch ships them under site-packages/nvidia/cu*/include."""
+def cuda_extra_include_flags() -> List[str]:
+    """nvcc flags for headers the system CUDA may lack (cusparse.h, cublas_v2.h, ...) that ATen's
+    CUDA headers include; the CUDA build of torch ships them under site-packages/nvidia/cu*/include.
+    That tree also holds its own (possibly newer) CUDA runtime headers, so it is searched after
+    the toolkit's (-idirafter), never before: it only fills the gaps."""
     import torch
 
     nvidia = Path(torch.__file__).resolve().parent.parent / "nvidia"
-    return sorted(str(p) for p in nvidia.glob("cu*/include") if p.is_dir())
+    flags = []
+    for path in sorted(p for p in nvidia.glob("cu*/include") if p.is_dir()):
+        flags += ["-Xcompiler", f"-idirafter{path}"]
+    return flags
 
 
 def cuda_build_decision() -> Tuple[bool, str]:
@@ -118,3 +123,22 @@ def prepare_cuda_env() -> None:
         os.environ["CUDA_HOME"] = home
     # Explicit -gencode flags already stop torch from querying a GPU; this keeps it so.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(cuda_archs()))
+
+
+def nvcc_compile_command(source: str, output: str, archs: Optional[List[str]] = None,
+                         ptxas_verbose: bool = True) -> List[str]:
+    """A standalone ``nvcc -c`` of one csrc/cuda source with the extension's flags (used by the
+    compile test: no GPU needed)."""
+    import sysconfig
+
+    prepare_cuda_env()
+    import torch
+    from torch.utils import cpp_extension
+
+    includes = (include_dirs() + cpp_extension.include_paths(device_type="cuda")
+                + [sysconfig.get_paths()["include"]])
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [find_nvcc() or "nvcc", "-c", source, "-o", output, "-std=c++20",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC", *NVCC_FLAGS,
+           *gencode_flags(archs), *[f"-I{d}" for d in includes], *cuda_extra_include_flags()]
+    return cmd + (["-Xptxas", "-v"] if ptxas_verbose else [])

@@ -120,8 +120,8 @@ def build(cuda: Optional[bool] = None, verbose: bool = True) -> List[str]:
     specs = [("_C", _build.cpu_sources(), {})]
     if cuda:
         specs.append(("_C_cuda", _build.cuda_sources(), dict(
-            extra_cuda_cflags=_build.NVCC_FLAGS + _build.gencode_flags(),
-            extra_include_paths=_build.include_dirs() + _build.cuda_extra_include_dirs())))
+            extra_cuda_cflags=(_build.NVCC_FLAGS + _build.gencode_flags()
+                               + _build.cuda_extra_include_flags()))))
     for module, sources, extra in specs:
         extra.setdefault("extra_include_paths", _build.include_dirs())
         cpp_extension.load(name=f"fused_mbconv{module}", sources=sources,
