@@ -44,15 +44,17 @@ def fused(module, backend):
     return run
 
 
-def time_ms(fn, x, grad, reps, warmup=3):
-    samples = []
+def time_ms(providers, x, grad, reps, warmup=3):
+    """Round-robin over providers, so load changes on a shared machine hit all of them alike."""
+    samples = {name: [] for name in providers}
     for i in range(warmup + reps):
-        xi = x.detach().requires_grad_()
-        start = time.perf_counter()
-        fn(xi).backward(grad)
-        if i >= warmup:
-            samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples), min(samples)
+        for name, fn in providers.items():
+            xi = x.detach().requires_grad_()
+            start = time.perf_counter()
+            fn(xi).backward(grad)
+            if i >= warmup:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
 def main(argv=None):
@@ -71,7 +73,7 @@ def main(argv=None):
             grad = torch.randn_like(module(x))
         providers = {"eager": module, "torch.compile": torch.compile(module),
                      "fused[torch]": fused(module, "torch"), "fused[cpu]": fused(module, "cpu")}
-        results = {p: time_ms(fn, x, grad, args.reps) for p, fn in providers.items()}
+        results = time_ms(providers, x, grad, args.reps)
         for provider, (median, best) in results.items():
             rows.append(dict(shape=name, provider=provider, median_ms=round(median, 2),
                              min_ms=round(best, 2),

@@ -5,6 +5,7 @@ The parity grid through the public op (dtypes, layouts, running stats, gradcheck
 runs on the "cpu" backend in test_dwconv_bn_silu.py."""
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -270,9 +271,14 @@ def test_cuda_source_compiles_for_sm80_and_sm90(source, tmp_path):
                        r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?"
                        r"Used (\d+) registers", log, re.S)
     assert usage, f"no ptxas -v report in:\n{log[-3000:]}"
-    print(f"\n{source}: ptxas (function, arch, registers, spill stores/loads)")
-    for func, arch, stores, loads, regs in usage:
-        print(f"  {arch} regs={regs:>3} spill={stores}/{loads} {func[:110]}")
+    names = [f for f, *_ in usage]
+    if shutil.which("c++filt"):
+        names = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
+                               text=True).stdout.splitlines()
+    print(f"\n{source}: ptxas -v (arch, registers, spill stores/loads, kernel)")
+    for name, (_, arch, stores, loads, regs) in zip(names, usage):
+        kernel = re.sub(r"\(.*", "", name.replace("fused_mbconv::(anonymous namespace)::", ""))
+        print(f"  {arch} regs={regs:>3} spill={stores}/{loads} {kernel}")
     assert {arch for _, arch, *_ in usage} == {"sm_80", "sm_90"}
     spilled = [(f, a) for f, a, st, ld, _ in usage if int(st) or int(ld)]
     assert not spilled, f"register spills: {spilled}"

@@ -188,20 +188,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
 // ---- backward ----------------------------------------------------------------------------
 
 // Input gradient of one NCHW plane from the plane's conv-output gradient gc.
+// Stride 1: the transposed stencil (a gather, checks only at the borders).
+// Stride 2: half the taps miss each input element, so scatter tap by tap instead: for each tap,
+// the outputs in its tap_range add gc * w to input (o * 2 + offset), branch-free.
 template <int K, int S, typename acc_t, typename scalar_t>
-void input_grad_plane(const acc_t* gc, const acc_t* w, scalar_t* gx, const Geometry& g) {
+void input_grad_plane(const acc_t* gc, const acc_t* w, scalar_t* gx, acc_t* scratch,
+                      const Geometry& g) {
   const int k = K > 0 ? K : g.k;
   const int p = k / 2;
-  // Stride 1: rows/columns whose every tap lands inside the output need no checks.
-  const int64_t h_lo = S == 1 ? p : g.H, h_hi = S == 1 ? std::max<int64_t>(p, g.Ho - p) : g.H;
-  const int64_t w_lo = S == 1 ? std::min<int64_t>(p, g.W) : g.W;
-  const int64_t w_hi = S == 1 ? std::max<int64_t>(w_lo, g.Wo - p) : g.W;
+  if (S != 1) {
+    std::fill(scratch, scratch + g.in_plane(), acc_t(0));
+    for (int kh = 0; kh < k; ++kh) {
+      int64_t h0, h1;
+      tap_range(g.H, g.Ho, S, kh - p, &h0, &h1);
+      for (int kw = 0; kw < k; ++kw) {
+        int64_t w0, w1;
+        tap_range(g.W, g.Wo, S, kw - p, &w0, &w1);
+        const acc_t wt = w[kh * k + kw];
+        for (int64_t ho = h0; ho < h1; ++ho) {
+          acc_t* dst = scratch + (ho * S + kh - p) * g.W + (kw - p);
+          const acc_t* src = gc + ho * g.Wo;
+#pragma omp simd
+          for (int64_t wo = w0; wo < w1; ++wo) dst[wo * S] += src[wo] * wt;
+        }
+      }
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < g.in_plane(); ++i) gx[i] = static_cast<scalar_t>(scratch[i]);
+    return;
+  }
+  const int64_t h_lo = p, h_hi = std::max<int64_t>(p, g.Ho - p);
+  const int64_t w_lo = std::min<int64_t>(p, g.W), w_hi = std::max<int64_t>(w_lo, g.Wo - p);
+  auto at = [&](int64_t ho, int64_t wo) { return gc[ho * g.Wo + wo]; };
   for (int64_t hi = 0; hi < g.H; ++hi) {
     scalar_t* row = gx + hi * g.W;
     auto edge = [&](int64_t wi) {
-      auto at = [&](int64_t ho, int64_t wo) { return gc[ho * g.Wo + wo]; };
       row[wi] = static_cast<scalar_t>(
-          dw_input_grad<true, K, S, acc_t>(at, w, 1, k, S, g.Ho, g.Wo, hi, wi));
+          dw_input_grad<true, K, 1, acc_t>(at, w, 1, k, 1, g.Ho, g.Wo, hi, wi));
     };
     if (hi < h_lo || hi >= h_hi) {
       for (int64_t wi = 0; wi < g.W; ++wi) edge(wi);
@@ -210,9 +233,8 @@ void input_grad_plane(const acc_t* gc, const acc_t* w, scalar_t* gx, const Geome
     for (int64_t wi = 0; wi < w_lo; ++wi) edge(wi);
 #pragma omp simd
     for (int64_t wi = w_lo; wi < w_hi; ++wi) {
-      auto at = [&](int64_t ho, int64_t wo) { return gc[ho * g.Wo + wo]; };
       row[wi] = static_cast<scalar_t>(
-          dw_input_grad<false, K, S, acc_t>(at, w, 1, k, S, g.Ho, g.Wo, hi, wi));
+          dw_input_grad<false, K, 1, acc_t>(at, w, 1, k, 1, g.Ho, g.Wo, hi, wi));
     }
     for (int64_t wi = w_hi; wi < g.W; ++wi) edge(wi);
   }
@@ -308,7 +330,7 @@ void backward_kernel(const Tensor& go, const Tensor& x, const Tensor& weight, co
   dispatch_kernel_size(g.k, g.s, [&](auto K, auto S) {
     constexpr int kK = decltype(K)::value, kS = decltype(S)::value;
     at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> gc(out_plane);
+      std::vector<acc_t> gc(out_plane), scratch(g.s == 1 ? 0 : in_plane);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % g.C;
         const BnSiluGrad<acc_t> cf = coef[c];
@@ -319,7 +341,9 @@ void backward_kernel(const Tensor& go, const Tensor& x, const Tensor& weight, co
         for (int64_t i = 0; i < out_plane; ++i) {
           gcp[i] = cf.conv_grad(static_cast<acc_t>(dr[i]), static_cast<acc_t>(gr[i]));
         }
-        if (gxp) input_grad_plane<kK, kS>(gcp, wp + c * kk, gxp + p * in_plane, g);
+        if (gxp) {
+          input_grad_plane<kK, kS>(gcp, wp + c * kk, gxp + p * in_plane, scratch.data(), g);
+        }
         if (!gw_partial.empty()) {
           weight_grad_plane<kK, kS>(gcp, xp + p * in_plane, gw_partial.data() + p * kk, g);
         }
