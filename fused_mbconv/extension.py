@@ -108,6 +108,16 @@ def build(cuda: Optional[bool] = None, verbose: bool = True) -> List[str]:
     if not (_build.CSRC / "ops.cpp").exists():
         raise RuntimeError(f"no csrc/ sources beside this package ({_build.CSRC}): JIT builds "
                            "need a source checkout")
+    # A library defining the op schemas can be loaded once per process, and a setup.py build
+    # always wins at load time, so a JIT build only makes sense without one.
+    installed = [m for m in _LIBRARIES.values() if _built_library(m) is not None
+                 and not _built_library(m).startswith(str(build_dir()))]
+    if installed:
+        raise RuntimeError(f"a setup.py build of fused_mbconv.{installed[0]} is present and takes "
+                           "precedence; rebuild it with `pip install --no-build-isolation -e .`")
+    if any(ok for ok, _ in _loaded.values()):
+        raise RuntimeError("the extension is already loaded in this process; build in a fresh "
+                           "one (`python -m fused_mbconv.extension build`)")
     if cuda is None:
         cuda = _build.cuda_build_decision()[0]
     if cuda:
@@ -128,9 +138,10 @@ def build(cuda: Optional[bool] = None, verbose: bool = True) -> List[str]:
                            extra_cflags=_build.CXX_FLAGS, extra_ldflags=_build.LD_FLAGS,
                            build_directory=str(out), is_python_module=False, verbose=verbose,
                            **extra)
-        paths.append(str(out / f"fused_mbconv{module}.so"))
-    with _lock:
-        _loaded.clear()
+        path = str(out / f"fused_mbconv{module}.so")
+        paths.append(path)
+        with _lock:  # load() has just loaded it
+            _loaded["cpu" if module == "_C" else "cuda"] = (True, f"compiled extension {path}")
     return paths
 
 

@@ -423,7 +423,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
             gop, dp, x.const_data_ptr<scalar_t>(), cf, sums, tap0, g);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         finalize_weight_grad_kernel<acc_t>
-            <<<blocks_for(g.C * kTapGroup), kThreads, 0, stream>>>(
+            <<<static_cast<int>((g.C * kTapGroup + kThreads - 1) / kThreads), kThreads, 0,
+               stream>>>(
                 sums, slices, tap0, kk, gw_acc.mutable_data_ptr<acc_t>(), g.C);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
