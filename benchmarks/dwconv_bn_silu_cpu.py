@@ -5,7 +5,7 @@ module under torch.compile (inductor), and fused_mbconv.functional.dwconv_bn_sil
 (reference composite) and "cpu" (csrc/ C++ kernels) backends. Shapes: EfficientNet-B0's two
 largest depthwise layers at batch 8.
 
-    python benchmarks/dwconv_bn_silu_cpu.py [--reps 10] [--csv results.csv]
+    python benchmarks/dwconv_bn_silu_cpu.py [--reps 10] [--csv results.csv] [--no-compile]
 """
 
 import argparse
@@ -61,6 +61,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--csv")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave torch.compile out (skips its compile time)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     rows = []
@@ -71,8 +73,10 @@ def main(argv=None):
         x = torch.randn(n, c, h, w)
         with torch.no_grad():
             grad = torch.randn_like(module(x))
-        providers = {"eager": module, "torch.compile": torch.compile(module),
-                     "fused[torch]": fused(module, "torch"), "fused[cpu]": fused(module, "cpu")}
+        providers = {"eager": module, "fused[torch]": fused(module, "torch"),
+                     "fused[cpu]": fused(module, "cpu")}
+        if not args.no_compile:
+            providers["torch.compile"] = torch.compile(module)
         results = time_ms(providers, x, grad, args.reps)
         for provider, (median, best) in results.items():
             rows.append(dict(shape=name, provider=provider, median_ms=round(median, 2),
