@@ -31,6 +31,12 @@ from fused_mbconv import profiling  # noqa: E402
 
 _records = []
 
+# CPU threads: 1 unless FUSED_MBCONV_BENCH_THREADS says otherwise. On a shared machine,
+# OpenMP threads competing with other processes make timings swing by an order of magnitude;
+# one thread gives repeatable ratios. Recorded in the results.
+if cases.device().type == "cpu":
+    torch.set_num_threads(int(os.environ.get("FUSED_MBCONV_BENCH_THREADS", "1")))
+
 
 @pytest.fixture(scope="session")
 def records():
@@ -67,6 +73,7 @@ def metadata() -> dict:
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "size": cases.size().__dict__,
         "torch": torch.__version__,
         "triton": triton_version,

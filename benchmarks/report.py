@@ -55,7 +55,7 @@ def markdown(results: dict) -> str:
     out = [f"# Benchmarks: {meta['label']}", "",
            f"device `{meta['device']}` ({meta['device_name']}), torch {meta['torch']}, "
            f"triton {meta['triton']}, commit `{meta['commit'][:12]}`, {meta['date']}, "
-           f"size preset `{meta['size']['name']}`; fused backends here: "
+           f"size preset `{meta['size']['name']}`, {meta.get('torch_threads')} CPU thread(s); fused backends here: "
            f"{', '.join(meta['backends']) or 'none'}; compile: {meta['compile']}.", "",
            "Ratios are eager / provider: > 1 is better than eager. Time is measured on this "
            "machine; traffic is counted (aten ops and reported kernel launches) and its time "
