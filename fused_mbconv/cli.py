@@ -69,16 +69,16 @@ def cmd_info(args) -> int:
         devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}"
                     for i in range(torch.cuda.device_count())]
     print(f"devices: {', '.join(devices)}")
-    device_types = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     rows = []
     for name in BACKENDS:
-        for device_type in device_types:
+        for device_type in ("cpu", "cuda"):
             if (name, device_type) in (("cpu", "cuda"), ("cuda", "cpu")):
                 continue
             usable, reason = backend_status(name, device_type)
+            if device_type == "cuda" and not torch.cuda.is_available():
+                usable, reason = False, "no CUDA device"
             rows.append([name, device_type, "yes" if usable else "no", reason])
-    print("backends" + ("" if torch.cuda.is_available() else " (CPU tensors; no CUDA device)")
-          + ":")
+    print("backends:")
     _print_table(["backend", "device", "usable", "why"], rows)
     fused = [n for n in ("FusedMBConv", "convert") if hasattr(fm, n)]
     print(f"fused path: {', '.join(fused) if fused else 'unavailable'}")
