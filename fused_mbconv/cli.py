@@ -80,8 +80,9 @@ def cmd_info(args) -> int:
             rows.append([name, device_type, "yes" if usable else "no", reason])
     print("backends:")
     _print_table(["backend", "device", "usable", "why"], rows)
-    fused = [n for n in ("FusedMBConv", "convert") if hasattr(fm, n)]
-    print(f"fused path: {', '.join(fused) if fused else 'unavailable'}")
+    missing = verification.fused_path_missing()
+    print("fused path: " + (f"unavailable ({', '.join(missing)} missing)" if missing
+                            else "FusedMBConv and convert available"))
     return 0
 
 

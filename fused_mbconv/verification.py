@@ -81,13 +81,20 @@ def fused_modules(model: nn.Module) -> List[nn.Module]:
             and type(m).__name__.startswith("Fused")]
 
 
+def fused_path_missing() -> List[str]:
+    """What this build lacks for fused models (empty when ``fm.convert`` can run)."""
+    return [f"fused_mbconv.{name}" for name in ("FusedMBConv", "convert")
+            if not hasattr(fm, name)]
+
+
 def convert(model: nn.Module) -> nn.Module:
     """A fused copy of ``model``; FusedPathUnavailable when this build has no fused path or
     nothing in the model could be converted."""
-    if not hasattr(fm, "convert"):
+    missing = fused_path_missing()
+    if missing:
         raise FusedPathUnavailable(
-            "the fused path is unavailable in this build: fused_mbconv.convert is not "
-            "implemented yet")
+            f"the fused path is unavailable in this build: {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not implemented yet")
     fused = fm.convert(model, inplace=False)
     if not fused_modules(fused):
         report = fm.convert_report(model) if hasattr(fm, "convert_report") else ""

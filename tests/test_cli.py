@@ -11,7 +11,7 @@ import torch
 import fused_mbconv as fm
 from fused_mbconv import cli, synthetic, verification
 
-FUSED = hasattr(fm, "convert")
+FUSED = not verification.fused_path_missing()
 SMALL = ["--batch", "2", "--resolution", "32"]
 
 
