@@ -16,7 +16,7 @@ import contextlib
 import importlib
 import os
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -122,21 +122,41 @@ def use_backend(name: Optional[str]):
         _state.choice = previous
 
 
-def resolve_backend(device: torch.device) -> str:
-    """The backend that runs tensors on ``device`` now: the chosen one, else the fastest."""
+def implements(name: str, functions: Sequence[str]) -> bool:
+    """Whether backend ``name`` provides every kernel-interface function in ``functions``
+    (a backend may implement some ops' kernels before others')."""
+    _check_name(name)
+    if not functions:
+        return True
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except Exception:
+        return False
+    return all(hasattr(module, f) for f in functions)
+
+
+def resolve_backend(device: torch.device, functions: Sequence[str] = ()) -> str:
+    """The backend that runs tensors on ``device`` now: the chosen one, else the fastest that
+    implements ``functions``."""
     choice = get_backend()
     if choice is not None:
         usable, reason = backend_status(choice, device.type)
         if not usable:
             raise RuntimeError(f"fused_mbconv backend {choice!r} cannot run {device.type} "
                                f"tensors: {reason}")
+        if not implements(choice, functions):
+            raise NotImplementedError(
+                f"fused_mbconv backend {choice!r} does not implement the kernels "
+                f"{[f for f in functions if not implements(choice, [f])]}; choose another "
+                f"backend (fm.use_backend) or None for the default")
         return choice
     for name in _PREFERENCE.get(device.type, ("torch",)):
-        if backend_status(name, device.type)[0]:
+        if backend_status(name, device.type)[0] and implements(name, functions):
             return name
     return "torch"
 
 
-def kernels_for(device: torch.device):
-    """The kernel-interface module of the backend that runs ``device`` now."""
-    return importlib.import_module(_MODULES[resolve_backend(device)])
+def kernels_for(device: torch.device, functions: Sequence[str] = ()):
+    """The kernel-interface module of the backend that runs ``device`` now; with
+    ``functions``, the default skips backends that lack any of them."""
+    return importlib.import_module(_MODULES[resolve_backend(device, functions)])

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .activations import make_activation, make_gate
+from .functional import drop_path_scale
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -27,9 +28,7 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     rescale survivors by 1/(1-p), only in training."""
     if not training or p == 0.0:
         return x
-    keep = 1.0 - p
-    mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
-    return x * mask.bernoulli_(keep).div_(keep)
+    return x * drop_path_scale(x, p)
 
 
 class StochasticDepth(nn.Module):

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import MBConv
+from .fused_block import FusedMBConv
 
 
 def compound_scaling(phi: float, alpha: float = 1.2, beta: float = 1.1,
@@ -67,10 +68,7 @@ VARIANTS = {
 
 
 def _block_class(fused: bool):
-    if not fused:
-        return MBConv
-    raise NotImplementedError(
-        "fused=True needs FusedMBConv, which is not implemented yet; use fused=False")
+    return FusedMBConv if fused else MBConv
 
 
 class ConvBNAct(nn.Sequential):

@@ -7,13 +7,15 @@ updated in place exactly as ``nn.BatchNorm2d`` does (unbiased variance, ``moment
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.fused_mbconv)
+from .activations import ACTIVATIONS, GATES
 from .ops.dwconv_bn_silu import conv_output_size
+from .tensors import accumulate_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -24,15 +26,19 @@ def _check_float(name: str, t: Tensor) -> None:
                         f"or float64), got {t.dtype}")
 
 
-def _check_channel_vector(name: str, t: Optional[Tensor], x: Tensor) -> None:
+def _check_channel_vector(name: str, t: Optional[Tensor], x: Tensor,
+                          channels: Optional[int] = None) -> None:
+    """``t`` is None or a float (channels,) vector on x's device (channels: x's by default)."""
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
     _check_float(name, t)
-    if t.shape != (x.shape[1],):
-        raise ValueError(f"{name} must have shape ({x.shape[1]},) to match the input's "
-                         f"{x.shape[1]} channels, got {tuple(t.shape)}")
+    if channels is None:
+        channels = x.shape[1]
+    if t.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) to match the "
+                         f"{channels} channels it normalizes, got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
 
@@ -110,4 +116,191 @@ def dwconv_bn_silu(input: Tensor, conv_weight: Tensor, running_mean: Optional[Te
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var,
                              out.numel() // out.shape[1], momentum)
+    return out
+
+
+def drop_path_scale(x: Tensor, p: float) -> Tensor:
+    """Stochastic depth's per-sample factor, shaped (N, 1, ..., 1) in x's dtype: 0 with
+    probability p, else 1/(1-p). One ``bernoulli_`` draw on the default generator, so the eager
+    and the fused block drop the same samples from the same seed."""
+    keep = 1.0 - p
+    mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    return mask.bernoulli_(keep).div_(keep)
+
+
+class BatchNormParams(NamedTuple):
+    """One BatchNorm2d's parameters and state, as ``fused_mbconv.functional.mbconv`` takes them.
+
+    ``momentum=None`` is the cumulative average (factor 1 / num_batches_tracked), as in
+    ``nn.BatchNorm2d``; ``num_batches_tracked`` is incremented by every training call."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor] = None
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+
+    @classmethod
+    def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm) -> "BatchNormParams":
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                   bn.momentum, bn.eps)
+
+
+def _check_conv_weight(name: str, w: Tensor, shape: Sequence[Optional[int]], x: Tensor,
+                       what: str) -> None:
+    """w is a tensor of x's dtype and device whose shape matches ``shape`` (None: any)."""
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(w).__name__}")
+    if w.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, w.shape)):
+        want = ", ".join("?" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape ({want}) ({what}), got {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"{name} dtype {w.dtype} does not match input dtype {x.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"{name} is on {w.device} but input is on {x.device}")
+
+
+def _check_bn(name: str, bn: BatchNormParams, channels: int, x: Tensor, training: bool) -> None:
+    if not isinstance(bn, BatchNormParams):
+        raise TypeError(f"{name} must be a fused_mbconv.functional.BatchNormParams, got "
+                        f"{type(bn).__name__}")
+    for field in ("weight", "bias", "running_mean", "running_var"):
+        _check_channel_vector(f"{name}.{field}", getattr(bn, field), x, channels)
+    if (bn.running_mean is None) != (bn.running_var is None):
+        raise ValueError(f"{name}: running_mean and running_var must be given together")
+    if not training and bn.running_mean is None:
+        raise ValueError(f"{name}: running_mean and running_var are required when "
+                         f"training=False")
+    if not bn.eps > 0:
+        raise ValueError(f"{name}.eps must be > 0, got {bn.eps!r}")
+    if bn.momentum is None:
+        if training and bn.running_mean is not None and bn.num_batches_tracked is None:
+            raise ValueError(f"{name}: momentum=None (cumulative average) needs "
+                             f"num_batches_tracked")
+    elif not 0.0 <= bn.momentum <= 1.0:
+        raise ValueError(f"{name}.momentum must be in [0, 1] or None, got {bn.momentum!r}")
+
+
+def check_mbconv_args(x: Tensor, expand_weight: Optional[Tensor], bn1: Optional[BatchNormParams],
+                      dw_weight: Tensor, bn2: BatchNormParams,
+                      se_weights: Optional[Sequence[Tensor]], project_weight: Tensor,
+                      bn3: BatchNormParams, stride: int, training: bool, residual: bool,
+                      drop_path: float, activation: str, se_activation: str,
+                      se_gate: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"input must be a 4-D (N, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    _check_float("input", x)
+    if min(x.shape) == 0:
+        raise ValueError(f"input has an empty dimension: shape {tuple(x.shape)}")
+    cin = x.shape[1]
+    if (expand_weight is None) != (bn1 is None):
+        raise ValueError("expand_weight and bn1 must be given together (or both None for a "
+                         "block without expansion)")
+    hidden = cin
+    if expand_weight is not None:
+        _check_conv_weight("expand_weight", expand_weight, (None, cin, 1, 1), x,
+                           f"a 1x1 conv from the input's {cin} channels")
+        hidden = expand_weight.shape[0]
+        _check_bn("bn1", bn1, hidden, x, training)
+    _check_conv_weight("dw_weight", dw_weight, (hidden, 1, None, None), x,
+                       f"a depthwise conv over the {hidden} expanded channels")
+    k = dw_weight.shape[-1]
+    if dw_weight.shape[2] != k or k % 2 == 0:
+        raise ValueError(f"dw_weight must have a square odd kernel (padding k//2 keeps 'same' "
+                         f"alignment), got kernel {tuple(dw_weight.shape[2:])}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+    _check_bn("bn2", bn2, hidden, x, training)
+    if se_weights is not None:
+        if len(se_weights) != 4:
+            raise ValueError("se_weights must be (fc1_weight, fc1_bias, fc2_weight, fc2_bias)")
+        fc1_w, fc1_b, fc2_w, fc2_b = se_weights
+        _check_conv_weight("fc1_weight", fc1_w, (None, hidden, 1, 1), x,
+                           f"SE squeeze 1x1 conv from the {hidden} expanded channels")
+        squeeze = fc1_w.shape[0]
+        _check_conv_weight("fc1_bias", fc1_b, (squeeze,), x, "the SE squeeze bias")
+        _check_conv_weight("fc2_weight", fc2_w, (hidden, squeeze, 1, 1), x,
+                           f"SE excite 1x1 conv from {squeeze} to {hidden} channels")
+        _check_conv_weight("fc2_bias", fc2_b, (hidden,), x, "the SE excite bias")
+    _check_conv_weight("project_weight", project_weight, (None, hidden, 1, 1), x,
+                       f"a 1x1 conv from the {hidden} expanded channels")
+    cout = project_weight.shape[0]
+    _check_bn("bn3", bn3, cout, x, training)
+    if residual and (stride != 1 or cout != cin):
+        raise ValueError(f"residual needs stride 1 and out_channels == in_channels, got "
+                         f"stride {stride}, {cin} -> {cout} channels")
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
+    for name, value, choices in (("activation", activation, ACTIVATIONS),
+                                 ("se_activation", se_activation, ACTIVATIONS),
+                                 ("se_gate", se_gate, GATES)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    if training:
+        ho, wo = (conv_output_size(s, k, stride) for s in x.shape[2:])
+        values = x.shape[0] * ho * wo
+        if values <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got "
+                             f"input size {tuple(x.shape)} (output {values} value per channel)")
+
+
+@torch.no_grad()
+def _update_bn(bn: BatchNormParams, mean: Tensor, var: Tensor, count: int) -> None:
+    if bn.running_mean is None:
+        return
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum
+    if momentum is None:
+        momentum = 1.0 / float(bn.num_batches_tracked)
+    update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
+
+
+def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weight: Tensor,
+           bn3: BatchNormParams, *, expand_weight: Optional[Tensor] = None,
+           bn1: Optional[BatchNormParams] = None, se_weights: Optional[Sequence[Tensor]] = None,
+           stride: int = 1, training: bool = False, residual: bool = False,
+           drop_path: float = 0.0, activation: str = "silu", se_activation: str = "silu",
+           se_gate: str = "sigmoid", recompute_dwconv: bool = False) -> Tensor:
+    """The MBConv block (``fused_mbconv.MBConv``'s forward) as one fused op.
+
+    expand 1x1 conv (``expand_weight`` (Ce, Cin, 1, 1)) + ``bn1`` + act, absent when None;
+    depthwise conv (``dw_weight`` (Ce, 1, k, k), padding k//2, ``stride``) + ``bn2`` + act;
+    squeeze-excite from ``se_weights`` = (fc1 weight (S, Ce, 1, 1), fc1 bias (S,), fc2 weight
+    (Ce, S, 1, 1), fc2 bias (Ce,)), absent when None; projection 1x1 conv (``project_weight``
+    (Cout, Ce, 1, 1)) + ``bn3``; with ``residual``, + input, the branch scaled per sample by
+    stochastic depth (``drop_path``, training only). Conv weights share the input's dtype;
+    BatchNorm tensors may be any float dtype.
+
+    In training, each BatchNorm's running statistics (and num_batches_tracked) are updated in
+    place after the op succeeds, exactly as ``nn.BatchNorm2d`` does; a call that raises
+    changes nothing. ``recompute_dwconv`` saves memory: backward recomputes the depthwise
+    output from the expand output instead of keeping it. The output keeps the input's memory
+    format (NCHW or channels_last)."""
+    check_mbconv_args(input, expand_weight, bn1, dw_weight, bn2, se_weights, project_weight,
+                      bn3, stride, training, residual, drop_path, activation, se_activation,
+                      se_gate)
+    x = input if input.is_contiguous(memory_format=torch.channels_last) else input.contiguous()
+    scale = None
+    if training and residual and drop_path > 0:
+        scale = drop_path_scale(x, drop_path).view(-1).to(accumulate_dtype(x.dtype))
+    bn1_args = (None,) * 4 if bn1 is None else \
+        (bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var)
+    se_args = (None,) * 4 if se_weights is None else tuple(t.contiguous() for t in se_weights)
+    eps = [bn1.eps if bn1 is not None else 1e-5, bn2.eps, bn3.eps]
+    out, e, _, mean1, var1, mean2, var2, mean3, var3, _, _ = torch.ops.fused_mbconv.mbconv(
+        x, None if expand_weight is None else expand_weight.contiguous(), *bn1_args,
+        dw_weight.contiguous(), bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var,
+        *se_args, project_weight.contiguous(), bn3.weight, bn3.bias, bn3.running_mean,
+        bn3.running_var, scale, stride, training, eps, activation, se_activation, se_gate,
+        residual, not recompute_dwconv)
+    if training:
+        n, cout, ho, wo = out.shape
+        if bn1 is not None:
+            _update_bn(bn1, mean1, var1, e.numel() // e.shape[1])
+        _update_bn(bn2, mean2, var2, n * ho * wo)
+        _update_bn(bn3, mean3, var3, n * ho * wo)
     return out

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 
@@ -29,3 +31,15 @@ def empty_like_input(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class NormArgs(NamedTuple):
+    """What a kernel needs to apply one BatchNorm: per-channel ``mean`` and biased ``var``
+    (accumulate dtype: the batch's in training, the running ones in eval), the optional affine
+    ``weight``/``bias`` (any float dtype; None means 1 / 0) and ``eps``."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: float

@@ -116,13 +116,12 @@ def test_state_dict_round_trip():
     assert a.state_dict().keys() == b.state_dict().keys()
 
 
-def test_fused_flag_is_explicit_until_available():
-    try:
-        model = fm.efficientnet_b0(fused=True)
-    except NotImplementedError as exc:
-        assert "FusedMBConv" in str(exc)
-    else:
-        assert any(type(m).__name__ == "FusedMBConv" for m in model.modules())
+def test_fused_flag_builds_fused_blocks():
+    eager, fused = fm.efficientnet_b0(), fm.efficientnet_b0(fused=True)
+    blocks = [b for stage in fused.stages for b in stage]
+    assert len(blocks) == 16 and all(type(b) is fm.FusedMBConv for b in blocks)
+    assert not any(type(m) is fm.MBConv for m in fused.modules())
+    assert fused.state_dict().keys() == eager.state_dict().keys()
 
 
 @pytest.mark.parametrize("kwargs, argument", [

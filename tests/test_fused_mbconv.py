@@ -1,0 +1,581 @@
+"""FusedMBConv / fused_mbconv::mbconv against the eager MBConv block, on every backend that
+implements the block's kernel interface for CPU tensors."""
+
+import copy
+import dataclasses
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fused_mbconv as fm
+from fused_mbconv.backends import implements
+from fused_mbconv.functional import BatchNormParams
+from fused_mbconv.ops.mbconv import GRAD_INPUTS, KERNELS
+from tolerances import assert_close_by_rule
+
+BACKENDS = [b for b in fm.available_backends("cpu") if implements(b, KERNELS)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Every distinct EfficientNet-B0 block configuration, few channels, same structure:
+# (in, out, kernel, stride, expand); residual follows from stride 1 and in == out. Inputs of
+# at least 8 channels give the SE squeeze >= 2 values: the max-error rule on a one-element
+# gradient compares two single rounding errors, a coin flip.
+B0_CONFIGS = {
+    "e1-k3-s1": (16, 8, 3, 1, 1),         # stage 1 (32 -> 16)
+    "e6-k3-s2": (8, 12, 3, 2, 6),         # first block of stages 2 and 4
+    "e6-k3-s1-res": (12, 12, 3, 1, 6),    # repeats of stages 2 and 4
+    "e6-k5-s2": (12, 16, 5, 2, 6),        # first block of stages 3 and 6
+    "e6-k5-s1-res": (16, 16, 5, 1, 6),    # repeats of stages 3, 5 and 6
+    "e6-k5-s1": (16, 20, 5, 1, 6),        # first block of stage 5
+    "e6-k3-s1": (20, 24, 3, 1, 6),        # stage 7
+}
+# The same configurations at B0's real channel counts (saved-bytes measurement).
+B0_REAL = {
+    "stage1 32->16 e1 k3 s1": (32, 16, 3, 1, 1),
+    "stage2 16->24 e6 k3 s2": (16, 24, 3, 2, 6),
+    "stage2 24->24 e6 k3 s1 res": (24, 24, 3, 1, 6),
+    "stage3 24->40 e6 k5 s2": (24, 40, 5, 2, 6),
+    "stage3 40->40 e6 k5 s1 res": (40, 40, 5, 1, 6),
+    "stage4 40->80 e6 k3 s2": (40, 80, 3, 2, 6),
+    "stage4 80->80 e6 k3 s1 res": (80, 80, 3, 1, 6),
+    "stage5 80->112 e6 k5 s1": (80, 112, 5, 1, 6),
+    "stage5 112->112 e6 k5 s1 res": (112, 112, 5, 1, 6),
+    "stage6 112->192 e6 k5 s2": (112, 192, 5, 2, 6),
+    "stage6 192->192 e6 k5 s1 res": (192, 192, 5, 1, 6),
+    "stage7 192->320 e6 k3 s1": (192, 320, 3, 1, 6),
+}
+BNS = ("expand_bn", "dw_bn", "project_bn")
+
+
+def make_block(config, drop_path=0.0, **kwargs):
+    cin, cout, k, stride, expand = config
+    block = fm.MBConv(cin, cout, k, stride, expand, drop_path=drop_path, **kwargs)
+    with torch.no_grad():
+        for bn in block.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+    return block
+
+
+def run(block, x, dtype, training, grad_out, fused, backend="torch", seed=11):
+    """Forward + backward of a copy of ``block`` in ``dtype``; returns (out, grads, bn state).
+    The seed fixes the stochastic-depth draw: eager and fused must drop the same samples."""
+    model = copy.deepcopy(block)
+    if fused:
+        model = fm.FusedMBConv.from_module(model)
+    model.to(dtype).train(training)
+    xi = x.detach().to(dtype).clone().requires_grad_()  # a fresh leaf for every run
+    with fm.use_backend(backend):
+        torch.manual_seed(seed)
+        out = model(xi)
+        out.backward(grad_out.to(dtype))
+    grads = {"input": xi.grad}
+    grads.update({name: p.grad for name, p in model.named_parameters()})
+    state = {name: b for name, b in model.named_buffers()}
+    return out, grads, state
+
+
+def check_parity(block, x, dtype, training, backend, what=""):
+    with torch.no_grad():
+        shape = copy.deepcopy(block).train(training)(x).shape
+    grad_out = torch.randn(shape)
+    ref = run(block, x, torch.float64, training, grad_out, fused=False)
+    eager = run(block, x, dtype, training, grad_out, fused=False)
+    fused = run(block, x, dtype, training, grad_out, fused=True, backend=backend)
+    out = fused[0].detach()
+    assert out.dtype == dtype
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt), f"{what}: output memory format"
+    assert_close_by_rule(out, eager[0].detach(), ref[0].detach(), dtype, f"{what} output")
+    assert fused[1].keys() == ref[1].keys()
+    for name in ref[1]:
+        g = fused[1][name]
+        assert g is not None, f"{what}: no gradient for {name}"
+        assert g.dtype == eager[1][name].dtype, name
+        assert_close_by_rule(g, eager[1][name], ref[1][name], dtype, f"{what} grad {name}")
+    for name, value in ref[2].items():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(fused[2][name], eager[2][name]), name
+        else:
+            assert_close_by_rule(fused[2][name], eager[2][name], value, dtype, f"{what} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", B0_CONFIGS.values(), ids=B0_CONFIGS.keys())
+def test_block_matches_eager(config, dtype, channels_last, training, backend):
+    block = make_block(config, drop_path=0.5)  # drops samples in residual blocks (train)
+    x = torch.randn(4, config[0], 7, 9) * 2 + 0.3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_parity(block, x, dtype, training, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_path_drops_the_same_samples_as_eager(backend):
+    block = make_block((6, 6, 3, 1, 4), drop_path=0.5).train()
+    x = torch.randn(16, 6, 5, 5)
+    fused = fm.FusedMBConv.from_module(copy.deepcopy(block))
+    with torch.no_grad(), fm.use_backend(backend):
+        torch.manual_seed(3)
+        eager_branch = (block(x) - x).flatten(1).abs().sum(1)
+        torch.manual_seed(3)
+        fused_branch = (fused(x) - x).flatten(1).abs().sum(1)
+        torch.manual_seed(4)
+        other_branch = (fused(x) - x).flatten(1).abs().sum(1)
+    dropped = eager_branch == 0
+    assert 0 < dropped.sum() < 16
+    assert torch.equal(fused_branch == 0, dropped)
+    assert not torch.equal(other_branch == 0, dropped)  # a different seed drops others
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", [
+    dict(activation="relu6", se_ratio=0.0),
+    dict(activation="hardswish", se_gate="hardsigmoid"),
+    dict(activation="relu", se_ratio=0.5),
+])
+def test_activation_and_se_variants(variant, backend):
+    block = make_block((6, 6, 3, 1, 3), **variant)
+    check_parity(block, torch.randn(3, 6, 6, 5), torch.float32, True, backend, str(variant))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recompute_dwconv_gives_the_same_gradients(backend):
+    block = make_block((6, 8, 5, 2, 6))
+    x = torch.randn(2, 6, 9, 7)
+    grad_out = torch.randn(2, 8, 5, 4)
+    kept = run(block, x, torch.float32, True, grad_out, fused=True, backend=backend)
+    fused = fm.FusedMBConv.from_module(copy.deepcopy(block))
+    fused.recompute_dwconv = True
+    xi = x.clone().requires_grad_()
+    with fm.use_backend(backend):
+        out = fused(xi)
+        out.backward(grad_out)
+    assert torch.equal(out, kept[0])
+    torch.testing.assert_close(xi.grad, kept[1]["input"], rtol=0, atol=0)
+    for name, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, kept[1][name], rtol=0, atol=0)
+
+
+# At least 2 input channels: with one expanded channel the projection's outputs are multiples
+# of one map, BN3 normalizes the weight away and its gradient is exactly 0, so both sides
+# would be compared on rounding noise alone.
+@settings(max_examples=12, deadline=None)
+@given(cin=st.integers(2, 6), cout=st.integers(1, 6), kernel=st.sampled_from([1, 3, 5]),
+       stride=st.sampled_from([1, 2]), expand=st.sampled_from([1, 2, 3]),
+       se_ratio=st.sampled_from([0.0, 0.25, 0.5]),
+       activation=st.sampled_from(["silu", "relu", "relu6", "hardswish"]),
+       se_gate=st.sampled_from(["sigmoid", "hardsigmoid"]), n=st.integers(1, 3),
+       h=st.integers(1, 6), w=st.integers(1, 6), training=st.booleans(),
+       channels_last=st.booleans())
+def test_random_blocks_match_eager(cin, cout, kernel, stride, expand, se_ratio, activation,
+                                   se_gate, n, h, w, training, channels_last):
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    if training and n * ho * wo <= 1:
+        n = 2  # BatchNorm needs more than one value per channel in training
+    block = make_block((cin, cout, kernel, stride, expand), drop_path=0.3, se_ratio=se_ratio,
+                       activation=activation, se_gate=se_gate)
+    x = torch.randn(n, cin, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for backend in BACKENDS:
+        check_parity(block, x, torch.float32, training, backend)
+
+
+def _gradcheck_inputs(stride, residual, se):
+    cin, hidden, cout = 3, 5, 3 if residual else 4
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    def positive(c):
+        return (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+
+    x = t(4, cin, 5, 4)
+    params = [t(hidden, cin, 1, 1), positive(hidden), t(hidden), t(hidden, 1, 3, 3),
+              positive(hidden), t(hidden)]
+    params += [t(2, hidden, 1, 1), t(2), t(hidden, 2, 1, 1), t(hidden)] if se else []
+    params += [t(cout, hidden, 1, 1), positive(cout), t(cout)]
+    return x, params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride, residual, se", [(1, True, True), (2, False, True),
+                                                  (1, False, False)])
+def test_gradcheck_float64(backend, training, stride, residual, se):
+    x, params = _gradcheck_inputs(stride, residual, se)
+    hidden, cout = params[0].shape[0], params[-1].shape[0]
+    stats = [(torch.randn(c, dtype=torch.float64) * 0.1, torch.rand(c, dtype=torch.float64) + 0.5)
+             for c in (hidden, hidden, cout)]
+
+    def f(x, *p):
+        bns = [BatchNormParams(w, b, m.clone(), v.clone(), torch.tensor(0), 0.1, 1e-5)
+               for (w, b), (m, v) in zip([(p[1], p[2]), (p[4], p[5]), (p[-2], p[-1])], stats)]
+        torch.manual_seed(0)  # the same drop-path draw on every evaluation
+        return fm.functional.mbconv(
+            x, p[3], bns[1], p[-3], bns[2], expand_weight=p[0], bn1=bns[0],
+            se_weights=p[6:10] if se else None, stride=stride, training=training,
+            residual=residual, drop_path=0.5 if residual else 0.0)
+
+    with fm.use_backend(backend):
+        assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
+
+
+def _op_args(training, expanded=True, se=True, residual=True, keep=True):
+    cin, hidden, cout = 4, 8, 4
+    x = torch.randn(2, cin, 5, 6)
+
+    def vec(c):
+        return torch.rand(c) + 0.5
+
+    bn = lambda c: [vec(c), torch.randn(c), torch.randn(c) * 0.1, vec(c)]  # noqa: E731
+    expand = [torch.randn(hidden, cin, 1, 1)] + bn(hidden) if expanded else [None] * 5
+    se_w = [torch.randn(2, hidden, 1, 1), torch.randn(2), torch.randn(hidden, 2, 1, 1),
+            torch.randn(hidden)] if se else [None] * 4
+    args = [x, *expand, torch.randn(hidden, 1, 3, 3), *bn(hidden), *se_w,
+            torch.randn(cout, hidden, 1, 1), *bn(cout),
+            torch.tensor([0.0, 2.0]) if residual else None, 1, training, [1e-5, 1e-3, 1e-5],
+            "silu", "silu", "sigmoid", residual, keep]
+    for i in (0, 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17):
+        if args[i] is not None:
+            args[i].requires_grad_()
+    return args
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", [dict(), dict(expanded=False, se=False, residual=False),
+                                     dict(keep=False)], ids=["full", "e1-nose", "recompute"])
+def test_opcheck(backend, training, variant):
+    args = _op_args(training, **variant)
+    with fm.use_backend(backend):
+        torch.library.opcheck(torch.ops.fused_mbconv.mbconv.default, args)
+        out, e, d, m1, v1, m2, v2, m3, v3, pooled, gate = torch.ops.fused_mbconv.mbconv(*args)
+        detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        (x, ew, b1w, b1b, _, _, dw, b2w, b2b, _, _, f1w, f1b, f2w, f2b, pw, b3w, b3b, _, _,
+         scale, stride, tr, eps, act, se_act, gate_name, residual, _) = detached
+        mask = [True] * len(GRAD_INPUTS)
+        mask[1] = False  # a masked-off gradient comes back empty
+        backward_args = (torch.randn_like(out), x, e, d, ew, b1w, b1b, m1, v1, dw, b2w, b2b, m2,
+                         v2, f1w, f1b, f2w, f2b, pooled, gate, pw, b3w, b3b, m3, v3, scale,
+                         stride, tr, eps, act, se_act, gate_name, residual, mask)
+        torch.library.opcheck(torch.ops.fused_mbconv.mbconv_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_has_no_graph_break(backend):
+    block = make_block((6, 6, 3, 1, 6), drop_path=0.2)
+    fused = fm.FusedMBConv.from_module(copy.deepcopy(block)).train()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 6, 7, 7)
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with fm.use_backend(backend):
+        torch.manual_seed(0)
+        out = compiled(xc)
+        out.sum().backward()
+    torch.manual_seed(0)
+    ref = block.train()(xe)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.dw_bn.running_var, block.dw_bn.running_var)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_efficientnet_b0_training_step_matches_eager(backend):
+    """forward, loss, backward, SGD step of the whole fused network against the eager one
+    loaded with the same state_dict (48x48 so the last stages keep 2x2 positions: at 1x1,
+    training BatchNorm over 2 values is ill-conditioned for both)."""
+    torch.manual_seed(0)
+    eager = fm.efficientnet_b0(num_classes=10)
+    fused = fm.efficientnet_b0(num_classes=10, fused=True)
+    fused.load_state_dict(eager.state_dict())
+    ref = copy.deepcopy(eager).double()
+    x, target = torch.randn(2, 3, 48, 48), torch.tensor([3, 7])
+
+    def step(model, dtype, backend="torch"):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with fm.use_backend(backend):
+            torch.manual_seed(1)  # dropout and stochastic depth draw the same masks
+            logits = model(x.to(dtype))
+            loss = nn.functional.cross_entropy(logits, target)
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        return (logits.detach(), loss.detach()), grads, model.state_dict()
+
+    r, e, f = step(ref, torch.float64), step(eager, torch.float32), \
+        step(fused, torch.float32, backend)
+    assert_close_by_rule(f[0][0], e[0][0], r[0][0], torch.float32, "logits")
+    # The scalar loss follows from the logits; one rounded scalar is no basis for the
+    # max-error rule (eager's own error on it is sometimes a single ulp, sometimes 100).
+    torch.testing.assert_close(f[0][1], r[0][1].float(), rtol=1e-5, atol=1e-5)
+    for name in r[1]:
+        assert_close_by_rule(f[1][name], e[1][name], r[1][name], torch.float32, f"grad {name}")
+    for name in r[2]:
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(f[2][name], e[2][name]), name
+        else:
+            assert_close_by_rule(f[2][name], e[2][name], r[2][name], torch.float32, name)
+
+
+def test_momentum_none_is_cumulative_average():
+    block = make_block((6, 6, 3, 1, 6), bn_momentum=None)
+    fused = fm.FusedMBConv.from_module(copy.deepcopy(block))
+    for _ in range(3):
+        x = torch.randn(2, 6, 5, 5)
+        with torch.no_grad():
+            block.train()(x)
+            fused.train()(x)
+    for bn in BNS:
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(getattr(fused, bn), buffer),
+                                       getattr(getattr(block, bn), buffer))
+    assert int(fused.dw_bn.num_batches_tracked) == 3
+
+
+def test_from_module_shares_parameters_and_keeps_state_dict():
+    block = make_block((6, 8, 3, 2, 6))
+    before = copy.deepcopy(block.state_dict())
+    fused = fm.FusedMBConv.from_module(block)
+    assert isinstance(fused, fm.MBConv)
+    assert fused.dw_conv.weight is block.dw_conv.weight
+    assert fused.project_bn.running_var is block.project_bn.running_var
+    after = fused.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert fm.FusedMBConv(6, 8, 3, 2, 6).state_dict().keys() == before.keys()
+    assert "6->36->8" in repr(fused)
+
+
+class ForeignBlock(nn.Module):
+    """A timm-like block with its own child names, as another library would define it."""
+
+    def __init__(self, c=6, hidden=12):
+        super().__init__()
+        self.conv_pw, self.bn1 = nn.Conv2d(c, hidden, 1, bias=False), nn.BatchNorm2d(hidden)
+        self.conv_dw = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.se = nn.Sequential(nn.Conv2d(hidden, 2, 1), nn.ReLU(), nn.Conv2d(2, hidden, 1))
+        self.conv_pwl, self.bn3 = nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h = nn.functional.hardswish(self.bn1(self.conv_pw(x)))
+        h = nn.functional.hardswish(self.bn2(self.conv_dw(h)))
+        h = h * nn.functional.hardsigmoid(self.se(h.mean((2, 3), keepdim=True)))
+        return self.bn3(self.conv_pwl(h)) + x
+
+    def spec(self):
+        return fm.MBConvSpec(
+            expand_conv=self.conv_pw, expand_bn=self.bn1, dw_conv=self.conv_dw, dw_bn=self.bn2,
+            se_fc1=self.se[0], se_fc2=self.se[2], project_conv=self.conv_pwl,
+            project_bn=self.bn3, stride=1, kernel_size=3, residual=True,
+            activation="hardswish", se_activation="relu", se_gate="hardsigmoid")
+
+
+def test_from_spec_adopts_foreign_children_and_matches_their_forward():
+    source = ForeignBlock()
+    keys = list(source.state_dict())
+    fused = fm.FusedMBConv.from_spec(source, source.spec())
+    assert list(fused.state_dict()) == keys
+    assert fused.conv_dw is source.conv_dw
+    x = torch.randn(3, 6, 5, 7)
+    ref = copy.deepcopy(source)
+    xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xe).square().sum().backward()
+    fused(xf).square().sum().backward()
+    torch.testing.assert_close(xf.grad, xe.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(source.se[0].weight.grad, ref.se[0].weight.grad,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(source.bn2.running_mean, ref.bn2.running_mean)
+    assert "6->12->6" in repr(fused)
+
+
+def test_from_spec_rejects_modules_outside_the_source():
+    source, other = ForeignBlock(), ForeignBlock()
+    spec = dataclasses.replace(source.spec(), dw_conv=other.conv_dw)
+    with pytest.raises(ValueError, match="dw_conv is not a submodule"):
+        fm.FusedMBConv.from_spec(source, spec)
+
+
+def test_from_module_extension_point():
+    from fused_mbconv import fused_block
+    with pytest.raises(TypeError, match="ForeignBlock"):
+        fm.FusedMBConv.from_module(ForeignBlock())
+    fused_block.register_block_type(ForeignBlock, ForeignBlock.spec)
+    try:
+        fused = fm.FusedMBConv.from_module(ForeignBlock())
+        assert fused.spec().se_gate == "hardsigmoid"
+    finally:
+        del fused_block._RECOGNIZERS[ForeignBlock]
+
+
+@pytest.mark.parametrize("source", ["mbconv", "foreign"])
+def test_deepcopy_and_pickle(source):
+    if source == "mbconv":
+        fused = fm.FusedMBConv.from_module(make_block((6, 6, 3, 1, 6)))
+    else:
+        block = ForeignBlock()
+        fused = fm.FusedMBConv.from_spec(block, block.spec())
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(fused), torch.load(buffer, weights_only=False)]
+    x = torch.randn(2, 6, 5, 5)
+    fused.eval()
+    dw_name = "dw_conv" if source == "mbconv" else "conv_dw"
+    for c in copies:
+        c.eval()
+        assert c.spec().dw_conv is getattr(c, dw_name)
+        with torch.no_grad():
+            getattr(c, dw_name).weight.add_(1.0)
+    with torch.no_grad():
+        assert not torch.equal(copies[0](x), fused(x))  # the copy reads its own weights
+        torch.testing.assert_close(copies[0](x), copies[1](x))
+
+
+def _mbconv_kwargs():
+    return dict(
+        input=torch.randn(2, 4, 5, 5), dw_weight=torch.randn(8, 1, 3, 3),
+        bn2=BatchNormParams(torch.ones(8), torch.zeros(8), torch.zeros(8), torch.ones(8),
+                            torch.tensor(0)),
+        project_weight=torch.randn(4, 8, 1, 1),
+        bn3=BatchNormParams(torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4),
+                            torch.tensor(0)),
+        expand_weight=torch.randn(8, 4, 1, 1),
+        bn1=BatchNormParams(torch.ones(8), torch.zeros(8), torch.zeros(8), torch.ones(8),
+                            torch.tensor(0)),
+        se_weights=(torch.randn(2, 8, 1, 1), torch.randn(2), torch.randn(8, 2, 1, 1),
+                    torch.randn(8)),
+        training=True, residual=True)
+
+
+def _bad_calls():
+    ok = _mbconv_kwargs()
+    bn2 = ok["bn2"]
+    return {
+        "ndim": (dict(input=torch.randn(4, 5, 5)), "4-D"),
+        "integer input": (dict(input=torch.ones(2, 4, 5, 5, dtype=torch.long)), "floating"),
+        "expand channels": (dict(expand_weight=torch.randn(8, 3, 1, 1)), "expand_weight"),
+        "expand without bn1": (dict(bn1=None), "expand_weight and bn1"),
+        "dw channels": (dict(dw_weight=torch.randn(7, 1, 3, 3)), "dw_weight"),
+        "even kernel": (dict(dw_weight=torch.randn(8, 1, 4, 4)), "odd"),
+        "dtype mismatch": (dict(project_weight=torch.randn(4, 8, 1, 1).double()), "dtype"),
+        "se shape": (dict(se_weights=(torch.randn(2, 7, 1, 1),) + ok["se_weights"][1:]),
+                     "fc1_weight"),
+        "se count": (dict(se_weights=ok["se_weights"][:2]), "se_weights"),
+        "bn stats shape": (dict(bn2=bn2._replace(running_mean=torch.zeros(5))),
+                           r"bn2.running_mean must have shape \(8,\)"),
+        "bn eps": (dict(bn2=bn2._replace(eps=0.0)), "eps"),
+        "bn momentum": (dict(bn2=bn2._replace(momentum=2.0)), "momentum"),
+        "stride": (dict(stride=3), "stride"),
+        "residual shape": (dict(stride=2), "residual needs stride 1"),
+        "activation": (dict(activation="gelu"), "activation"),
+        "gate": (dict(se_gate="tanh"), "se_gate"),
+        "drop path": (dict(drop_path=1.0), "drop_path"),
+        "one value per channel": (dict(input=torch.randn(1, 4, 1, 1)), "more than 1 value"),
+        "device": (dict(bn3=ok["bn3"]._replace(weight=torch.ones(4, device="meta"))), "meta"),
+    }
+
+
+@pytest.mark.parametrize("case", _bad_calls())
+def test_bad_input_is_rejected_and_state_untouched(case):
+    kwargs, message = _bad_calls()[case]
+    args = _mbconv_kwargs()
+    args.update(kwargs)
+    state = [t for bn in (args["bn1"], args["bn2"], args["bn3"]) if bn is not None
+             for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+    before = [t.clone() for t in state]
+    rng = torch.get_rng_state()
+    with pytest.raises((ValueError, TypeError), match=message):
+        fm.functional.mbconv(**args)
+    assert all(torch.equal(a, b) for a, b in zip(before, state))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_module_rejects_wrong_input_and_keeps_running_stats():
+    fused = fm.FusedMBConv(6, 6, 3, 1, 6).train()
+    before = copy.deepcopy(fused.state_dict())
+    with pytest.raises(ValueError, match="expand_weight must have shape"):
+        fused(torch.randn(2, 5, 7, 7))
+    assert all(torch.equal(v, before[k]) for k, v in fused.state_dict().items())
+
+
+def test_backend_without_the_block_kernels_is_refused_clearly(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton usable on CPU, but no block kernels yet
+    if implements("triton", KERNELS):
+        pytest.skip("the triton backend implements the block kernels")
+    with fm.use_backend("triton"):
+        with pytest.raises(NotImplementedError, match="mbconv_expand_forward"):
+            fm.FusedMBConv(4, 4, 3, 1, 2)(torch.randn(2, 4, 5, 5))
+
+
+def _saved(fn, x, module):
+    """(activation bytes, parameter tensors) saved for backward by ``fn``: the block input x
+    is excluded, and so are the module's parameters, which the module holds anyway (saving
+    them costs no memory), so only the saving policy's own cost is counted."""
+    params = {p.data_ptr(): p for p in module.parameters()}
+    sizes, saved_params = [], []
+
+    def pack(t):
+        if t.data_ptr() in params and t.shape == params[t.data_ptr()].shape:
+            saved_params.append(t)
+        elif not (t.data_ptr() == x.data_ptr() and t.shape == x.shape):
+            sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes), saved_params
+
+
+def saved_bytes(batch=2, size=16, recompute_dwconv=False):
+    """{config: (eager, fused)} activation bytes saved for backward by one training forward of
+    each B0 block configuration at its real channel counts (x and parameters excluded)."""
+    result = {}
+    for name, config in B0_REAL.items():
+        block = make_block(config, drop_path=0.1).train()
+        fused = fm.FusedMBConv.from_module(copy.deepcopy(block))
+        fused.recompute_dwconv = recompute_dwconv
+        x = torch.randn(batch, config[0], size, size, requires_grad=True)
+        eager_bytes, _ = _saved(lambda: block(x), x, block)
+        fused_bytes, params = _saved(lambda: fused(x), x, fused)
+        # Parameters are kept by reference, each once: no converted or duplicated copies.
+        assert len({p.data_ptr() for p in params}) == len(params), name
+        result[name] = (eager_bytes, fused_bytes)
+    return result
+
+
+def test_saves_at_least_3x_fewer_bytes_than_eager():
+    for name, (eager, fused) in saved_bytes().items():
+        assert fused > 0
+        assert eager / fused >= 3.0, f"{name}: eager {eager} B, fused {fused} B"
+
+
+def test_recompute_dwconv_saves_less():
+    kept, recomputed = saved_bytes(1, 8), saved_bytes(1, 8, recompute_dwconv=True)
+    for name in kept:
+        assert recomputed[name][1] < kept[name][1], name
+
+
+if __name__ == "__main__":  # the measurement table: python tests/test_fused_mbconv.py
+    kept, recomputed = saved_bytes(), saved_bytes(recompute_dwconv=True)
+    print("saved for backward, batch 2, 16x16 input, x and parameters excluded")
+    print(f"{'block':30s} {'eager B':>9s} {'fused B':>9s} {'ratio':>6s} "
+          f"{'recompute_dwconv B':>19s} {'ratio':>6s}")
+    for name, (eager, fused) in kept.items():
+        print(f"{name:30s} {eager:9d} {fused:9d} {eager / fused:6.2f} "
+              f"{recomputed[name][1]:19d} {eager / recomputed[name][1]:6.2f}")
