@@ -53,19 +53,15 @@ def size() -> Size:
 
 # ---------------------------------------------------------------- providers
 
-def fused_backends() -> List[str]:
-    return fm.available_backends(device())
-
-
 def providers(level: str) -> List[str]:
     """Providers measurable at ``level`` now; fused ones only where the fused path exists."""
     names = ["eager", "compile"]
     if size().name == "tiny" and level != "op":
         names.remove("compile")  # the smoke preset compiles once (op level): compiling is slow
-    fused_ready = {"op": True, "block": hasattr(fm, "FusedMBConv"),
-                   "network": not verification.fused_path_missing()}[level]
-    if fused_ready:
-        names += [f"fused-{b}" for b in fused_backends()]
+    if level == "op":
+        names += [f"fused-{b}" for b in fm.available_backends(device())]
+    elif not verification.fused_path_missing():
+        names += [f"fused-{b}" for b in verification.block_backends(device())]
     return names
 
 

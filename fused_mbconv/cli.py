@@ -119,11 +119,14 @@ def _bench_providers(args, device) -> List[str]:
         names.append("compile")
     else:
         print(f"compile: skipped ({reason})")
-    backends = [args.backend] if args.backend else fm.available_backends(device)
+    backends = [args.backend] if args.backend else verification.block_backends(device)
     for backend in backends:
         usable, reason = backend_status(backend, device.type)
         if not usable:
             raise UsageError(f"--backend {backend}: not usable on {device.type} ({reason})")
+        if backend not in verification.block_backends(device):
+            raise UsageError(f"--backend {backend}: does not implement the fused block's "
+                             f"kernels yet")
     return names + [f"fused-{b}" for b in backends]
 
 

@@ -87,6 +87,13 @@ def fused_path_missing() -> List[str]:
             if not hasattr(fm, name)]
 
 
+def block_backends(device) -> List[str]:
+    """Backends usable on ``device`` that implement every fused-block kernel (a backend may
+    have the dwconv_bn_silu kernels before the block's)."""
+    from .ops.mbconv import KERNELS
+    return [b for b in fm.available_backends(device) if fm.backends.implements(b, KERNELS)]
+
+
 def convert(model: nn.Module) -> nn.Module:
     """A fused copy of ``model``; FusedPathUnavailable when this build has no fused path or
     nothing in the model could be converted."""
