@@ -286,7 +286,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PATH", help="write both loss curves as a PNG")
