@@ -66,7 +66,9 @@ setup(
     cmdclass=CMDCLASS,
     install_requires=["torch>=2.5", "triton; platform_system == 'Linux'", "ninja"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision"],
-        "bench": ["pytest-benchmark", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        "cli": ["matplotlib", "tqdm"],
     },
+    entry_points={"console_scripts": ["fused-mbconv = fused_mbconv.cli:main"]},
 )

@@ -1,0 +1,207 @@
+"""What the benchmarks run: sizes, providers and the three levels (op, block, network).
+
+Providers are discovered, never assumed: "compile" when torch.compile works here, one
+"fused-<backend>" per ``fm.available_backends(device)``, and fused blocks / networks only
+once ``fm.FusedMBConv`` / ``fm.convert`` exist.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+import fused_mbconv as fm
+from fused_mbconv import profiling, verification
+
+SIZE_ENV = "FUSED_MBCONV_BENCH_SIZE"      # tiny | cpu | cuda
+DEVICE_ENV = "FUSED_MBCONV_BENCH_DEVICE"  # cpu | cuda
+
+
+def device() -> torch.device:
+    return torch.device(os.environ.get(DEVICE_ENV) or
+                        ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    op_batch: int
+    block_batch: int
+    resolution: int       # network input; block shapes follow from it
+    network_batch: int
+    rounds: int
+    warmup: int
+
+
+SIZES = {
+    "tiny": Size("tiny", 2, 2, 32, 2, 1, 1),
+    "cpu": Size("cpu", 4, 4, 224, 4, 3, 1),
+    "cuda": Size("cuda", 64, 64, 224, 256, 20, 5),
+}
+
+
+def size() -> Size:
+    name = os.environ.get(SIZE_ENV) or ("cuda" if device().type == "cuda" else "cpu")
+    if name not in SIZES:
+        raise ValueError(f"{SIZE_ENV}={name!r}: choose from {sorted(SIZES)}")
+    return SIZES[name]
+
+
+# ---------------------------------------------------------------- providers
+
+def providers(level: str) -> List[str]:
+    """Providers measurable at ``level`` now; fused ones only where the fused path exists."""
+    names = ["eager", "compile"]
+    if size().name == "tiny" and level != "op":
+        names.remove("compile")  # the smoke preset compiles once (op level): compiling is slow
+    if level == "op":
+        names += [f"fused-{b}" for b in fm.available_backends(device())]
+    elif not verification.fused_path_missing():
+        names += [f"fused-{b}" for b in verification.block_backends(device())]
+    return names
+
+
+def backend_of(provider: str) -> Optional[str]:
+    return provider[len("fused-"):] if provider.startswith("fused-") else None
+
+
+# ---------------------------------------------------------------- op level
+
+class DWConvBNSiLU(nn.Module):
+    """Eager depthwise conv + BatchNorm + SiLU: the op-level baseline."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size, stride, kernel_size // 2,
+                              groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class FusedDWConvBNSiLU(nn.Module):
+    """The same parameters and BatchNorm state, through ``fm.functional.dwconv_bn_silu``."""
+
+    def __init__(self, eager: DWConvBNSiLU):
+        super().__init__()
+        self.conv, self.bn = eager.conv, eager.bn
+
+    def forward(self, x):
+        bn = self.bn
+        return fm.functional.dwconv_bn_silu(x, self.conv.weight, bn.running_mean,
+                                            bn.running_var, bn.weight, bn.bias,
+                                            self.conv.stride[0], self.training, bn.momentum,
+                                            bn.eps)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """One distinct EfficientNet-B0 block configuration at its real stage input shape."""
+
+    in_channels: int
+    out_channels: int
+    expand_ratio: int
+    kernel_size: int
+    stride: int
+    resolution: int
+    hidden_channels: int
+
+    @property
+    def id(self) -> str:
+        return (f"{self.in_channels}-{self.out_channels}_e{self.expand_ratio}"
+                f"_k{self.kernel_size}_s{self.stride}_{self.resolution}px")
+
+
+def b0_block_shapes(resolution: int) -> List[BlockShape]:
+    """Distinct block configurations of efficientnet_b0, each with the spatial size its
+    input has at ``resolution`` (read off a forward with hooks, not hard-coded)."""
+    model = fm.efficientnet_b0().eval()
+    shapes: Dict[BlockShape, None] = {}
+
+    def hook(block, inputs, _output):
+        shapes.setdefault(BlockShape(block.in_channels, block.out_channels,
+                                     int(block.expand_ratio), block.kernel_size, block.stride,
+                                     inputs[0].shape[-1], block.hidden_channels))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, fm.MBConv)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, resolution, resolution))
+    for h in handles:
+        h.remove()
+    shapes = list(shapes)
+    if size().name == "tiny":  # smoke: no expansion, and expansion with stride 2
+        shapes = [s for s in shapes if s.expand_ratio == 1][:1] + \
+            [s for s in shapes if s.stride == 2][:1]
+    return shapes
+
+
+def op_shapes(resolution: int) -> List[BlockShape]:
+    """The depthwise stage of every distinct B0 block configuration with a distinct
+    (channels, kernel, stride, resolution)."""
+    seen = {}
+    for s in b0_block_shapes(resolution):
+        seen.setdefault((s.hidden_channels, s.kernel_size, s.stride, s.resolution), s)
+    return list(seen.values())[:1] if size().name == "tiny" else list(seen.values())
+
+
+def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return build()
+
+
+def _wrap(provider: str, eager: nn.Module, fuse: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        return torch.compile(eager)
+    return fuse(eager)
+
+
+def cached(build):
+    """One workload per (shape, provider, batch), shared by the three modes, so a provider
+    that compiles compiles once per shape rather than once per mode."""
+    workloads = {}
+
+    def get(shape, provider, batch):
+        key = (shape, provider, batch)
+        if key not in workloads:
+            workloads.clear()  # parametrization runs one shape/provider's modes together
+            workloads[key] = build(shape, provider, batch)
+        return workloads[key]
+    get.__doc__ = build.__doc__
+    return get
+
+
+@cached
+def op_workload(shape: BlockShape, provider: str, batch: int) -> profiling.Workload:
+    dev = device()
+    eager = _seeded(lambda: DWConvBNSiLU(shape.hidden_channels, shape.kernel_size,
+                                         shape.stride)).to(dev).train()
+    # The depthwise conv sees the expanded map at the block's input resolution.
+    x = torch.randn(batch, shape.hidden_channels, shape.resolution, shape.resolution,
+                    device=dev)
+    module = _wrap(provider, eager, FusedDWConvBNSiLU)
+    return profiling.Workload.build(module, x, shape_from=eager)
+
+
+@cached
+def block_workload(shape: BlockShape, provider: str, batch: int) -> profiling.Workload:
+    dev = device()
+    eager = _seeded(lambda: fm.MBConv(shape.in_channels, shape.out_channels, shape.kernel_size,
+                                      shape.stride, shape.expand_ratio)).to(dev).train()
+    x = torch.randn(batch, shape.in_channels, shape.resolution, shape.resolution, device=dev)
+    module = _wrap(provider, eager, lambda m: fm.FusedMBConv.from_module(m))
+    return profiling.Workload.build(module, x, shape_from=eager)
+
+
+def network_step(provider: str, batch: int, resolution: int) -> profiling.TrainStep:
+    dev = device()
+    eager = _seeded(fm.efficientnet_b0).to(dev).train()
+    module = _wrap(provider, eager, verification.convert)
+    return profiling.TrainStep.build(module, batch, resolution, num_classes=1000)

@@ -1,0 +1,319 @@
+"""``fused-mbconv``: info, verify, bench and train from the command line.
+
+Exit status: 0 success, 1 a failed check or an unavailable fused path, 2 bad arguments
+(unknown model, missing optional package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import sys
+from typing import List, Optional
+
+import torch
+
+import fused_mbconv as fm
+
+from . import profiling, synthetic, verification
+from .backends import BACKENDS, backend_status
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+class UsageError(Exception):
+    """Bad arguments: exit status 2."""
+
+
+def _device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here")
+    return device
+
+
+def _progress(total: int, description: str):
+    """A tqdm bar when tqdm is installed (optional), else nothing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, desc=description, leave=False, file=sys.stderr)
+
+
+def _print_table(header: List[str], rows: List[List[str]]) -> None:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    for row in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+# ---------------------------------------------------------------- info
+
+def cmd_info(args) -> int:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"fused_mbconv {fm.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, "
+          f"triton {triton_version}, CUDA {torch.version.cuda or 'none (CPU build)'}")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}"
+                    for i in range(torch.cuda.device_count())]
+    print(f"devices: {', '.join(devices)}")
+    rows = []
+    for name in BACKENDS:
+        for device_type in ("cpu", "cuda"):
+            if (name, device_type) in (("cpu", "cuda"), ("cuda", "cpu")):
+                continue
+            usable, reason = backend_status(name, device_type)
+            if device_type == "cuda" and not torch.cuda.is_available():
+                usable, reason = False, "no CUDA device"
+            rows.append([name, device_type, "yes" if usable else "no", reason])
+    print("backends:")
+    _print_table(["backend", "device", "usable", "why"], rows)
+    missing = verification.fused_path_missing()
+    print("fused path: " + (f"unavailable ({', '.join(missing)} missing)" if missing
+                            else "FusedMBConv and convert available"))
+    return 0
+
+
+# ---------------------------------------------------------------- verify
+
+def cmd_verify(args) -> int:
+    device = _device(args.device)
+    fused, checks = verification.verify(args.model, args.batch, args.resolution,
+                                        DTYPES[args.dtype], str(device), args.seed)
+    print(f"verify {args.model}: batch {args.batch}, {args.resolution}x{args.resolution}, "
+          f"{args.dtype}, {device}, fused backend "
+          f"{fm.backends.resolve_backend(device)}; "
+          f"{len(verification.fused_modules(fused))} fused modules; dropout and stochastic "
+          f"depth off")
+    print(f"rule: fused error <= 2 x eager {args.dtype} error + atol x max(1, |ref|), errors "
+          f"against a float64 eager copy")
+    rows = [[c.name, f"{c.fused_error:.2e}", f"{c.eager_error:.2e}", f"{c.bound:.2e}",
+             f"{c.relative_error:.2e}", "pass" if c.passed else "FAIL", c.detail]
+            for c in checks]
+    _print_table(["check", "fused err", "eager err", "bound", "rel err", "result", ""], rows)
+    failed = [c for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)}/{len(checks)} checks passed")
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- bench
+
+def _bench_providers(args, device) -> List[str]:
+    names = ["eager"]
+    usable, reason = profiling.compile_status()
+    if args.no_compile:
+        pass
+    elif usable:
+        names.append("compile")
+    else:
+        print(f"compile: skipped ({reason})")
+    backends = [args.backend] if args.backend else verification.block_backends(device)
+    for backend in backends:
+        usable, reason = backend_status(backend, device.type)
+        if not usable:
+            raise UsageError(f"--backend {backend}: not usable on {device.type} ({reason})")
+        if backend not in verification.block_backends(device):
+            raise UsageError(f"--backend {backend}: does not implement the fused block's "
+                             f"kernels yet")
+    return names + [f"fused-{b}" for b in backends]
+
+
+def cmd_bench(args) -> int:
+    device = _device(args.device)
+    batch = args.batch or (256 if device.type == "cuda" else 8)
+    resolution = args.resolution or (224 if device.type == "cuda" else 128)
+    steps = args.steps or (20 if device.type == "cuda" else 5)
+    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
+    torch.manual_seed(args.seed)
+    eager = verification.build_model(args.model).to(device)
+    fused_model = verification.convert(eager)
+    providers = _bench_providers(args, device)
+    print(f"bench {args.model}: training step (forward, loss, backward, SGD) at batch {batch}, "
+          f"{resolution}x{resolution}, {device}; {warmup} warm-up + {steps} timed steps each")
+    results = []
+    with _progress(len(providers) * (warmup + steps), "bench") as bar:
+        for provider in providers:
+            backend = provider[len("fused-"):] if provider.startswith("fused-") else None
+            model = copy.deepcopy(fused_model if backend else eager)
+            if provider == "compile":
+                model = torch.compile(model)
+            with fm.use_backend(backend):
+                step = profiling.TrainStep.build(model, batch, resolution, num_classes=1000,
+                                                 seed=args.seed)
+                timing = profiling.time_fn(step, device, warmup, steps,
+                                           progress=bar.update if bar else None)
+                saved = profiling.saved_bytes(step.loss, step.activation_exclusions())
+                peak = profiling.peak_memory(step, device)
+            results.append(dict(provider=provider, seconds_per_step=timing.median,
+                                seconds_min=timing.min, images_per_s=batch / timing.median,
+                                saved_bytes=saved.bytes, peak_bytes=peak))
+    base = results[0]
+    rows = [[r["provider"], f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['images_per_s']:.1f}",
+             f"{base['seconds_per_step'] / r['seconds_per_step']:.2f}x",
+             f"{r['saved_bytes'] / 1e6:.1f}", f"{base['saved_bytes'] / r['saved_bytes']:.2f}x",
+             "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 1e6:.1f}"]
+            for r in results]
+    _print_table(["provider", "ms/step", "images/s", "speed-up", "saved MB", "fewer saved",
+                  "peak MB"], rows)
+    print(f"(median of {steps} steps on this machine; saved = activations kept for backward, "
+          f"excluding input and parameters; peak memory on CUDA only)")
+    if args.json:
+        meta = dict(model=args.model, device=str(device), batch=batch, resolution=resolution,
+                    steps=steps, warmup=warmup, torch=torch.__version__,
+                    fused_mbconv=fm.__version__)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------- train
+
+def cmd_train(args) -> int:
+    device = _device(args.device)
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+    torch.manual_seed(args.seed)
+    eager = verification.disable_stochastic(
+        verification.build_model(args.model, num_classes=len(synthetic.CLASSES))).to(device)
+    fused = verification.convert(eager)
+    models = {"eager": eager, "fused": fused}
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9)
+                  for k, m in models.items()}
+    generator = torch.Generator().manual_seed(args.seed)
+    losses = {k: [] for k in models}
+    print(f"train {args.model} on synthetic shapes ({len(synthetic.CLASSES)} classes, seed "
+          f"{args.seed}): {args.steps} SGD steps, batch {args.batch}, "
+          f"{args.resolution}x{args.resolution}, {device}; eager and fused from the same "
+          f"weights and batches")
+    with _progress(args.steps, "train") as bar:
+        for _ in range(args.steps):
+            images, labels = synthetic.shapes_batch(args.batch, args.resolution, generator)
+            images, labels = images.to(device), labels.to(device)
+            for name, model in models.items():
+                model.train()
+                optimizers[name].zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                loss.backward()
+                optimizers[name].step()
+                losses[name].append(loss.item())
+            if bar is not None:
+                bar.update()
+    images, labels = synthetic.shapes_batch(4 * args.batch, args.resolution,
+                                            torch.Generator().manual_seed(args.seed + 1))
+    accuracy = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            predicted = model.eval()(images.to(device)).argmax(1).cpu()
+            accuracy[name] = (predicted == labels).float().mean().item()
+    diffs = [abs(a - b) for a, b in zip(losses["eager"], losses["fused"])]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    for name in models:
+        print(f"{name}: loss {losses[name][0]:.4f} -> {losses[name][-1]:.4f}, held-out accuracy "
+              f"{accuracy[name]:.1%}")
+    print(f"largest loss difference eager vs fused: {diffs[worst]:.3e} (step {worst + 1})")
+    if args.plot:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in models:
+            ax.plot(range(1, args.steps + 1), losses[name], label=name,
+                    linestyle="-" if name == "eager" else "--")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy loss")
+        ax.set_title(f"{args.model} on synthetic shapes: eager vs fused "
+                     f"(max |diff| {diffs[worst]:.2e})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        plt.close(fig)
+        print(f"wrote {args.plot}")
+    finite = all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
+    if not finite:
+        print("FAIL: non-finite loss")
+    return 0 if finite else 1
+
+
+# ---------------------------------------------------------------- entry point
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fused-mbconv",
+        description="Fused MBConv kernels: environment info, verification against eager "
+                    "PyTorch, benchmarks and a short training run.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices, backends built and usable")
+    model_help = ("efficientnet_b0..efficientnet_b7, timm:NAME or torchvision:NAME "
+                  "(random weights, nothing downloaded)")
+
+    p = sub.add_parser("verify", help="convert MODEL, compare with eager; exit 1 on mismatch")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("bench", help="eager vs torch.compile vs fused training step")
+    p.add_argument("model", help=model_help)
+    p.add_argument("--batch", type=int, help="default 256 on CUDA, 8 on CPU")
+    p.add_argument("--resolution", type=int, help="default 224 on CUDA, 128 on CPU")
+    p.add_argument("--steps", type=int, help="timed steps (default 20 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed steps (default 5 on CUDA, 2 on CPU)")
+    p.add_argument("--backend", choices=BACKENDS, help="only this fused backend")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    p = sub.add_parser("train", help="short training run on synthetic shapes, eager vs fused")
+    p.add_argument("model", nargs="?", default="efficientnet_b0", help=model_help)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="PATH", help="write both loss curves as a PNG")
+    return parser
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {value}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    commands = {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench, "train": cmd_train}
+    try:
+        _positive(args, "batch", "resolution", "steps")
+        return commands[args.command](args)
+    except (UsageError, verification.ModelNotFound, verification.MissingPackage) as exc:
+        print(f"fused-mbconv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except verification.FusedPathUnavailable as exc:
+        print(f"fused-mbconv {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def entry_point() -> None:
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The project's one tolerance rule (flash-attention's), shared by the tests and the CLI.
+
+A fused result in dtype T is compared with a float64 reference computed from the same inputs.
+Its error may be at most twice the error eager PyTorch makes in the same dtype T against that
+reference, plus a small absolute floor per dtype scaled by the reference's magnitude:
+
+    max|fused - ref64| <= 2 * max|eager_T - ref64| + ATOL[T] * max(1, max|ref64|)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ATOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    fused_error: float
+    eager_error: float
+    bound: float
+    reference_max: float
+
+    @property
+    def passed(self) -> bool:
+        return self.fused_error <= self.bound
+
+    @property
+    def relative_error(self) -> float:
+        return self.fused_error / self.reference_max if self.reference_max else self.fused_error
+
+
+def compare(fused: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor,
+            dtype: torch.dtype) -> Comparison:
+    """Errors of ``fused`` and ``eager`` against ``ref64`` and the rule's bound.
+    A non-finite fused value is an infinite error."""
+    ref = ref64.detach().double()
+    fused_diff = (fused.detach().double() - ref).abs()
+    fused_error = fused_diff.max().item() if torch.isfinite(fused_diff).all() else float("inf")
+    eager_error = (eager.detach().double() - ref).abs().max().item() if ref.numel() else 0.0
+    reference_max = ref.abs().max().item() if ref.numel() else 0.0
+    bound = 2 * eager_error + ATOL[dtype] * max(1.0, reference_max)
+    return Comparison(fused_error if ref.numel() else 0.0, eager_error, bound, reference_max)

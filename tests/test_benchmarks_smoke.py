@@ -1,0 +1,37 @@
+"""The benchmark suite runs end to end at tiny sizes (one round each) and its report script
+turns the results into a table and a plot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_suite_and_report(tmp_path):
+    results = tmp_path / "run.json"
+    env = dict(os.environ, FUSED_MBCONV_BENCH_SIZE="tiny", FUSED_MBCONV_BENCH_DEVICE="cpu",
+               FUSED_MBCONV_BENCH_RESULTS=str(results), FUSED_MBCONV_BENCH_LABEL="smoke")
+    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-x",
+                          "-p", "no:cacheprovider", "--benchmark-min-rounds=1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    data = json.loads(results.read_text())
+    assert data["meta"]["label"] == "smoke" and data["meta"]["commit"]
+    records = data["records"]
+    for level in ("op", "block", "network"):
+        eager = [r for r in records if r["level"] == level and r["provider"] == "eager"]
+        assert eager, level
+        assert all(r["time_s"] > 0 and r["launches"] > 0 and r["bytes_read"] > 0 for r in eager)
+    assert all(r["saved_bytes"] > 0 for r in records if r["mode"] in ("forward", "step"))
+    table = results.with_suffix(".md").read_text()
+    assert "| case | mode | eager ms |" in table
+    assert results.with_suffix(".png").stat().st_size > 0
+
+    results.with_suffix(".md").unlink()
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"),
+                             str(results)], capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert results.with_suffix(".md").read_text() == table

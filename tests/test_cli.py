@@ -1,0 +1,132 @@
+"""The fused-mbconv command: exit codes and output of every subcommand (in-process)."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_mbconv as fm
+from fused_mbconv import cli, synthetic, verification
+
+FUSED = not verification.fused_path_missing()
+SMALL = ["--batch", "2", "--resolution", "32"]
+VERIFY = ["--batch", "2", "--resolution", "64"]  # the default: BN sees >= 8 values per channel
+
+
+def test_info_lists_versions_and_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out
+    for name in fm.backends.BACKENDS:
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+    for name in fm.available_backends("cpu"):
+        assert any(line.split()[:3] == [name, "cpu", "yes"] for line in out.splitlines())
+
+
+def test_python_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "fused_mbconv", "info"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "backends" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["verify", "bench", "train"])
+def test_unknown_model_exits_2(capsys, command):
+    assert cli.main([command, "resnet_b9"]) == 2
+    assert "unknown model 'resnet_b9'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["timm:no_such_net", "torchvision:no_such_net"])
+def test_unknown_library_model_exits_2(capsys, model):
+    assert cli.main(["verify", model]) == 2
+    assert "has no model 'no_such_net'" in capsys.readouterr().err
+
+
+def test_missing_optional_package_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    assert cli.main(["verify", "timm:efficientnet_b0"]) == 2
+    assert "pip install timm" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert cli.main(["verify", "efficientnet_b0", "--batch", "0"]) == 2
+    assert "--batch must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["verify"])  # argparse: missing MODEL
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["verify", "bench", "train"])
+def test_without_fused_path_says_so_and_exits_1(capsys, command):
+    if FUSED:  # the fused path is in this build: covered by the tests below
+        assert callable(fm.convert)
+        return
+    assert cli.main([command, "efficientnet_b0"] + SMALL) == 1
+    assert "fused path is unavailable" in capsys.readouterr().err
+
+
+def _perturbed_copy(model):
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.stages[3][0].dw_conv.weight.mul_(1.001)
+    return clone
+
+
+@pytest.mark.parametrize("convert, code", [(copy.deepcopy, 0), (_perturbed_copy, 1)])
+def test_verify_checker_passes_identical_and_fails_perturbed(capsys, monkeypatch, convert, code):
+    """The checker itself, independent of the fused path: an exact copy passes every row,
+    a copy with one weight off by 0.1% fails (and exits 1)."""
+    monkeypatch.setattr(verification, "convert", convert)
+    assert cli.main(["verify", "efficientnet_b0"] + SMALL) == code
+    out = capsys.readouterr().out
+    assert "train running_var" in out and "eval parameter grads" in out
+    assert ("FAIL" in out) == (code == 1)
+
+
+def test_verify_fused_efficientnet_b0(capsys):
+    if not FUSED:  # covered by test_without_fused_path_says_so_and_exits_1
+        assert cli.main(["verify", "efficientnet_b0"] + SMALL) == 1
+        return
+    assert cli.main(["verify", "efficientnet_b0"] + VERIFY) == 0
+    out = capsys.readouterr().out
+    assert "checks passed" in out and "FAIL" not in out
+
+
+def test_bench_writes_json(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    if not FUSED:
+        assert cli.main(["bench", "efficientnet_b0", "--json", str(path)] + SMALL) == 1
+        assert not path.exists()
+        return
+    assert cli.main(["bench", "efficientnet_b0", "--steps", "1", "--warmup", "0",
+                     "--no-compile", "--json", str(path)] + SMALL) == 0
+    results = json.loads(path.read_text())["results"]
+    providers = [r["provider"] for r in results]
+    assert providers[0] == "eager" and any(p.startswith("fused-") for p in providers)
+    assert all(r["seconds_per_step"] > 0 and r["saved_bytes"] > 0 for r in results)
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_train_plots_both_curves(capsys, tmp_path):
+    path = tmp_path / "loss.png"
+    if not FUSED:
+        assert cli.main(["train", "--plot", str(path)] + SMALL) == 1
+        assert not path.exists()
+        return
+    assert cli.main(["train", "--steps", "3", "--batch", "4", "--resolution", "32",
+                     "--plot", str(path)]) == 0
+    assert path.stat().st_size > 0
+    assert "largest loss difference eager vs fused" in capsys.readouterr().out
+
+
+def test_synthetic_shapes_are_deterministic_and_labelled():
+    a = synthetic.shapes_batch(8, 32, torch.Generator().manual_seed(3))
+    b = synthetic.shapes_batch(8, 32, torch.Generator().manual_seed(3))
+    c = synthetic.shapes_batch(8, 32, torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert a[0].shape == (8, 3, 32, 32) and a[1].min() >= 0
+    assert a[1].max() < len(synthetic.CLASSES)
