@@ -263,7 +263,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="convert MODEL, compare with eager; exit 1 on mismatch")
     p.add_argument("model", help=model_help)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device")

@@ -13,7 +13,7 @@ from fused_mbconv import cli, synthetic, verification
 
 FUSED = not verification.fused_path_missing()
 SMALL = ["--batch", "2", "--resolution", "32"]
-VERIFY = ["--batch", "2", "--resolution", "64"]  # the default: BN sees >= 8 values per channel
+VERIFY = ["--batch", "4", "--resolution", "64"]  # the default: BN sees >= 16 values per channel
 
 
 def test_info_lists_versions_and_every_backend(capsys):
