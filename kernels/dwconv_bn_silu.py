@@ -49,7 +49,7 @@ def _tile(pid_p, pid_c, HW, C, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
 @triton.jit
 def _image(ptr, n, C, H, W):
     """Pointer to image n; the only 64-bit offset, so per-element offsets stay 32-bit."""
-    return ptr + n.to(tl.int64) * C * H * W
+    return ptr + tl.cast(n, tl.int64) * C * H * W
 
 
 @triton.jit
@@ -271,7 +271,7 @@ def _act_bn_grad(go_ptr, d_ptr, offs, mask, n, c, mc, C, HW, mean, invstd, gamma
         * invstd[None, :]
     go = tl.load(go_ptr + offs, mask=mask, other=0.0).to(ACC)
     if POOLED:
-        share = tl.load(pooled_ptr + n * C + c, mask=mc, other=0.0).to(ACC) / HW.to(ACC)
+        share = tl.load(pooled_ptr + n * C + c, mask=mc, other=0.0).to(ACC) / HW
         go += share[None, :]
     if SCALE:
         go *= tl.load(scale_ptr + n).to(ACC)
@@ -736,17 +736,19 @@ BLOCK_ACTIVATION = ACTIVATION_IDS["silu"]  # EfficientNet's
 
 
 def add_depthwise_specializations(reg: Registry, act: str, channels_last: bool, channels: int,
-                                  k: int, stride: int, block: bool) -> None:
+                                  k: int, stride: int, block: bool, in_bn: bool = False) -> None:
     """The depthwise kernels the launchers compile for one layer: the dwconv_bn_silu op's
-    (block=False) or the MBConv block's K2 / B3 / B2 (block=True, expanded: BN1 prologue)."""
+    (block=False) or the MBConv block's K2 / B3 / B2 (block=True; in_bn: the BN1 prologue of
+    an expanded block)."""
     fmt = "nhwc" if channels_last else "nchw"
     big = 7 * 7  # positions of B0's smallest map: every tile at full size
     block_p, block_c = tile_sizes(channels, big, channels_last)
     tile = dict(BLOCK_P=block_p, BLOCK_C=block_c)
     common = dict(HAS_GAMMA=True, HAS_BETA=True, ACT=BLOCK_ACTIVATION, ACC=tl.float32, **tile)
-    inb = dict(IN_BN=block, IN_HAS_GAMMA=block, IN_HAS_BETA=block)
+    inb = dict(IN_BN=in_bn, IN_HAS_GAMMA=in_bn, IN_HAS_BETA=in_bn)
     conv = dict(K=k, STRIDE=stride, CHANNELS_LAST=channels_last)
-    where = f"k{k} s{stride} {act} {fmt} {block_p}x{block_c}" + (" block" if block else "")
+    where = f"k{k} s{stride} {act} {fmt} {block_p}x{block_c}" + (
+        (" block bn1" if in_bn else " block") if block else "")
     for training in (True, False):
         reg.add(dwconv_bn_silu_fwd_kernel, act, f"{where} {'train' if training else 'eval'}",
                 dict(STATS=training, APPLY=not (training or block), WRITE_D=training or block,
