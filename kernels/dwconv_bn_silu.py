@@ -32,7 +32,9 @@ Tensor = torch.Tensor
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
               torch.float32: tl.float32, torch.float64: tl.float64}
 NUM_WARPS = 8  # 4 tile elements per thread: the K² tap loop needs ~half the registers
-COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
+# Without a cap ptxas holds 8-warp kernels to 64 registers on sm_90 and the fp16 eval forward
+# spilled; allowing 128 it takes 88, spill-free. Launchers and the compile report both use it.
+COMPILE_OPTIONS = dict(num_warps=NUM_WARPS, maxnreg=128)
 BLOCK_T = 64  # partial rows merged per step by the finalize / sum kernels
 
 
@@ -527,7 +529,7 @@ def sum_rows(part: Tensor, outs: Tuple[Tensor, ...], acc) -> None:
     block_m = min(triton.next_power_of_2(m), 128)
     sum_rows_kernel[(triton.cdiv(m, block_m), len(outs))](
         part, outs[0], outs[-1], part.shape[0], m, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_M=block_m,
-        num_warps=NUM_WARPS)
+        **COMPILE_OPTIONS)
     note_launch("sum_rows_kernel", "triton", nbytes(part), nbytes(*outs))
 
 
@@ -539,7 +541,7 @@ def finalize_stats(part: Tensor, mean: Tensor, var: Tensor, positions: int, tile
     block_c = min(triton.next_power_of_2(c), 32)
     bn_stats_finalize_kernel[(triton.cdiv(c, block_c),)](
         part, mean, var, c, positions, tiles, part.shape[0], tile_p, ACC=acc, BLOCK_T=BLOCK_T,
-        BLOCK_C=block_c, num_warps=NUM_WARPS)
+        BLOCK_C=block_c, **COMPILE_OPTIONS)
     note_launch("bn_stats_finalize_kernel", "triton", nbytes(part), nbytes(mean, var))
 
 
@@ -561,7 +563,7 @@ def conv_forward(pr: Problem, x: Tensor, weight: Tensor, d: Tensor, *, stats: bo
         pr.c, pr.h, pr.w, pr.oh, pr.ow, eps, in_eps, K=pr.k, STRIDE=pr.stride,
         CHANNELS_LAST=pr.channels_last, STATS=stats, APPLY=apply is not None,
         WRITE_D=d is not None, IN_BN=in_bn is not None, ACT=ACTIVATION_IDS[activation],
-        ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, num_warps=NUM_WARPS, **flags,
+        ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, **COMPILE_OPTIONS, **flags,
         **in_flags)
     note_launch("dwconv_bn_silu_fwd_kernel", "triton",
                 nbytes(x, weight) + bn_bytes(in_bn) + bn_bytes(bn),
@@ -584,7 +586,7 @@ def bn_grad_sums(pr: Problem, go: Tensor, d: Tensor, bn: NormArgs, activation: s
         scale if scale is not None else d, pr.c, pr.oh, pr.ow, eps,
         CHANNELS_LAST=pr.channels_last, ACT=ACTIVATION_IDS[activation],
         POOLED=pooled is not None, SCALE=scale is not None, ACC=pr.acc, BLOCK_P=pr.block_p,
-        BLOCK_C=pr.block_c, num_warps=NUM_WARPS, **flags)
+        BLOCK_C=pr.block_c, **COMPILE_OPTIONS, **flags)
     note_launch("bn_silu_bwd_reduce_kernel", "triton",
                 nbytes(go, d, pooled, scale) + bn_bytes(bn), nbytes(part))
     sum_g, sum_gx = pr.stats(d), pr.stats(d)
@@ -611,7 +613,7 @@ def conv_backward(pr: Problem, go: Tensor, d: Tensor, x: Tensor, weight: Tensor,
         pr.c, pr.h, pr.w, pr.oh, pr.ow, pr.count, eps, in_eps, K=pr.k, STRIDE=pr.stride,
         CHANNELS_LAST=pr.channels_last, TRAINING=training, WRITE_GC=need_gx, NEED_GW=need_gw,
         ACT=act, POOLED=pooled is not None, IN_BN=in_bn is not None, ACC=pr.acc,
-        BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, num_warps=NUM_WARPS, **flags, **in_flags)
+        BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, **COMPILE_OPTIONS, **flags, **in_flags)
     note_launch("dwconv_bwd_grad_conv_kernel", "triton",
                 nbytes(go, d, pooled) + bn_bytes(bn)
                 + (nbytes(x) + bn_bytes(in_bn) if need_gw else 0)
@@ -630,7 +632,7 @@ def conv_backward(pr: Problem, go: Tensor, d: Tensor, x: Tensor, weight: Tensor,
         dwconv_bwd_input_kernel[(tiles, triton.cdiv(pr.c, block_c), pr.n)](
             gc, weight, grad_x, x, part, *in_ptrs, pr.c, pr.h, pr.w, pr.oh, pr.ow, in_eps,
             K=pr.k, STRIDE=pr.stride, CHANNELS_LAST=pr.channels_last, IN_BN=in_bn is not None,
-            ACT=act, ACC=pr.acc, BLOCK_P=block_q, BLOCK_C=block_c, num_warps=NUM_WARPS,
+            ACT=act, ACC=pr.acc, BLOCK_P=block_q, BLOCK_C=block_c, **COMPILE_OPTIONS,
             **in_flags)
         note_launch("dwconv_bwd_input_kernel", "triton",
                     nbytes(gc, weight) + (nbytes(x) + bn_bytes(in_bn) if in_bn else 0),
@@ -661,7 +663,7 @@ def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor
         bn_silu_apply_kernel[pr.grid](
             d, out, *ptrs, pr.c, pr.oh, pr.ow, eps, CHANNELS_LAST=pr.channels_last,
             ACT=ACTIVATION_IDS["silu"], ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c,
-            num_warps=NUM_WARPS, **flags)
+            **COMPILE_OPTIONS, **flags)
         note_launch("bn_silu_apply_kernel", "triton", nbytes(d) + bn_bytes(bn), nbytes(out))
     else:
         mean, var = pr.stats(x), pr.stats(x)

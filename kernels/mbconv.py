@@ -444,7 +444,7 @@ def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, *, kind: int 
         TRAINING=training, EPILOGUE=epilogue,
         CHANNELS_LAST=memory_format_of(a) == torch.channels_last,
         UPCAST=_upcast_dot(a.dtype), ACC=_acc_tl(a.dtype), BLOCK_P=block_p, BLOCK_K=block_k,
-        BLOCK_N=block_n, num_warps=NUM_WARPS, **a_flags, **e_flags)
+        BLOCK_N=block_n, **COMPILE_OPTIONS, **a_flags, **e_flags)
     reads = nbytes(a, weight, gate, scale) + bn_bytes(a_bn) + bn_bytes(e_bn)
     if kind == BN_BWD and training:
         reads += nbytes(aux, *sums)
@@ -476,7 +476,7 @@ def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weigh
         ACT=ACTIVATION_IDS[activation], GATE=gate is not None, SCALE=scale is not None,
         TRAINING=training, CHANNELS_LAST=memory_format_of(g) == torch.channels_last,
         UPCAST=_upcast_dot(g.dtype), ACC=_acc_tl(g.dtype),
-        BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+        BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_N=block_n, **COMPILE_OPTIONS,
         **g_flags, **a_flags)
     note_launch("pointwise_wgrad_kernel", "triton",
                 nbytes(g, a, gate, scale) + bn_bytes(g_bn) + bn_bytes(a_bn)
@@ -553,7 +553,7 @@ def mbconv_squeeze_forward(d: Tensor, bn2: NormArgs, activation: str) -> Tensor:
     squeeze_kernel[(triton.cdiv(pr.c, block_c), pr.n)](
         d, pooled, *ptrs, pr.c, pr.h * pr.w, eps, ACT=ACTIVATION_IDS[activation],
         CHANNELS_LAST=pr.channels_last, ACC=pr.acc, BLOCK_P=block_p, BLOCK_C=block_c,
-        num_warps=NUM_WARPS, **flags)
+        **COMPILE_OPTIONS, **flags)
     note_launch("squeeze_kernel", "triton", nbytes(d) + bn_bytes(bn2), nbytes(pooled))
     return pooled
 
@@ -576,7 +576,7 @@ def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
     excite_kernel[(n,)](pooled.contiguous(), *weights, out, c, s,
                         SE_ACT=ACTIVATION_IDS[se_activation], GATE_ACT=ACTIVATION_IDS[gate],
                         ACC=_acc_tl(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
-                        num_warps=NUM_WARPS)
+                        **COMPILE_OPTIONS)
     note_launch("excite_kernel", "triton", nbytes(pooled, *weights), nbytes(out))
     return out
 
@@ -604,7 +604,7 @@ def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tenso
         sample_scale if sample_scale is not None else q, *ptrs, pr.c, pr.h, pr.w, eps,
         SCALE=sample_scale is not None, RESIDUAL=residual is not None,
         CHANNELS_LAST=pr.channels_last, ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c,
-        num_warps=NUM_WARPS, **flags)
+        **COMPILE_OPTIONS, **flags)
     note_launch("output_kernel", "triton", nbytes(q, residual, sample_scale) + bn_bytes(bn3),
                 nbytes(out))
     return out
@@ -665,7 +665,7 @@ def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor
     gz1, h = (torch.empty((n, s), dtype=acc, device=dev) for _ in range(2))
     gz2 = torch.empty((n, c), dtype=acc, device=dev)
     flags = dict(ACC=_acc_tl(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
-                 num_warps=NUM_WARPS)
+                 **COMPILE_OPTIONS)
     excite_bwd_sample_kernel[(n,)](
         grad_gate, pooled, *weights, grad_pooled, gz1, gz2, h, c, s,
         SE_ACT=ACTIVATION_IDS[se_activation], GATE_ACT=ACTIVATION_IDS[gate], **flags)
