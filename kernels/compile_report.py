@@ -23,7 +23,7 @@ import os
 import re
 import sys
 
-MODULES = ("fused_mbconv.kernels.dwconv_bn_silu",)
+MODULES = ("fused_mbconv.kernels.dwconv_bn_silu", "fused_mbconv.kernels.mbconv")
 DTYPE_TOKENS = ("fp16", "bf16", "fp32")
 
 

@@ -25,14 +25,16 @@ import triton
 import triton.language as tl
 
 from fused_mbconv.accounting import note_launch
-from fused_mbconv.tensors import accumulate_dtype, memory_format_of
+from fused_mbconv.tensors import NormArgs, accumulate_dtype, memory_format_of
 
 Tensor = torch.Tensor
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
               torch.float32: tl.float32, torch.float64: tl.float64}
 NUM_WARPS = 8  # 4 tile elements per thread: the K² tap loop needs ~half the registers
-COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
+# Without a cap ptxas holds 8-warp kernels to 64 registers on sm_90 and the fp16 eval forward
+# spilled; allowing 128 it takes 88, spill-free. Launchers and the compile report both use it.
+COMPILE_OPTIONS = dict(num_warps=NUM_WARPS, maxnreg=128)
 BLOCK_T = 64  # partial rows merged per step by the finalize / sum kernels
 
 
@@ -49,7 +51,7 @@ def _tile(pid_p, pid_c, HW, C, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
 @triton.jit
 def _image(ptr, n, C, H, W):
     """Pointer to image n; the only 64-bit offset, so per-element offsets stay 32-bit."""
-    return ptr + n.to(tl.int64) * C * H * W
+    return ptr + tl.cast(n, tl.int64) * C * H * W
 
 
 @triton.jit
@@ -89,18 +91,79 @@ def _sigmoid(y):
     return 1.0 / (1.0 + tl.exp(-y))
 
 
+# Activation kinds, a compile-time flag of every kernel that applies or differentiates one
+# (names of fused_mbconv.activations, plus "identity" for BN3, which has none).
+ACTIVATION_IDS = {"identity": 0, "silu": 1, "relu": 2, "relu6": 3, "hardswish": 4,
+                  "sigmoid": 5, "hardsigmoid": 6}
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    out = y
+    if ACT == 1:
+        out = y * _sigmoid(y)
+    elif ACT == 2:
+        out = tl.maximum(y, 0.0)
+    elif ACT == 3:
+        out = tl.minimum(tl.maximum(y, 0.0), 6.0)
+    elif ACT == 4:
+        out = y * (tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0)
+    elif ACT == 5:
+        out = _sigmoid(y)
+    elif ACT == 6:
+        out = tl.minimum(tl.maximum(y + 3.0, 0.0), 6.0) / 6.0
+    return out
+
+
+@triton.jit
+def _act_grad(y, ACT: tl.constexpr):
+    """d act / dy with aten's choices at the kinks (as fused_mbconv.reference._act_grad)."""
+    one = tl.full(y.shape, 1.0, y.dtype)
+    zero = tl.zeros(y.shape, y.dtype)
+    out = one
+    if ACT == 1:
+        s = _sigmoid(y)
+        out = s * (1.0 + y * (1.0 - s))
+    elif ACT == 2:
+        out = tl.where(y > 0.0, one, zero)
+    elif ACT == 3:
+        out = tl.where((y > 0.0) & (y < 6.0), one, zero)
+    elif ACT == 4:
+        out = tl.where(y < -3.0, zero, tl.where(y <= 3.0, y / 3.0 + 0.5, one))
+    elif ACT == 5:
+        s = _sigmoid(y)
+        out = s * (1.0 - s)
+    elif ACT == 6:
+        out = tl.where((y > -3.0) & (y < 3.0), one, zero) / 6.0
+    return out
+
+
+@triton.jit
+def _bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr):
+    """BN folded into y = x * scale + shift, per channel in ACC."""
+    mean, invstd, gamma, beta = _bn_coefficients(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
+                                                 eps, HAS_GAMMA, HAS_BETA, ACC)
+    scale = gamma * invstd
+    return scale, beta - mean * scale
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
 def dwconv_bn_silu_fwd_kernel(
         x_ptr, w_ptr, d_ptr, out_ptr, part_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
-        mean_out_ptr, var_out_ptr, C, H, W, OH, OW, eps,
+        mean_out_ptr, var_out_ptr, in_mean_ptr, in_var_ptr, in_gamma_ptr, in_beta_ptr,
+        C, H, W, OH, OW, eps, in_eps,
         K: tl.constexpr, STRIDE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-        TRAINING: tl.constexpr, WRITE_D: tl.constexpr, HAS_GAMMA: tl.constexpr,
-        HAS_BETA: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_C: tl.constexpr):
-    """Depthwise conv of one tile of image program_id(2). TRAINING: write d and this tile's
-    (mean, M2) per channel. Eval: apply the folded BN + SiLU here, write out (d if WRITE_D)."""
+        STATS: tl.constexpr, APPLY: tl.constexpr, WRITE_D: tl.constexpr,
+        HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, IN_BN: tl.constexpr,
+        IN_HAS_GAMMA: tl.constexpr, IN_HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Depthwise conv of one tile of image program_id(2). IN_BN: the conv input is
+    act(BN_in(x)) built on load (zero padding applied after it). STATS: this tile's (mean, M2)
+    per channel of d. APPLY (eval): the folded BN + act applied here, out written. d written
+    when WRITE_D."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = tl.program_id(2)
@@ -108,6 +171,9 @@ def dwconv_bn_silu_fwd_kernel(
     ih0 = oh * STRIDE - K // 2
     iw0 = ow * STRIDE - K // 2
     x_tile = _image(x_ptr, n, C, H, W) + _offsets(c, ih0, iw0, C, H, W, CHANNELS_LAST)
+    if IN_BN:
+        in_scale, in_shift = _bn_scale_shift(c, mc, in_mean_ptr, in_var_ptr, in_gamma_ptr,
+                                             in_beta_ptr, in_eps, IN_HAS_GAMMA, IN_HAS_BETA, ACC)
     acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
     for kh in tl.static_range(K):
         mh = mp & (ih0 + kh >= 0) & (ih0 + kh < H)
@@ -115,6 +181,9 @@ def dwconv_bn_silu_fwd_kernel(
             m = mh & (iw0 + kw >= 0) & (iw0 + kw < W)
             xv = tl.load(x_tile + _tap_offset(kh, kw, C, W, CHANNELS_LAST),
                          mask=m[:, None] & mc[None, :], other=0.0)
+            if IN_BN:  # rounded to the input dtype, as the unfused block stores a1
+                a = _act(xv.to(ACC) * in_scale[None, :] + in_shift[None, :], ACT)
+                xv = tl.where(m[:, None], a, 0.0).to(x_ptr.dtype.element_ty)
             wv = tl.load(w_ptr + c * (K * K) + (kh * K + kw), mask=mc, other=0.0)
             acc += xv.to(ACC) * wv.to(ACC)[None, :]
     mask = mp[:, None] & mc[None, :]
@@ -124,31 +193,29 @@ def dwconv_bn_silu_fwd_kernel(
     if WRITE_D:
         tl.store(_image(d_ptr, n, C, OH, OW) + offs, d, mask=mask)
     d = d.to(ACC)
-    if TRAINING:
+    if STATS:
         count = tl.minimum(OH * OW - pid_p * BLOCK_P, BLOCK_P).to(ACC)
         tile_mean = tl.sum(tl.where(mask, d, 0.0), axis=0) / count
         dev = tl.where(mask, d - tile_mean[None, :], 0.0)
         row = part_ptr + (n * tl.num_programs(0) + pid_p) * (2 * C)
         tl.store(row + c, tile_mean, mask=mc)
         tl.store(row + C + c, tl.sum(dev * dev, axis=0), mask=mc)
-    else:
-        mean, invstd, gamma, beta = _bn_coefficients(c, mc, mean_ptr, var_ptr, gamma_ptr,
-                                                     beta_ptr, eps, HAS_GAMMA, HAS_BETA, ACC)
-        scale = gamma * invstd
-        y = d * scale[None, :] + (beta - mean * scale)[None, :]
+    if APPLY:
+        scale, shift = _bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                       HAS_GAMMA, HAS_BETA, ACC)
+        y = d * scale[None, :] + shift[None, :]
         tl.store(_image(out_ptr, n, C, OH, OW) + offs,
-                 (y * _sigmoid(y)).to(out_ptr.dtype.element_ty), mask=mask)
+                 _act(y, ACT).to(out_ptr.dtype.element_ty), mask=mask)
         if (pid_p == 0) & (n == 0):  # eval returns the statistics it used, in ACC
-            tl.store(mean_out_ptr + c, mean, mask=mc)
+            tl.store(mean_out_ptr + c, tl.load(mean_ptr + c, mask=mc).to(ACC), mask=mc)
             tl.store(var_out_ptr + c, tl.load(var_ptr + c, mask=mc).to(ACC), mask=mc)
 
 
 @triton.jit
-def bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, HW, TILES, T, ACC: tl.constexpr,
-                             BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
+def bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, HW, TILES, T, TILE_P,
+                             ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge per-tile (mean, M2) into the batch mean and biased variance (Chan et al.); row t
-    is tile t % TILES of an image of HW positions. A
+    is tile t % TILES (of TILE_P positions) of an image of HW positions. A
     block of BLOCK_T tiles is combined around its own mean, then merged into the running
     result; no E[x²]−E[x]² cancellation anywhere."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -158,7 +225,7 @@ def bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, HW, TILES, T, ACC: 
     m2_a = tl.zeros([BLOCK_C], ACC)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        count = tl.minimum(HW - (t % TILES) * BLOCK_P, BLOCK_P)
+        count = tl.minimum(HW - (t % TILES) * TILE_P, TILE_P)
         count = tl.where(t < T, count, 0).to(ACC)[:, None]
         m = (t < T)[:, None] & mc[None, :]
         rows = part_ptr + t[:, None] * (2 * C) + c[None, :]
@@ -179,8 +246,8 @@ def bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, HW, TILES, T, ACC: 
 @triton.jit
 def bn_silu_apply_kernel(d_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
                          C, OH, OW, eps, CHANNELS_LAST: tl.constexpr,
-                         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(2)
     mp, c, mc, oh, ow = _tile(tl.program_id(0), tl.program_id(1), OH * OW, C, OW,
                               BLOCK_P, BLOCK_C)
@@ -192,25 +259,36 @@ def bn_silu_apply_kernel(d_ptr, out_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
     d = tl.load(_image(d_ptr, n, C, OH, OW) + offs, mask=mask, other=0.0).to(ACC)
     y = d * scale[None, :] + (beta - mean * scale)[None, :]
     tl.store(_image(out_ptr, n, C, OH, OW) + offs,
-             (y * _sigmoid(y)).to(out_ptr.dtype.element_ty), mask=mask)
+             _act(y, ACT).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _silu_bn_grad(go_ptr, d_ptr, offs, mask, mean, invstd, gamma, beta, ACC: tl.constexpr):
-    """g = dL/dy (through SiLU) and x̂, both recomputed from grad_out and d; zero off-mask."""
+def _act_bn_grad(go_ptr, d_ptr, offs, mask, n, c, mc, C, HW, mean, invstd, gamma, beta,
+                 pooled_ptr, scale_ptr, ACT: tl.constexpr, POOLED: tl.constexpr,
+                 SCALE: tl.constexpr, ACC: tl.constexpr):
+    """g = dL/dy at the BN output (through the activation) and x̂, recomputed from grad_out
+    and d; zero off-mask. POOLED adds the squeeze's share pooled[n, c] / HW to grad_out,
+    SCALE multiplies it by the drop-path scale[n]."""
     x_hat = (tl.load(d_ptr + offs, mask=mask, other=0.0).to(ACC) - mean[None, :]) \
         * invstd[None, :]
-    y = x_hat * gamma[None, :] + beta[None, :]
-    s = _sigmoid(y)
     go = tl.load(go_ptr + offs, mask=mask, other=0.0).to(ACC)
-    return tl.where(mask, go * s * (1.0 + y * (1.0 - s)), 0.0), x_hat
+    if POOLED:
+        share = tl.load(pooled_ptr + n * C + c, mask=mc, other=0.0).to(ACC) / HW
+        go += share[None, :]
+    if SCALE:
+        go *= tl.load(scale_ptr + n).to(ACC)
+    if ACT != 0:
+        go *= _act_grad(x_hat * gamma[None, :] + beta[None, :], ACT)
+    return tl.where(mask, go, 0.0), x_hat
 
 
 @triton.jit
 def bn_silu_bwd_reduce_kernel(go_ptr, d_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, part_ptr,
-                              C, OH, OW, eps, CHANNELS_LAST: tl.constexpr,
-                              HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-                              ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                              pooled_ptr, scale_ptr, C, OH, OW, eps,
+                              CHANNELS_LAST: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                              HAS_BETA: tl.constexpr, ACT: tl.constexpr, POOLED: tl.constexpr,
+                              SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
     """Per-tile Σg and Σg·x̂ per channel (the BN-backward reductions), rows [Σg | Σg·x̂]."""
     pid_p = tl.program_id(0)
     n = tl.program_id(2)
@@ -219,9 +297,10 @@ def bn_silu_bwd_reduce_kernel(go_ptr, d_ptr, mean_ptr, var_ptr, gamma_ptr, beta_
                                                  eps, HAS_GAMMA, HAS_BETA, ACC)
     mask = mp[:, None] & mc[None, :]
     image = n.to(tl.int64) * C * OH * OW
-    g, x_hat = _silu_bn_grad(go_ptr + image, d_ptr + image,
-                             _offsets(c, oh, ow, C, OH, OW, CHANNELS_LAST), mask, mean, invstd,
-                             gamma, beta, ACC)
+    g, x_hat = _act_bn_grad(go_ptr + image, d_ptr + image,
+                            _offsets(c, oh, ow, C, OH, OW, CHANNELS_LAST), mask, n, c, mc, C,
+                            OH * OW, mean, invstd, gamma, beta, pooled_ptr, scale_ptr, ACT,
+                            POOLED, SCALE, ACC)
     row = part_ptr + (n * tl.num_programs(0) + pid_p) * (2 * C)
     tl.store(row + c, tl.sum(g, axis=0), mask=mc)
     tl.store(row + C + c, tl.sum(g * x_hat, axis=0), mask=mc)
@@ -252,14 +331,18 @@ def sum_rows_kernel(part_ptr, out0_ptr, out1_ptr, T, M, ACC: tl.constexpr,
 @triton.jit
 def dwconv_bwd_grad_conv_kernel(
         go_ptr, d_ptr, x_ptr, gc_ptr, part_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
-        sum_g_ptr, sum_gx_ptr, C, H, W, OH, OW, count, eps,
+        sum_g_ptr, sum_gx_ptr, pooled_ptr, in_mean_ptr, in_var_ptr, in_gamma_ptr, in_beta_ptr,
+        C, H, W, OH, OW, count, eps, in_eps,
         K: tl.constexpr, STRIDE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
         TRAINING: tl.constexpr, WRITE_GC: tl.constexpr, NEED_GW: tl.constexpr,
-        HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad_conv of one output tile, recomputed from grad_out, d and the BN reductions over
-    ``count`` values per channel; its weight-gradient partials Σ gc·x(shifted) per (channel,
-    tap); gc written once (WRITE_GC) for the transposed conv."""
+        HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+        POOLED: tl.constexpr, IN_BN: tl.constexpr, IN_HAS_GAMMA: tl.constexpr,
+        IN_HAS_BETA: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr):
+    """grad_conv of one output tile, recomputed from grad_out (+ pooled share), d and the BN
+    reductions over ``count`` values per channel; its weight-gradient partials Σ gc·x(shifted)
+    per (channel, tap), x = act(BN_in(x)) rebuilt on load when IN_BN; gc written once
+    (WRITE_GC) for the transposed conv."""
     pid_p = tl.program_id(0)
     n = tl.program_id(2)
     mp, c, mc, oh, ow = _tile(pid_p, tl.program_id(1), OH * OW, C, OW, BLOCK_P, BLOCK_C)
@@ -268,8 +351,9 @@ def dwconv_bwd_grad_conv_kernel(
     mask = mp[:, None] & mc[None, :]
     offs = _offsets(c, oh, ow, C, OH, OW, CHANNELS_LAST)
     image = n.to(tl.int64) * C * OH * OW
-    g, x_hat = _silu_bn_grad(go_ptr + image, d_ptr + image, offs, mask, mean, invstd, gamma,
-                             beta, ACC)
+    g, x_hat = _act_bn_grad(go_ptr + image, d_ptr + image, offs, mask, n, c, mc, C, OH * OW,
+                            mean, invstd, gamma, beta, pooled_ptr, pooled_ptr, ACT, POOLED,
+                            False, ACC)
     if TRAINING:
         mean_g = tl.load(sum_g_ptr + c, mask=mc, other=0.0).to(ACC) / count
         mean_gx = tl.load(sum_gx_ptr + c, mask=mc, other=0.0).to(ACC) / count
@@ -278,6 +362,10 @@ def dwconv_bwd_grad_conv_kernel(
     if WRITE_GC:
         tl.store(gc_ptr + image + offs, gc.to(gc_ptr.dtype.element_ty), mask=mask)
     if NEED_GW:
+        if IN_BN:
+            in_scale, in_shift = _bn_scale_shift(c, mc, in_mean_ptr, in_var_ptr, in_gamma_ptr,
+                                                 in_beta_ptr, in_eps, IN_HAS_GAMMA,
+                                                 IN_HAS_BETA, ACC)
         row = part_ptr + (n * tl.num_programs(0) + pid_p) * (C * K * K) + c * (K * K)
         ih0 = oh * STRIDE - K // 2
         iw0 = ow * STRIDE - K // 2
@@ -288,17 +376,25 @@ def dwconv_bwd_grad_conv_kernel(
                 m = mh & (iw0 + kw >= 0) & (iw0 + kw < W)
                 xv = tl.load(x_tile + _tap_offset(kh, kw, C, W, CHANNELS_LAST),
                              mask=m[:, None] & mc[None, :], other=0.0)
+                if IN_BN:
+                    a = _act(xv.to(ACC) * in_scale[None, :] + in_shift[None, :], ACT)
+                    xv = tl.where(m[:, None], a, 0.0).to(x_ptr.dtype.element_ty)
                 tl.store(row + (kh * K + kw), tl.sum(gc * xv.to(ACC), axis=0), mask=mc)
 
 
 @triton.jit
-def dwconv_bwd_input_kernel(gc_ptr, w_ptr, gx_ptr, C, H, W, OH, OW,
+def dwconv_bwd_input_kernel(gc_ptr, w_ptr, gx_ptr, x_ptr, part_ptr, in_mean_ptr, in_var_ptr,
+                            in_gamma_ptr, in_beta_ptr, C, H, W, OH, OW, in_eps,
                             K: tl.constexpr, STRIDE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                            ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad_input: the transposed depthwise conv, gathered per input position (no atomics)."""
+                            IN_BN: tl.constexpr, IN_HAS_GAMMA: tl.constexpr,
+                            IN_HAS_BETA: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_input: the transposed depthwise conv, gathered per input position (no atomics).
+    IN_BN: the conv input was act(BN_in(x)); write the gradient at BN_in's output instead and
+    this tile's BN_in reductions [Σg | Σg·x̂] per channel."""
+    pid_q = tl.program_id(0)
     n = tl.program_id(2)
-    mq, c, mc, ih, iw = _tile(tl.program_id(0), tl.program_id(1), H * W, C, W,
-                              BLOCK_P, BLOCK_C)
+    mq, c, mc, ih, iw = _tile(pid_q, tl.program_id(1), H * W, C, W, BLOCK_P, BLOCK_C)
     gc_image = _image(gc_ptr, n, C, OH, OW)
     if STRIDE == 1:  # every tap reaches an output: a fixed shift of the centre offsets
         gc_tile = gc_image + _offsets(c, ih + K // 2, iw + K // 2, C, OH, OW, CHANNELS_LAST)
@@ -317,8 +413,22 @@ def dwconv_bwd_input_kernel(gc_ptr, w_ptr, gx_ptr, C, H, W, OH, OW,
                                                  CHANNELS_LAST), mask=m, other=0.0)
             wv = tl.load(w_ptr + c * (K * K) + (kh * K + kw), mask=mc, other=0.0)
             acc += gv.to(ACC) * wv.to(ACC)[None, :]
-    tl.store(_image(gx_ptr, n, C, H, W) + _offsets(c, ih, iw, C, H, W, CHANNELS_LAST),
-             acc.to(gx_ptr.dtype.element_ty), mask=mq[:, None] & mc[None, :])
+    mask = mq[:, None] & mc[None, :]
+    offs = _offsets(c, ih, iw, C, H, W, CHANNELS_LAST)
+    grad = acc.to(gx_ptr.dtype.element_ty)
+    if IN_BN:
+        mean, invstd, gamma, beta = _bn_coefficients(c, mc, in_mean_ptr, in_var_ptr,
+                                                     in_gamma_ptr, in_beta_ptr, in_eps,
+                                                     IN_HAS_GAMMA, IN_HAS_BETA, ACC)
+        x_hat = (tl.load(_image(x_ptr, n, C, H, W) + offs, mask=mask, other=0.0).to(ACC)
+                 - mean[None, :]) * invstd[None, :]
+        g = tl.where(mask, grad.to(ACC) * _act_grad(x_hat * gamma[None, :] + beta[None, :],
+                                                    ACT), 0.0)
+        row = part_ptr + (n * tl.num_programs(0) + pid_q) * (2 * C)
+        tl.store(row + c, tl.sum(g, axis=0), mask=mc)
+        tl.store(row + C + c, tl.sum(g * x_hat, axis=0), mask=mc)
+        grad = g.to(gx_ptr.dtype.element_ty)
+    tl.store(_image(gx_ptr, n, C, H, W) + offs, grad, mask=mask)
 
 
 # ----------------------------------------------------------------------------- launch config
@@ -337,32 +447,56 @@ def _acc(dtype: torch.dtype):
     return _TL_DTYPES[accumulate_dtype(dtype)]
 
 
-def _check(x: Tensor, weight: Tensor) -> None:
+def check_dtype(x: Tensor, op: str = "dwconv_bn_silu") -> None:
     if x.dtype not in _TL_DTYPES:
-        raise TypeError(f"triton dwconv_bn_silu supports float16, bfloat16, float32 and "
-                        f"float64 inputs, got {x.dtype}")
+        raise TypeError(f"triton {op} supports float16, bfloat16, float32 and float64 inputs, "
+                        f"got {x.dtype}")
+
+
+def _check(x: Tensor, weight: Tensor, op: str) -> None:
+    check_dtype(x, op)
     if weight.dtype != x.dtype:
-        raise TypeError(f"triton dwconv_bn_silu: conv weight dtype {weight.dtype} must match "
-                        f"the input dtype {x.dtype}")
+        raise TypeError(f"triton {op}: conv weight dtype {weight.dtype} must match the input "
+                        f"dtype {x.dtype}")
     k = weight.shape[-1]
     if weight.shape != (x.shape[1], 1, k, k) or k % 2 == 0:
-        raise ValueError(f"triton dwconv_bn_silu: conv weight must be (C, 1, k, k) with odd k "
-                         f"and C={x.shape[1]}, got {tuple(weight.shape)}")
+        raise ValueError(f"triton {op}: conv weight must be (C, 1, k, k) with odd k and "
+                         f"C={x.shape[1]}, got {tuple(weight.shape)}")
 
 
-def _nbytes(*tensors: Optional[Tensor]) -> int:
+def nbytes(*tensors: Optional[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class _Problem:
-    """Shapes, layout and tiling of one call, shared by the forward and backward launchers."""
+def bn_args(bn: Optional[NormArgs], placeholder: Tensor, prefix: str = ""):
+    """(pointer tuple (mean, var, gamma, beta), eps, constexpr flags) of an optional BN; absent
+    pointers are ``placeholder`` (never read)."""
+    if bn is None:
+        return (placeholder,) * 4, 1.0, {f"{prefix}HAS_GAMMA": False, f"{prefix}HAS_BETA": False}
+    ptrs = (bn.mean, bn.var, bn.weight if bn.weight is not None else placeholder,
+            bn.bias if bn.bias is not None else placeholder)
+    return ptrs, bn.eps, {f"{prefix}HAS_GAMMA": bn.weight is not None,
+                          f"{prefix}HAS_BETA": bn.bias is not None}
 
-    def __init__(self, x: Tensor, weight: Tensor, stride: int):
-        _check(x, weight)
+
+def bn_bytes(bn: Optional[NormArgs]) -> int:
+    return 0 if bn is None else nbytes(bn.mean, bn.var, bn.weight, bn.bias)
+
+
+class Problem:
+    """Shapes, layout and tiling of one depthwise call (or, without ``weight``, of one
+    elementwise pass over ``x``), shared by the forward and backward launchers."""
+
+    def __init__(self, x: Tensor, weight: Optional[Tensor] = None, stride: int = 1,
+                 op: str = "dwconv_bn_silu"):
+        if weight is None:
+            check_dtype(x, op)
+        else:
+            _check(x, weight, op)
         self.fmt = memory_format_of(x)
         self.channels_last = self.fmt == torch.channels_last
         self.n, self.c, self.h, self.w = x.shape
-        self.k = weight.shape[-1]
+        self.k = 1 if weight is None else weight.shape[-1]
         self.stride = stride
         pad = self.k // 2
         self.oh = (self.h + 2 * pad - self.k) // stride + 1
@@ -385,15 +519,128 @@ class _Problem:
     def stats(self, x: Tensor) -> Tensor:
         return torch.empty(self.c, dtype=self.acc_dtype, device=x.device)
 
+    def partials(self, x: Tensor, width: int) -> Tensor:
+        return torch.empty((self.rows, width), dtype=self.acc_dtype, device=x.device)
 
-def _sum_rows(part: Tensor, outs: Tuple[Tensor, ...], acc) -> None:
+
+def sum_rows(part: Tensor, outs: Tuple[Tensor, ...], acc) -> None:
     """Column sums of ``part`` [T, len(outs)·M] into the M-element tensors ``outs``."""
     m = outs[0].numel()
     block_m = min(triton.next_power_of_2(m), 128)
     sum_rows_kernel[(triton.cdiv(m, block_m), len(outs))](
         part, outs[0], outs[-1], part.shape[0], m, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_M=block_m,
-        num_warps=NUM_WARPS)
-    note_launch("sum_rows_kernel", "triton", _nbytes(part), _nbytes(*outs))
+        **COMPILE_OPTIONS)
+    note_launch("sum_rows_kernel", "triton", nbytes(part), nbytes(*outs))
+
+
+def finalize_stats(part: Tensor, mean: Tensor, var: Tensor, positions: int, tiles: int,
+                   tile_p: int, acc) -> None:
+    """Batch mean and biased variance from (mean, M2) rows of ``tile_p``-position tiles,
+    ``tiles`` per image of ``positions``."""
+    c = mean.numel()
+    block_c = min(triton.next_power_of_2(c), 32)
+    bn_stats_finalize_kernel[(triton.cdiv(c, block_c),)](
+        part, mean, var, c, positions, tiles, part.shape[0], tile_p, ACC=acc, BLOCK_T=BLOCK_T,
+        BLOCK_C=block_c, **COMPILE_OPTIONS)
+    note_launch("bn_stats_finalize_kernel", "triton", nbytes(part), nbytes(mean, var))
+
+
+def conv_forward(pr: Problem, x: Tensor, weight: Tensor, d: Tensor, *, stats: bool,
+                 in_bn: Optional[NormArgs] = None, activation: str = "silu",
+                 apply: Optional[Tuple[NormArgs, Tensor, Tensor, Tensor]] = None
+                 ) -> Tuple[Tensor, Tensor]:
+    """Launch the depthwise forward of ``x`` (layouted) into ``d`` (or, d None, don't write
+    it). ``stats``: BN statistics of d -> returns (mean, var). ``apply`` = (bn, out, mean_out,
+    var_out): eval BN + activation applied in the same pass."""
+    bn, out, mean_out, var_out = apply if apply is not None else (None, x, x, x)
+    ptrs, eps, flags = bn_args(bn, x)
+    in_ptrs, in_eps, in_flags = bn_args(in_bn, x, "IN_")
+    mean = var = part = x
+    if stats:
+        mean, var, part = pr.stats(x), pr.stats(x), pr.partials(x, 2 * pr.c)
+    dwconv_bn_silu_fwd_kernel[pr.grid](
+        x, weight, d if d is not None else x, out, part, *ptrs, mean_out, var_out, *in_ptrs,
+        pr.c, pr.h, pr.w, pr.oh, pr.ow, eps, in_eps, K=pr.k, STRIDE=pr.stride,
+        CHANNELS_LAST=pr.channels_last, STATS=stats, APPLY=apply is not None,
+        WRITE_D=d is not None, IN_BN=in_bn is not None, ACT=ACTIVATION_IDS[activation],
+        ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, **COMPILE_OPTIONS, **flags,
+        **in_flags)
+    note_launch("dwconv_bn_silu_fwd_kernel", "triton",
+                nbytes(x, weight) + bn_bytes(in_bn) + bn_bytes(bn),
+                nbytes(d) + (nbytes(part) if stats else 0)
+                + (nbytes(out, mean_out, var_out) if apply is not None else 0))
+    if stats:
+        finalize_stats(part, mean, var, pr.oh * pr.ow, pr.tiles, pr.block_p, pr.acc)
+    return mean, var
+
+
+def bn_grad_sums(pr: Problem, go: Tensor, d: Tensor, bn: NormArgs, activation: str,
+                 pooled: Optional[Tensor] = None, scale: Optional[Tensor] = None
+                 ) -> Tuple[Tensor, Tensor]:
+    """(Σg, Σg·x̂) per channel, g = (go (+ pooled[n, c] / HW)) (* scale[n]) · act'(BN(d));
+    reads go and d (both laid out like pr)."""
+    ptrs, eps, flags = bn_args(bn, d)
+    part = pr.partials(d, 2 * pr.c)
+    bn_silu_bwd_reduce_kernel[pr.grid](
+        go, d, *ptrs, part, pooled if pooled is not None else d,
+        scale if scale is not None else d, pr.c, pr.oh, pr.ow, eps,
+        CHANNELS_LAST=pr.channels_last, ACT=ACTIVATION_IDS[activation],
+        POOLED=pooled is not None, SCALE=scale is not None, ACC=pr.acc, BLOCK_P=pr.block_p,
+        BLOCK_C=pr.block_c, **COMPILE_OPTIONS, **flags)
+    note_launch("bn_silu_bwd_reduce_kernel", "triton",
+                nbytes(go, d, pooled, scale) + bn_bytes(bn), nbytes(part))
+    sum_g, sum_gx = pr.stats(d), pr.stats(d)
+    sum_rows(part, (sum_g, sum_gx), pr.acc)
+    return sum_g, sum_gx
+
+
+def conv_backward(pr: Problem, go: Tensor, d: Tensor, x: Tensor, weight: Tensor,
+                  bn: NormArgs, sums: Tuple[Tensor, Tensor], training: bool,
+                  need_gx: bool, need_gw: bool, *, activation: str = "silu",
+                  pooled: Optional[Tensor] = None, in_bn: Optional[NormArgs] = None
+                  ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tuple[Tensor, Tensor]]]:
+    """Depthwise backward from the gradient at the activation output: (grad input, grad
+    weight, in_bn's (Σg, Σg·x̂) or None). With ``in_bn`` the conv input was act(in_bn(x)) and
+    the input gradient returned is the one at in_bn's output."""
+    ptrs, eps, flags = bn_args(bn, x)
+    in_ptrs, in_eps, in_flags = bn_args(in_bn, x, "IN_")
+    act = ACTIVATION_IDS[activation]
+    gc = pr.empty_out(x) if need_gx else go  # go: an unused placeholder pointer
+    gw_part = torch.empty((pr.rows if need_gw else 0, pr.c * pr.k * pr.k),
+                          dtype=pr.acc_dtype, device=x.device)
+    dwconv_bwd_grad_conv_kernel[pr.grid](
+        go, d, x, gc, gw_part, *ptrs, *sums, pooled if pooled is not None else x, *in_ptrs,
+        pr.c, pr.h, pr.w, pr.oh, pr.ow, pr.count, eps, in_eps, K=pr.k, STRIDE=pr.stride,
+        CHANNELS_LAST=pr.channels_last, TRAINING=training, WRITE_GC=need_gx, NEED_GW=need_gw,
+        ACT=act, POOLED=pooled is not None, IN_BN=in_bn is not None, ACC=pr.acc,
+        BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, **COMPILE_OPTIONS, **flags, **in_flags)
+    note_launch("dwconv_bwd_grad_conv_kernel", "triton",
+                nbytes(go, d, pooled) + bn_bytes(bn)
+                + (nbytes(x) + bn_bytes(in_bn) if need_gw else 0)
+                + (nbytes(*sums) if training else 0),
+                (nbytes(gc) if need_gx else 0) + nbytes(gw_part))
+    grad_x = grad_w = in_sums = None
+    if need_gw:
+        grad_w = torch.empty_like(weight)
+        sum_rows(gw_part, (grad_w,), pr.acc)
+    if need_gx:
+        grad_x = torch.empty_like(x)
+        block_q, block_c = tile_sizes(pr.c, pr.h * pr.w, pr.channels_last)
+        tiles = triton.cdiv(pr.h * pr.w, block_q)
+        part = torch.empty((pr.n * tiles if in_bn is not None else 0, 2 * pr.c),
+                           dtype=pr.acc_dtype, device=x.device)
+        dwconv_bwd_input_kernel[(tiles, triton.cdiv(pr.c, block_c), pr.n)](
+            gc, weight, grad_x, x, part, *in_ptrs, pr.c, pr.h, pr.w, pr.oh, pr.ow, in_eps,
+            K=pr.k, STRIDE=pr.stride, CHANNELS_LAST=pr.channels_last, IN_BN=in_bn is not None,
+            ACT=act, ACC=pr.acc, BLOCK_P=block_q, BLOCK_C=block_c, **COMPILE_OPTIONS,
+            **in_flags)
+        note_launch("dwconv_bwd_input_kernel", "triton",
+                    nbytes(gc, weight) + (nbytes(x) + bn_bytes(in_bn) if in_bn else 0),
+                    nbytes(grad_x, part))
+        if in_bn is not None:
+            in_sums = (pr.stats(x), pr.stats(x))
+            sum_rows(part, in_sums, pr.acc)
+    return grad_x, grad_w, in_sums
 
 
 # ----------------------------------------------------------------------------- interface
@@ -404,40 +651,24 @@ def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor
                            eps: float, need_conv_out: bool
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Same contract as ``fused_mbconv.reference.dwconv_bn_silu_forward``."""
-    pr = _Problem(x, weight, stride)
+    pr = Problem(x, weight, stride)
     x, weight = pr.layout(x), weight.contiguous()
     out = pr.empty_out(x)
-    mean, var = pr.stats(x), pr.stats(x)
     write_d = training or need_conv_out
-    d = pr.empty_out(x) if write_d else out  # out: an unused placeholder pointer
-    affine = (bn_weight if bn_weight is not None else x, bn_bias if bn_bias is not None else x)
-    flags = dict(HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None, ACC=pr.acc,
-                 BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, num_warps=NUM_WARPS)
-    conv = dict(K=pr.k, STRIDE=stride, CHANNELS_LAST=pr.channels_last)
-    per_channel = _nbytes(bn_weight, bn_bias)
+    d = pr.empty_out(x) if write_d else None
     if training:
-        part = torch.empty((pr.rows, 2, pr.c), dtype=pr.acc_dtype, device=x.device)
-        dwconv_bn_silu_fwd_kernel[pr.grid](
-            x, weight, d, out, part, mean, var, *affine, mean, var, pr.c, pr.h, pr.w, pr.oh,
-            pr.ow, eps, TRAINING=True, WRITE_D=True, **conv, **flags)
-        note_launch("dwconv_bn_silu_fwd_kernel", "triton", _nbytes(x, weight),
-                    _nbytes(d, part))
-        bn_stats_finalize_kernel[(pr.grid[1],)](
-            part, mean, var, pr.c, pr.oh * pr.ow, pr.tiles, pr.rows, ACC=pr.acc, BLOCK_P=pr.block_p,
-            BLOCK_T=BLOCK_T, BLOCK_C=pr.block_c, num_warps=NUM_WARPS)
-        note_launch("bn_stats_finalize_kernel", "triton", _nbytes(part), _nbytes(mean, var))
+        mean, var = conv_forward(pr, x, weight, d, stats=True)
+        bn = NormArgs(mean, var, bn_weight, bn_bias, eps)
+        ptrs, eps, flags = bn_args(bn, x)
         bn_silu_apply_kernel[pr.grid](
-            d, out, mean, var, *affine, pr.c, pr.oh, pr.ow, eps,
-            CHANNELS_LAST=pr.channels_last, **flags)
-        note_launch("bn_silu_apply_kernel", "triton", _nbytes(d, mean, var) + per_channel,
-                    _nbytes(out))
+            d, out, *ptrs, pr.c, pr.oh, pr.ow, eps, CHANNELS_LAST=pr.channels_last,
+            ACT=ACTIVATION_IDS["silu"], ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c,
+            **COMPILE_OPTIONS, **flags)
+        note_launch("bn_silu_apply_kernel", "triton", nbytes(d) + bn_bytes(bn), nbytes(out))
     else:
-        dwconv_bn_silu_fwd_kernel[pr.grid](
-            x, weight, d, out, out, running_mean, running_var, *affine, mean, var, pr.c, pr.h,
-            pr.w, pr.oh, pr.ow, eps, TRAINING=False, WRITE_D=write_d, **conv, **flags)
-        note_launch("dwconv_bn_silu_fwd_kernel", "triton",
-                    _nbytes(x, weight, running_mean, running_var) + per_channel,
-                    _nbytes(out, mean, var) + (_nbytes(d) if write_d else 0))
+        mean, var = pr.stats(x), pr.stats(x)
+        conv_forward(pr, x, weight, d, stats=False, apply=(
+            NormArgs(running_mean, running_var, bn_weight, bn_bias, eps), out, mean, var))
     conv_out = d if need_conv_out else x.new_empty(0)
     return out, conv_out, mean, var
 
@@ -449,56 +680,21 @@ def dwconv_bn_silu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, conv_ou
                             ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor],
                                        Optional[Tensor]]:
     """Same contract as ``fused_mbconv.reference.dwconv_bn_silu_backward``."""
-    pr = _Problem(x, weight, stride)
+    pr = Problem(x, weight, stride)
     x, weight = pr.layout(x), weight.contiguous()
     go, d = pr.layout(grad_out), pr.layout(conv_out)
     need_gx, need_gw = bool(output_mask[0]), bool(output_mask[1])
-    affine = (bn_weight if bn_weight is not None else x, bn_bias if bn_bias is not None else x)
-    flags = dict(HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None, ACC=pr.acc,
-                 BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, num_warps=NUM_WARPS)
-    per_channel = _nbytes(mean, var, bn_weight, bn_bias)
-    dev = x.device
-
-    sum_g, sum_gx = pr.stats(x), pr.stats(x)  # = grad bn bias, grad bn weight
-    need_sums = training and (need_gx or need_gw) or output_mask[2] or output_mask[3]
-    if need_sums:
-        part = torch.empty((pr.rows, 2 * pr.c), dtype=pr.acc_dtype, device=dev)
-        bn_silu_bwd_reduce_kernel[pr.grid](
-            go, d, mean, var, *affine, part, pr.c, pr.oh, pr.ow, eps,
-            CHANNELS_LAST=pr.channels_last, **flags)
-        note_launch("bn_silu_bwd_reduce_kernel", "triton", _nbytes(go, d) + per_channel,
-                    _nbytes(part))
-        _sum_rows(part, (sum_g, sum_gx), pr.acc)
-
+    bn = NormArgs(mean, var, bn_weight, bn_bias, eps)
+    sums = (mean, var)  # placeholders: not read in eval
+    if training and (need_gx or need_gw) or output_mask[2] or output_mask[3]:
+        sums = bn_grad_sums(pr, go, d, bn, "silu")  # = grad bn bias, grad bn weight
     grad_x = grad_w = None
     if need_gx or need_gw:
-        gc = pr.empty_out(x) if need_gx else go  # go: an unused placeholder pointer
-        gw_part = torch.empty((pr.rows if need_gw else 0, pr.c * pr.k * pr.k),
-                              dtype=pr.acc_dtype, device=dev)
-        dwconv_bwd_grad_conv_kernel[pr.grid](
-            go, d, x, gc, gw_part, mean, var, *affine, sum_g, sum_gx, pr.c, pr.h, pr.w, pr.oh,
-            pr.ow, pr.count, eps, K=pr.k, STRIDE=stride, CHANNELS_LAST=pr.channels_last,
-            TRAINING=training, WRITE_GC=need_gx, NEED_GW=need_gw, **flags)
-        note_launch("dwconv_bwd_grad_conv_kernel", "triton",
-                    _nbytes(go, d) + per_channel + (_nbytes(x) if need_gw else 0)
-                    + (_nbytes(sum_g, sum_gx) if training else 0),
-                    (_nbytes(gc) if need_gx else 0) + _nbytes(gw_part))
-        if need_gw:
-            grad_w = torch.empty_like(weight)
-            _sum_rows(gw_part, (grad_w,), pr.acc)
-        if need_gx:
-            grad_x = torch.empty_like(x)
-            block_q, block_c = tile_sizes(pr.c, pr.h * pr.w, pr.channels_last)
-            grid = (triton.cdiv(pr.h * pr.w, block_q), triton.cdiv(pr.c, block_c), pr.n)
-            dwconv_bwd_input_kernel[grid](
-                gc, weight, grad_x, pr.c, pr.h, pr.w, pr.oh, pr.ow, K=pr.k,
-                STRIDE=stride, CHANNELS_LAST=pr.channels_last, ACC=pr.acc, BLOCK_P=block_q,
-                BLOCK_C=block_c, num_warps=NUM_WARPS)
-            note_launch("dwconv_bwd_input_kernel", "triton", _nbytes(gc, weight),
-                        _nbytes(grad_x))
+        grad_x, grad_w, _ = conv_backward(pr, go, d, x, weight, bn, sums, training, need_gx,
+                                          need_gw)
     return (grad_x, grad_w,
-            sum_gx if output_mask[2] else None,
-            sum_g if output_mask[3] else None)
+            sums[1] if output_mask[2] else None,
+            sums[0] if output_mask[3] else None)
 
 
 # ----------------------------------------------------------------------------- compile registry
@@ -508,10 +704,10 @@ B0_DEPTHWISE_LAYERS = ((32, 3, 1), (96, 3, 2), (144, 3, 1), (144, 5, 2), (240, 5
                        (240, 3, 2), (480, 3, 1), (480, 5, 1), (672, 5, 1), (672, 5, 2),
                        (1152, 5, 1), (1152, 3, 1))
 _ACTIVATION_PTRS = {"x_ptr", "w_ptr", "d_ptr", "out_ptr", "go_ptr", "gc_ptr", "gx_ptr"}
-_TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _signature(kernel, constexprs, act: str, activation_ptrs=_ACTIVATION_PTRS):
+def signature(kernel, constexprs, act: str, activation_ptrs=_ACTIVATION_PTRS):
     """Argument types as the JIT would see them: activation tensors in ``act``, statistics
     and partials in fp32, eps fp32, sizes i32."""
     def kind(name):
@@ -519,50 +715,77 @@ def _signature(kernel, constexprs, act: str, activation_ptrs=_ACTIVATION_PTRS):
             return "constexpr"
         if name.endswith("_ptr"):
             return "*" + (act if name in activation_ptrs else "fp32")
-        return "fp32" if name == "eps" else "i32"
+        return "fp32" if name.endswith("eps") else "i32"
     return {name: kind(name) for name in kernel.arg_names}
 
 
-def specializations(layers=B0_DEPTHWISE_LAYERS, dtypes=tuple(_TL_NAMES)):
-    """(kernel, signature, constexprs, label) for each distinct compiled variant the launchers
-    produce for ``layers`` (at a large batch), in train and eval, NCHW and channels_last."""
-    specs = {}
+class Registry:
+    """Distinct (kernel, signature, constexprs, label) specializations, first label wins."""
 
-    def add(kernel, act, label, constexprs, **kw):
+    def __init__(self):
+        self.specs = {}
+
+    def add(self, kernel, act, label, constexprs, **kw):
         key = (kernel.__name__, act, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
-        specs.setdefault(key, (kernel, _signature(kernel, constexprs, act, **kw), constexprs,
-                               f"{kernel.__name__} {label}"))
+        self.specs.setdefault(key, (kernel, signature(kernel, constexprs, act, **kw),
+                                    constexprs, f"{kernel.__name__} {label}"))
 
+    def list(self):
+        return list(self.specs.values())
+
+
+BLOCK_ACTIVATION = ACTIVATION_IDS["silu"]  # EfficientNet's
+
+
+def add_depthwise_specializations(reg: Registry, act: str, channels_last: bool, channels: int,
+                                  k: int, stride: int, block: bool, in_bn: bool = False) -> None:
+    """The depthwise kernels the launchers compile for one layer: the dwconv_bn_silu op's
+    (block=False) or the MBConv block's K2 / B3 / B2 (block=True; in_bn: the BN1 prologue of
+    an expanded block)."""
+    fmt = "nhwc" if channels_last else "nchw"
     big = 7 * 7  # positions of B0's smallest map: every tile at full size
+    block_p, block_c = tile_sizes(channels, big, channels_last)
+    tile = dict(BLOCK_P=block_p, BLOCK_C=block_c)
+    common = dict(HAS_GAMMA=True, HAS_BETA=True, ACT=BLOCK_ACTIVATION, ACC=tl.float32, **tile)
+    inb = dict(IN_BN=in_bn, IN_HAS_GAMMA=in_bn, IN_HAS_BETA=in_bn)
+    conv = dict(K=k, STRIDE=stride, CHANNELS_LAST=channels_last)
+    where = f"k{k} s{stride} {act} {fmt} {block_p}x{block_c}" + (
+        (" block bn1" if in_bn else " block") if block else "")
+    for training in (True, False):
+        reg.add(dwconv_bn_silu_fwd_kernel, act, f"{where} {'train' if training else 'eval'}",
+                dict(STATS=training, APPLY=not (training or block), WRITE_D=training or block,
+                     **conv, **common, **inb))
+    reg.add(dwconv_bwd_grad_conv_kernel, act, f"{where} train",
+            dict(TRAINING=True, WRITE_GC=True, NEED_GW=True, POOLED=block, **conv, **common,
+                 **inb))
+    reg.add(dwconv_bwd_input_kernel, act, where,
+            dict(ACC=tl.float32, ACT=BLOCK_ACTIVATION, **conv, **tile, **inb))
+    where = f"{act} {fmt} {block_p}x{block_c}"
+    if not block:
+        reg.add(bn_silu_apply_kernel, act, where, dict(CHANNELS_LAST=channels_last, **common))
+    reg.add(bn_silu_bwd_reduce_kernel, act, where + (" block" if block else ""),
+            dict(CHANNELS_LAST=channels_last, POOLED=block, SCALE=False, **common))
+    finalize_c = min(triton.next_power_of_2(channels), 32)  # as finalize_stats picks it
+    reg.add(bn_stats_finalize_kernel, "fp32", f"statistics {finalize_c}",
+            dict(ACC=tl.float32, BLOCK_T=BLOCK_T, BLOCK_C=finalize_c))
+
+
+def specializations(layers=B0_DEPTHWISE_LAYERS, dtypes=tuple(TL_NAMES)):
+    """(kernel, signature, constexprs, label) for each distinct compiled variant the
+    dwconv_bn_silu launchers produce for ``layers`` (at a large batch), in train and eval,
+    NCHW and channels_last."""
+    reg = Registry()
     sums = dict(ACC=tl.float32, BLOCK_T=BLOCK_T, BLOCK_M=128)
-    add(sum_rows_kernel, "fp32", "bn grads", sums, activation_ptrs=())
+    reg.add(sum_rows_kernel, "fp32", "bn grads", sums, activation_ptrs=())
     for dtype in dtypes:
-        act = _TL_NAMES[dtype]
+        act = TL_NAMES[dtype]
         for channels_last in (False, True):
-            fmt = "nhwc" if channels_last else "nchw"
             for channels, k, stride in layers:
-                block_p, block_c = tile_sizes(channels, big, channels_last)
-                tile = dict(BLOCK_P=block_p, BLOCK_C=block_c)
-                common = dict(HAS_GAMMA=True, HAS_BETA=True, ACC=tl.float32, **tile)
-                conv = dict(K=k, STRIDE=stride, CHANNELS_LAST=channels_last)
-                where = f"k{k} s{stride} {act} {fmt} {block_p}x{block_c}"
-                for training in (True, False):
-                    add(dwconv_bn_silu_fwd_kernel, act,
-                        f"{where} {'train' if training else 'eval'}",
-                        dict(TRAINING=training, WRITE_D=training, **conv, **common))
-                add(dwconv_bwd_grad_conv_kernel, act, f"{where} train",
-                    dict(TRAINING=True, WRITE_GC=True, NEED_GW=True, **conv, **common))
-                add(dwconv_bwd_input_kernel, act, where,
-                    dict(ACC=tl.float32, **conv, **tile))
-                where = f"{act} {fmt} {block_p}x{block_c}"
-                add(bn_silu_apply_kernel, act, where, dict(CHANNELS_LAST=channels_last, **common))
-                add(bn_silu_bwd_reduce_kernel, act, where,
-                    dict(CHANNELS_LAST=channels_last, **common))
-                add(bn_stats_finalize_kernel, "fp32", f"statistics {block_p}x{block_c}",
-                    dict(ACC=tl.float32, BLOCK_P=block_p, BLOCK_T=BLOCK_T, BLOCK_C=block_c))
-        add(sum_rows_kernel, act, f"{act} grad weight", sums,
-            activation_ptrs={"out0_ptr", "out1_ptr"})
-    return list(specs.values())
+                add_depthwise_specializations(reg, act, channels_last, channels, k, stride,
+                                              block=False)
+        reg.add(sum_rows_kernel, act, f"{act} grad weight", sums,
+                activation_ptrs={"out0_ptr", "out1_ptr"})
+    return reg.list()
 
 
 SPECIALIZATIONS = specializations()

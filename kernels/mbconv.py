@@ -1,0 +1,835 @@
+"""Triton kernels of the whole MBConv block (FUSION.md's K1..K6 and B6..B1) and their launchers.
+
+The kernel-interface functions below have exactly the contracts of ``fused_mbconv.reference``
+(read its docstring for the math and the call order). Kernel sources:
+
+- ``pointwise_conv_kernel``: the 1x1-conv GEMM out[n, :, p] = W · A[n, :, p] (tl.dot over
+  channels), one program per (output-channel block, image) walking the image's positions.
+  A is built on load by a constexpr prologue (raw x; act(BN(d))·gate; BN backward applied to
+  dy from grad and the recomputed x̂); the epilogue writes out and, by flag, BN statistics
+  (Chan-merged over the image's tiles: one (mean, M2) row per image), the SE gate gradient
+  (Σ_p out·a2, a2 recomputed) with out·gate written, or a residual add. K1, K5, B5 dgrad,
+  B1 dgrad. The weight is read through strides, so dgrad is the same kernel on Wᵀ.
+- ``pointwise_wgrad_kernel``: grad W = Σ_{n,p} G[n, :, p] A[n, :, p]ᵀ with both operands built
+  by the same prologues; programs split the images in a fixed order, per-split partials are
+  summed by ``sum_rows_kernel`` (deterministic, no atomics). B5 and B1 wgrad.
+- ``squeeze_kernel`` (K3), ``excite_kernel`` (K4), ``excite_bwd_sample_kernel`` and
+  ``excite_bwd_weight_kernel`` (B4), ``output_kernel`` (K6).
+- the depthwise kernels of ``dwconv_bn_silu`` with their flags (input-BN prologue, activation
+  kind, statistics, pooled-gradient share, drop-path scale): K2, B6, B3, B2.
+
+Activations and gates are constexpr kinds (``ACTIVATION_IDS``); math and statistics in ACC
+(float32, float64 for float64 inputs), GEMM operands in the activation dtype with ACC
+accumulation (fp32 operands with IEEE, not TF32, products).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_mbconv.accounting import note_launch
+from fused_mbconv.tensors import NormArgs, accumulate_dtype, memory_format_of
+
+from .dwconv_bn_silu import (ACTIVATION_IDS, BLOCK_T, TL_NAMES, Problem, Registry, _act,
+                             _act_grad, _bn_coefficients, _bn_scale_shift, _image, _offsets,
+                             _tile, add_depthwise_specializations, bn_args, bn_bytes,
+                             bn_grad_sums, bn_silu_bwd_reduce_kernel, bn_stats_finalize_kernel,
+                             conv_backward, conv_forward, finalize_stats, nbytes, sum_rows,
+                             sum_rows_kernel, tile_sizes)
+
+Tensor = torch.Tensor
+
+NUM_WARPS = 4
+COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
+WGRAD_PROGRAMS = 512  # enough weight-gradient programs to fill a GPU: splits = this / tiles
+
+# operand prologues
+RAW, ACT_BN, BN_BWD = 0, 1, 2
+# GEMM epilogues
+PLAIN, STATS, GATE_GRAD, RESIDUAL = 0, 1, 2, 3
+
+
+# ----------------------------------------------------------------------------- helpers (jit)
+
+@triton.jit
+def _flat(c, p, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Offsets of a [positions p, channels c] tile within one image."""
+    if CHANNELS_LAST:
+        return p[:, None] * C + c[None, :]
+    return c[None, :] * HW + p[:, None]
+
+
+@triton.jit
+def _operand_coeffs(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, sdy_ptr, sdyx_ptr, eps,
+                    count, KIND: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                    HAS_BETA: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel coefficients of a prologue: ACT_BN (scale, shift, -, -, -); BN_BWD (mean,
+    invstd, gamma·invstd, mean dy, mean dy·x̂)."""
+    c0 = tl.zeros(c.shape, ACC)
+    c1 = c0
+    c2 = c0
+    c3 = c0
+    c4 = c0
+    if KIND == 1:
+        c0, c1 = _bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                 HAS_GAMMA, HAS_BETA, ACC)
+    if KIND == 2:
+        c0, c1, gamma, _ = _bn_coefficients(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                            HAS_GAMMA, False, ACC)
+        c2 = gamma * c1
+        c3 = tl.load(sdy_ptr + c, mask=mc, other=0.0).to(ACC) / count
+        c4 = tl.load(sdyx_ptr + c, mask=mc, other=0.0).to(ACC) / count
+    return c0, c1, c2, c3, c4
+
+
+@triton.jit
+def _operand(img, aux_img, n, c, mc, p, mp, C, HW, c0, c1, c2, c3, c4, gate_ptr, scale_ptr,
+             KIND: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, SCALE: tl.constexpr,
+             TRAINING: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+    """A [positions, channels] GEMM operand tile in ACC, zero off-mask: RAW the stored
+    values; ACT_BN act(BN(v)) (· gate[n, c]); BN_BWD the BN input gradient of dy = v
+    (· scale[n]) with x̂ from aux (batch-statistics terms in TRAINING)."""
+    mask = mp[:, None] & mc[None, :]
+    offs = _flat(c, p, C, HW, CHANNELS_LAST)
+    v = tl.load(img + offs, mask=mask, other=0.0).to(ACC)
+    if KIND == 1:
+        v = _act(v * c0[None, :] + c1[None, :], ACT)
+        if GATE:
+            v *= tl.load(gate_ptr + n * C + c, mask=mc, other=0.0).to(ACC)[None, :]
+    if KIND == 2:
+        if SCALE:
+            v *= tl.load(scale_ptr + n).to(ACC)
+        if TRAINING:
+            x_hat = (tl.load(aux_img + offs, mask=mask, other=0.0).to(ACC) - c0[None, :]) \
+                * c1[None, :]
+            v = v - c3[None, :] - x_hat * c4[None, :]
+        v *= c2[None, :]
+    return tl.where(mask, v, 0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a·b with IEEE fp32 products. UPCAST: the operands (already rounded to bfloat16)
+    go in as float32, exactly: Triton's interpreter multiplies bfloat16 bit patterns as
+    integers, so it is set for bfloat16 under TRITON_INTERPRET only."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    return out
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def pointwise_conv_kernel(
+        a_ptr, aux_ptr, w_ptr, out_ptr, epi_ptr, part_ptr, gate_ptr, scale_ptr, ggate_ptr,
+        a_mean_ptr, a_var_ptr, a_gamma_ptr, a_beta_ptr, a_sdy_ptr, a_sdyx_ptr,
+        e_mean_ptr, e_var_ptr, e_gamma_ptr, e_beta_ptr,
+        KC, NC, HW, stride_wk, stride_wn, count, a_eps, e_eps,
+        A_KIND: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, SCALE: tl.constexpr,
+        TRAINING: tl.constexpr, A_HAS_GAMMA: tl.constexpr, A_HAS_BETA: tl.constexpr,
+        EPILOGUE: tl.constexpr, E_HAS_GAMMA: tl.constexpr, E_HAS_BETA: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[n, co, p] = Σ_k W[co, k] A[n, k, p] for output channels block program_id(0) of
+    image program_id(1), every position of the image (see the module docstring)."""
+    n = tl.program_id(1)
+    co = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mco = co < NC
+    dt = out_ptr.dtype.element_ty
+    a_img = _image(a_ptr, n, KC, 1, HW)
+    aux_img = _image(aux_ptr, n, KC, 1, HW)
+    out_img = _image(out_ptr, n, NC, 1, HW)
+    epi_img = _image(epi_ptr, n, NC, 1, HW)
+    if EPILOGUE == 2:
+        e_scale, e_shift = _bn_scale_shift(co, mco, e_mean_ptr, e_var_ptr, e_gamma_ptr,
+                                           e_beta_ptr, e_eps, E_HAS_GAMMA, E_HAS_BETA, ACC)
+        gate = tl.load(gate_ptr + n * NC + co, mask=mco, other=0.0).to(ACC)
+    gate_sum = tl.zeros([BLOCK_N], ACC)
+    n_a = tl.zeros([BLOCK_N], ACC)
+    mean_a = tl.zeros([BLOCK_N], ACC)
+    m2_a = tl.zeros([BLOCK_N], ACC)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mp = p < HW
+        acc = tl.zeros([BLOCK_P, BLOCK_N], ACC)
+        for k0 in range(0, KC, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            mk = k < KC
+            c0, c1, c2, c3, c4 = _operand_coeffs(k, mk, a_mean_ptr, a_var_ptr, a_gamma_ptr,
+                                                 a_beta_ptr, a_sdy_ptr, a_sdyx_ptr, a_eps,
+                                                 count, A_KIND, A_HAS_GAMMA, A_HAS_BETA, ACC)
+            a = _operand(a_img, aux_img, n, k, mk, p, mp, KC, HW, c0, c1, c2, c3, c4,
+                         gate_ptr, scale_ptr, A_KIND, ACT, GATE, SCALE, TRAINING,
+                         CHANNELS_LAST, ACC)
+            w = tl.load(w_ptr + k[:, None] * stride_wk + co[None, :] * stride_wn,
+                        mask=mk[:, None] & mco[None, :], other=0.0)
+            acc = _dot(a.to(dt), w, acc, UPCAST)
+        mask = mp[:, None] & mco[None, :]
+        offs = _flat(co, p, NC, HW, CHANNELS_LAST)
+        v = acc.to(dt)  # what the unfused conv stores; everything after sees that
+        if EPILOGUE == 2:
+            a2 = _act(tl.load(epi_img + offs, mask=mask, other=0.0).to(ACC) * e_scale[None, :]
+                      + e_shift[None, :], ACT)
+            gate_sum += tl.sum(tl.where(mask, v.to(ACC) * a2, 0.0), axis=0)
+            v = (v.to(ACC) * gate[None, :]).to(dt)
+        if EPILOGUE == 3:
+            v = (v.to(ACC) + tl.load(epi_img + offs, mask=mask, other=0.0).to(ACC)).to(dt)
+        tl.store(out_img + offs, v, mask=mask)
+        if EPILOGUE == 1:  # Chan merge of this tile into the image's running (mean, M2)
+            vt = tl.where(mask, v.to(ACC), 0.0)
+            n_b = tl.sum(tl.where(mp, 1.0, 0.0).to(ACC), axis=0)
+            mean_b = tl.sum(vt, axis=0) / n_b
+            dev = tl.where(mask, vt - mean_b[None, :], 0.0)
+            n_ab = n_a + n_b
+            delta = mean_b - mean_a
+            mean_a += delta * (n_b / n_ab)
+            m2_a += tl.sum(dev * dev, axis=0) + delta * delta * (n_a * n_b / n_ab)
+            n_a = n_ab
+    if EPILOGUE == 1:
+        tl.store(part_ptr + n * (2 * NC) + co, mean_a, mask=mco)
+        tl.store(part_ptr + n * (2 * NC) + NC + co, m2_a, mask=mco)
+    if EPILOGUE == 2:
+        tl.store(ggate_ptr + n * NC + co, gate_sum, mask=mco)
+
+
+@triton.jit
+def pointwise_wgrad_kernel(
+        g_ptr, g_aux_ptr, a_ptr, out_ptr, gate_ptr, scale_ptr,
+        g_mean_ptr, g_var_ptr, g_gamma_ptr, g_beta_ptr, g_sdy_ptr, g_sdyx_ptr,
+        a_mean_ptr, a_var_ptr, a_gamma_ptr, a_beta_ptr,
+        GC, AC, NB, HW, count, g_eps, a_eps,
+        A_KIND: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, SCALE: tl.constexpr,
+        TRAINING: tl.constexpr, G_HAS_GAMMA: tl.constexpr, A_HAS_GAMMA: tl.constexpr,
+        A_HAS_BETA: tl.constexpr, CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr,
+        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
+    """Partial grad W[m, k] = Σ G[n, m, p] A[n, k, p] over images n ≡ program_id(2) mod the
+    number of splits; G is the BN-backward prologue of g (x̂ from g_aux), A that of a."""
+    split = tl.program_id(2)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = m < GC
+    k = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mk = k < AC
+    dt = g_ptr.dtype.element_ty
+    g0, g1, g2, g3, g4 = _operand_coeffs(m, mm, g_mean_ptr, g_var_ptr, g_gamma_ptr, g_beta_ptr,
+                                         g_sdy_ptr, g_sdyx_ptr, g_eps, count, 2, G_HAS_GAMMA,
+                                         False, ACC)
+    a0, a1, a2, a3, a4 = _operand_coeffs(k, mk, a_mean_ptr, a_var_ptr, a_gamma_ptr, a_beta_ptr,
+                                         a_mean_ptr, a_mean_ptr, a_eps, count, A_KIND,
+                                         A_HAS_GAMMA, A_HAS_BETA, ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for n in range(split, NB, tl.num_programs(2)):
+        g_img = _image(g_ptr, n, GC, 1, HW)
+        g_aux_img = _image(g_aux_ptr, n, GC, 1, HW)
+        a_img = _image(a_ptr, n, AC, 1, HW)
+        for p0 in range(0, HW, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mp = p < HW
+            g = _operand(g_img, g_aux_img, n, m, mm, p, mp, GC, HW, g0, g1, g2, g3, g4, gate_ptr,
+                         scale_ptr, 2, 0, False, SCALE, TRAINING, CHANNELS_LAST, ACC)
+            a = _operand(a_img, a_img, n, k, mk, p, mp, AC, HW, a0, a1, a2, a3, a4, gate_ptr,
+                         scale_ptr, A_KIND, ACT, GATE, False, False, CHANNELS_LAST, ACC)
+            acc = _dot(tl.trans(g.to(dt)), a.to(dt), acc, UPCAST)
+    tl.store(out_ptr + split * GC * AC + m[:, None] * AC + k[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & mk[None, :])
+
+
+@triton.jit
+def squeeze_kernel(d_ptr, pooled_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, C, HW, eps,
+                   HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """pooled[n, c] = mean over positions of act(BN(d)); one program per (channel block,
+    image) sums the whole image in a fixed order."""
+    n = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    scale, shift = _bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                   HAS_GAMMA, HAS_BETA, ACC)
+    img = _image(d_ptr, n, C, 1, HW)
+    total = tl.zeros([BLOCK_C], ACC)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < HW)[:, None] & mc[None, :]
+        v = tl.load(img + _flat(c, p, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(ACC)
+        total += tl.sum(tl.where(mask, _act(v * scale[None, :] + shift[None, :], ACT), 0.0),
+                        axis=0)
+    tl.store(pooled_ptr + n * C + c, total / HW, mask=mc)
+
+
+@triton.jit
+def _excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC: tl.constexpr,
+                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """z1 = fc1(pooled[n]) over S hidden units (zero beyond S)."""
+    s = tl.arange(0, BLOCK_S)
+    ms = s < S
+    z1 = tl.zeros([BLOCK_S], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mc = c < C
+        p = tl.load(pooled_ptr + n * C + c, mask=mc, other=0.0).to(ACC)
+        w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=ms[:, None] & mc[None, :],
+                     other=0.0).to(ACC)
+        z1 += tl.sum(w1 * p[None, :], axis=1)
+    return z1 + tl.load(b1_ptr + s, mask=ms, other=0.0).to(ACC)
+
+
+@triton.jit
+def excite_kernel(pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, C, S,
+                  SE_ACT: tl.constexpr, GATE_ACT: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """gate[n] = gate_act(fc2(se_act(fc1(pooled[n])))), one program per image n."""
+    n = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    ms = s < S
+    h = tl.where(ms, _act(_excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC, BLOCK_S,
+                                         BLOCK_C), SE_ACT), 0.0)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mc = c < C
+        w2 = tl.load(w2_ptr + c[None, :] * S + s[:, None], mask=ms[:, None] & mc[None, :],
+                     other=0.0).to(ACC)
+        z2 = tl.sum(w2 * h[:, None], axis=0) + tl.load(b2_ptr + c, mask=mc, other=0.0).to(ACC)
+        tl.store(gate_ptr + n * C + c, _act(z2, GATE_ACT), mask=mc)
+
+
+@triton.jit
+def excite_bwd_sample_kernel(gg_ptr, pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gp_ptr,
+                             gz1_ptr, gz2_ptr, h_ptr, C, S, SE_ACT: tl.constexpr,
+                             GATE_ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """Per image n: the hidden vectors recomputed, gz2 = dL/dz2, gz1 = dL/dz1 and
+    grad_pooled; gz1, gz2 and h = se_act(z1) kept for the weight-gradient kernel."""
+    n = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    ms = s < S
+    z1 = _excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC, BLOCK_S, BLOCK_C)
+    h = tl.where(ms, _act(z1, SE_ACT), 0.0)
+    tl.store(h_ptr + n * S + s, h, mask=ms)
+    gh = tl.zeros([BLOCK_S], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mc = c < C
+        w2 = tl.load(w2_ptr + c[None, :] * S + s[:, None], mask=ms[:, None] & mc[None, :],
+                     other=0.0).to(ACC)
+        z2 = tl.sum(w2 * h[:, None], axis=0) + tl.load(b2_ptr + c, mask=mc, other=0.0).to(ACC)
+        gz2 = tl.load(gg_ptr + n * C + c, mask=mc, other=0.0).to(ACC) * _act_grad(z2, GATE_ACT)
+        gz2 = tl.where(mc, gz2, 0.0)
+        tl.store(gz2_ptr + n * C + c, gz2, mask=mc)
+        gh += tl.sum(w2 * gz2[None, :], axis=1)
+    gz1 = tl.where(ms, gh * _act_grad(z1, SE_ACT), 0.0)
+    tl.store(gz1_ptr + n * S + s, gz1, mask=ms)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mc = c < C
+        w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=ms[:, None] & mc[None, :],
+                     other=0.0).to(ACC)
+        tl.store(gp_ptr + n * C + c, tl.sum(w1 * gz1[:, None], axis=0), mask=mc)
+
+
+@triton.jit
+def excite_bwd_weight_kernel(pooled_ptr, gz1_ptr, gz2_ptr, h_ptr, gw1_ptr, gb1_ptr, gw2_ptr,
+                             gb2_ptr, N, C, S, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """SE weight gradients of channel block program_id(0), summed over images in order:
+    gW1[:, c] = Σ gz1 pooledᵀ, gW2[c, :] = Σ gz2 hᵀ, gb2[c] = Σ gz2; program 0 also gb1."""
+    pid = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    ms = s < S
+    c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    gw1 = tl.zeros([BLOCK_S, BLOCK_C], ACC)
+    gw2 = tl.zeros([BLOCK_S, BLOCK_C], ACC)
+    gb2 = tl.zeros([BLOCK_C], ACC)
+    gb1 = tl.zeros([BLOCK_S], ACC)
+    for n in range(0, N):
+        gz1 = tl.load(gz1_ptr + n * S + s, mask=ms, other=0.0)
+        h = tl.load(h_ptr + n * S + s, mask=ms, other=0.0)
+        gz2 = tl.load(gz2_ptr + n * C + c, mask=mc, other=0.0)
+        p = tl.load(pooled_ptr + n * C + c, mask=mc, other=0.0).to(ACC)
+        gw1 += gz1[:, None] * p[None, :]
+        gw2 += h[:, None] * gz2[None, :]
+        gb2 += gz2
+        gb1 += gz1
+    m = ms[:, None] & mc[None, :]
+    tl.store(gw1_ptr + s[:, None] * C + c[None, :], gw1, mask=m)
+    tl.store(gw2_ptr + c[None, :] * S + s[:, None], gw2, mask=m)
+    tl.store(gb2_ptr + c, gb2, mask=mc)
+    if pid == 0:
+        tl.store(gb1_ptr + s, gb1, mask=ms)
+
+
+@triton.jit
+def output_kernel(q_ptr, res_ptr, out_ptr, scale_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
+                  C, H, W, eps, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                  SCALE: tl.constexpr, RESIDUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                  ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = BN(q) (· scale[n]) (+ residual), one tile of image program_id(2)."""
+    n = tl.program_id(2)
+    mp, c, mc, h, w = _tile(tl.program_id(0), tl.program_id(1), H * W, C, W, BLOCK_P, BLOCK_C)
+    scale, shift = _bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                   HAS_GAMMA, HAS_BETA, ACC)
+    mask = mp[:, None] & mc[None, :]
+    offs = _offsets(c, h, w, C, H, W, CHANNELS_LAST)
+    y = tl.load(_image(q_ptr, n, C, H, W) + offs, mask=mask, other=0.0).to(ACC) \
+        * scale[None, :] + shift[None, :]
+    if SCALE:
+        y *= tl.load(scale_ptr + n).to(ACC)
+    if RESIDUAL:
+        y += tl.load(_image(res_ptr, n, C, H, W) + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(_image(out_ptr, n, C, H, W) + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _pow2_clamp(x: int, low: int, high: int) -> int:
+    return max(low, min(triton.next_power_of_2(max(x, 1)), high))
+
+
+def gemm_blocks(k_channels: int, n_channels: int, positions: int) -> Tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_K, BLOCK_N) of pointwise_conv_kernel; tl.dot needs 16 per dimension."""
+    return (_pow2_clamp(positions, 16, 64), _pow2_clamp(k_channels, 16, 32),
+            _pow2_clamp(n_channels, 16, 64))
+
+
+def wgrad_blocks(g_channels: int, a_channels: int, positions: int) -> Tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_M, BLOCK_N) of pointwise_wgrad_kernel."""
+    return (_pow2_clamp(positions, 16, 32), _pow2_clamp(g_channels, 16, 64),
+            _pow2_clamp(a_channels, 16, 64))
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _acc_tl(dtype: torch.dtype):
+    return tl.float64 if accumulate_dtype(dtype) == torch.float64 else tl.float32
+
+
+def _prologue_args(bn: Optional[NormArgs], sums, placeholder: Tensor, prefix: str):
+    ptrs, eps, flags = bn_args(bn, placeholder, prefix)
+    sums = sums if sums is not None else (placeholder, placeholder)
+    return (*ptrs, *sums), eps, flags
+
+
+def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, *, kind: int = RAW,
+          aux: Optional[Tensor] = None, a_bn: Optional[NormArgs] = None, sums=None,
+          gate: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+          activation: str = "identity", training: bool = False, epilogue: int = PLAIN,
+          epi: Optional[Tensor] = None, e_bn: Optional[NormArgs] = None,
+          part: Optional[Tensor] = None, ggate: Optional[Tensor] = None) -> None:
+    """One pointwise_conv_kernel launch: out = conv1x1(prologue(a)) with weight (out, in), or
+    with its transpose (dgrad); layouts of a, aux, out, epi must agree."""
+    n, kc, h, w = a.shape
+    nc, hw = out.shape[1], h * w
+    cols = weight.shape[1]
+    stride_wk, stride_wn = (cols, 1) if transpose else (1, cols)
+    block_p, block_k, block_n = gemm_blocks(kc, nc, hw)
+    a_ptrs, a_eps, a_flags = _prologue_args(a_bn, sums, a, "A_")
+    e_ptrs, e_eps, e_flags = bn_args(e_bn, a, "E_")
+    gate_in = kind == ACT_BN and gate is not None
+    pointwise_conv_kernel[(triton.cdiv(nc, block_n), n)](
+        a, aux if aux is not None else a, weight, out, epi if epi is not None else out,
+        part if part is not None else out, gate if gate is not None else a,
+        scale if scale is not None else a, ggate if ggate is not None else out, *a_ptrs,
+        *e_ptrs, kc, nc, hw, stride_wk, stride_wn, n * hw, a_eps, e_eps, A_KIND=kind,
+        ACT=ACTIVATION_IDS[activation], GATE=gate_in, SCALE=scale is not None,
+        TRAINING=training, EPILOGUE=epilogue,
+        CHANNELS_LAST=memory_format_of(a) == torch.channels_last,
+        UPCAST=_upcast_dot(a.dtype), ACC=_acc_tl(a.dtype), BLOCK_P=block_p, BLOCK_K=block_k,
+        BLOCK_N=block_n, **COMPILE_OPTIONS, **a_flags, **e_flags)
+    reads = nbytes(a, weight, gate, scale) + bn_bytes(a_bn) + bn_bytes(e_bn)
+    if kind == BN_BWD and training:
+        reads += nbytes(aux, *sums)
+    if epilogue in (GATE_GRAD, RESIDUAL):
+        reads += nbytes(epi)
+    note_launch("pointwise_conv_kernel", "triton", reads, nbytes(out, part, ggate))
+
+
+def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weight: Tensor, *,
+           kind: int = RAW, a_bn: Optional[NormArgs] = None, gate: Optional[Tensor] = None,
+           scale: Optional[Tensor] = None, activation: str = "identity",
+           training: bool = False) -> None:
+    """grad_weight (G channels, A channels) = Σ BN_backward(g) prologue(a)ᵀ: one
+    pointwise_wgrad_kernel launch, plus a sum_rows launch when the images are split."""
+    n, gc, h, w = g.shape
+    ac, hw = a.shape[1], h * w
+    block_p, block_m, block_n = wgrad_blocks(gc, ac, hw)
+    tiles = triton.cdiv(gc, block_m) * triton.cdiv(ac, block_n)
+    splits = max(1, min(n, WGRAD_PROGRAMS // tiles))
+    acc = accumulate_dtype(g.dtype)
+    part = grad_weight if splits == 1 else torch.empty((splits, gc * ac), dtype=acc,
+                                                       device=g.device)
+    g_ptrs, g_eps, g_flags = _prologue_args(g_bn, sums, g, "G_")
+    g_flags.pop("G_HAS_BETA")
+    a_ptrs, a_eps, a_flags = bn_args(a_bn, a, "A_")
+    pointwise_wgrad_kernel[(triton.cdiv(gc, block_m), triton.cdiv(ac, block_n), splits)](
+        g, g_aux, a, part, gate if gate is not None else a, scale if scale is not None else a,
+        *g_ptrs, *a_ptrs, gc, ac, n, hw, n * hw, g_eps, a_eps, A_KIND=kind,
+        ACT=ACTIVATION_IDS[activation], GATE=gate is not None, SCALE=scale is not None,
+        TRAINING=training, CHANNELS_LAST=memory_format_of(g) == torch.channels_last,
+        UPCAST=_upcast_dot(g.dtype), ACC=_acc_tl(g.dtype),
+        BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_N=block_n, **COMPILE_OPTIONS,
+        **g_flags, **a_flags)
+    note_launch("pointwise_wgrad_kernel", "triton",
+                nbytes(g, a, gate, scale) + bn_bytes(g_bn) + bn_bytes(a_bn)
+                + (nbytes(g_aux, *sums) if training else 0), nbytes(part))
+    if splits > 1:
+        sum_rows(part, (grad_weight,), _acc_tl(g.dtype))
+
+
+def _check_matrix(w: Tensor, x: Tensor, shape, what: str) -> None:
+    if w.dtype != x.dtype:
+        raise TypeError(f"triton mbconv: {what} dtype {w.dtype} must match the input dtype "
+                        f"{x.dtype}")
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"triton mbconv: {what} must be {tuple(shape)}, got {tuple(w.shape)}")
+
+
+def _empty_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    acc = accumulate_dtype(x.dtype)
+    return x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+
+
+def _vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _gemm_forward(a: Tensor, weight: Tensor, need_stats: bool, **prologue
+                  ) -> Tuple[Tensor, Tensor, Tensor]:
+    pr = Problem(a, op="mbconv")
+    a = pr.layout(a)
+    cout = weight.shape[0]
+    out = torch.empty((pr.n, cout, pr.h, pr.w), dtype=a.dtype, device=a.device,
+                      memory_format=pr.fmt)
+    if not need_stats:
+        _gemm(a, weight.contiguous(), False, out, **prologue)
+        return (out, *_empty_stats(a))
+    acc = accumulate_dtype(a.dtype)
+    part = torch.empty((pr.n, 2 * cout), dtype=acc, device=a.device)
+    _gemm(a, weight.contiguous(), False, out, epilogue=STATS, part=part, **prologue)
+    mean = torch.empty(cout, dtype=acc, device=a.device)
+    var = torch.empty(cout, dtype=acc, device=a.device)
+    hw = pr.h * pr.w
+    finalize_stats(part, mean, var, hw, 1, hw, _acc_tl(a.dtype))
+    return out, mean, var
+
+
+# ----------------------------------------------------------------------------- interface
+
+def mbconv_expand_forward(x: Tensor, weight: Tensor, need_stats: bool
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """K1; contract of ``fused_mbconv.reference.mbconv_expand_forward``."""
+    _check_matrix(weight, x, (weight.shape[0], x.shape[1]), "expand weight")
+    return _gemm_forward(x, weight, need_stats)
+
+
+def mbconv_dwconv_forward(h: Tensor, weight: Tensor, stride: int, in_bn: Optional[NormArgs],
+                          activation: str, need_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """K2; contract of ``fused_mbconv.reference.mbconv_dwconv_forward``."""
+    pr = Problem(h, weight, stride, op="mbconv")
+    h, weight = pr.layout(h), weight.contiguous()
+    d = pr.empty_out(h)
+    mean, var = conv_forward(pr, h, weight, d, stats=need_stats, in_bn=in_bn,
+                             activation=activation)
+    return (d, mean, var) if need_stats else (d, *_empty_stats(h))
+
+
+def mbconv_squeeze_forward(d: Tensor, bn2: NormArgs, activation: str) -> Tensor:
+    """K3; contract of ``fused_mbconv.reference.mbconv_squeeze_forward``."""
+    pr = Problem(d, op="mbconv")
+    d = pr.layout(d)
+    pooled = torch.empty((pr.n, pr.c), dtype=pr.acc_dtype, device=d.device)
+    ptrs, eps, flags = bn_args(bn2, d)
+    block_c = pr.block_c
+    block_p = max(16, 1024 // block_c)
+    squeeze_kernel[(triton.cdiv(pr.c, block_c), pr.n)](
+        d, pooled, *ptrs, pr.c, pr.h * pr.w, eps, ACT=ACTIVATION_IDS[activation],
+        CHANNELS_LAST=pr.channels_last, ACC=pr.acc, BLOCK_P=block_p, BLOCK_C=block_c,
+        **COMPILE_OPTIONS, **flags)
+    note_launch("squeeze_kernel", "triton", nbytes(d) + bn_bytes(bn2), nbytes(pooled))
+    return pooled
+
+
+def _excite_blocks(channels: int, hidden: int) -> Tuple[int, int]:
+    """(BLOCK_S, BLOCK_C): all S hidden units at once, [S, C] tiles of <= 4096 elements."""
+    block_s = triton.next_power_of_2(hidden)
+    return block_s, _pow2_clamp(channels, 16, max(16, 4096 // block_s))
+
+
+def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
+                          fc2_weight: Tensor, fc2_bias: Tensor, se_activation: str, gate: str
+                          ) -> Tensor:
+    """K4; contract of ``fused_mbconv.reference.mbconv_excite_forward``."""
+    n, c = pooled.shape
+    s = fc1_weight.shape[0]
+    block_s, block_c = _excite_blocks(c, s)
+    out = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
+    weights = [t.contiguous() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
+    excite_kernel[(n,)](pooled.contiguous(), *weights, out, c, s,
+                        SE_ACT=ACTIVATION_IDS[se_activation], GATE_ACT=ACTIVATION_IDS[gate],
+                        ACC=_acc_tl(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
+                        **COMPILE_OPTIONS)
+    note_launch("excite_kernel", "triton", nbytes(pooled, *weights), nbytes(out))
+    return out
+
+
+def mbconv_project_forward(d: Tensor, gate_values: Optional[Tensor], weight: Tensor,
+                           bn2: NormArgs, activation: str, need_stats: bool
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """K5; contract of ``fused_mbconv.reference.mbconv_project_forward``."""
+    _check_matrix(weight, d, (weight.shape[0], d.shape[1]), "project weight")
+    return _gemm_forward(d, weight, need_stats, kind=ACT_BN, a_bn=bn2,
+                         gate=_vector(gate_values), activation=activation)
+
+
+def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tensor],
+                          residual: Optional[Tensor]) -> Tensor:
+    """K6; contract of ``fused_mbconv.reference.mbconv_output_forward``."""
+    pr = Problem(q, op="mbconv")
+    q = pr.layout(q)
+    residual = pr.layout(residual) if residual is not None else None
+    out = pr.empty_out(q)
+    ptrs, eps, flags = bn_args(bn3, q)
+    sample_scale = _vector(sample_scale)
+    output_kernel[pr.grid](
+        q, residual if residual is not None else q, out,
+        sample_scale if sample_scale is not None else q, *ptrs, pr.c, pr.h, pr.w, eps,
+        SCALE=sample_scale is not None, RESIDUAL=residual is not None,
+        CHANNELS_LAST=pr.channels_last, ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c,
+        **COMPILE_OPTIONS, **flags)
+    note_launch("output_kernel", "triton", nbytes(q, residual, sample_scale) + bn_bytes(bn3),
+                nbytes(out))
+    return out
+
+
+def mbconv_output_backward_stats(grad_out: Tensor, q: Tensor, bn3: NormArgs,
+                                 sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """B6; contract of ``fused_mbconv.reference.mbconv_output_backward_stats``."""
+    pr = Problem(q, op="mbconv")
+    return bn_grad_sums(pr, pr.layout(grad_out), pr.layout(q), bn3, "identity",
+                        scale=_vector(sample_scale))
+
+
+def mbconv_project_backward(grad_out: Tensor, q: Tensor, d: Tensor,
+                            gate_values: Optional[Tensor], weight: Tensor, bn2: NormArgs,
+                            activation: str, bn3: NormArgs, sum_dy3: Tensor,
+                            sum_dy3_xhat3: Tensor, sample_scale: Optional[Tensor],
+                            training: bool, output_mask: List[bool]
+                            ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """B5; contract of ``fused_mbconv.reference.mbconv_project_backward``."""
+    pr = Problem(d, op="mbconv")
+    go, q, d = pr.layout(grad_out), pr.layout(q), pr.layout(d)
+    gate_values, sample_scale = _vector(gate_values), _vector(sample_scale)
+    weight = weight.contiguous()
+    sums = (sum_dy3, sum_dy3_xhat3)
+    grad_a2 = grad_gate = grad_weight = None
+    if output_mask[0]:
+        grad_a2 = pr.empty_out(d)
+        if gate_values is None:
+            grad_gate = _empty_stats(d)[0]
+            _gemm(go, weight, True, grad_a2, kind=BN_BWD, aux=q, a_bn=bn3, sums=sums,
+                  scale=sample_scale, training=training)
+        else:
+            grad_gate = torch.empty((pr.n, pr.c), dtype=pr.acc_dtype, device=d.device)
+            _gemm(go, weight, True, grad_a2, kind=BN_BWD, aux=q, a_bn=bn3, sums=sums,
+                  scale=sample_scale, training=training, epilogue=GATE_GRAD, epi=d,
+                  e_bn=bn2, gate=gate_values, ggate=grad_gate, activation=activation)
+    if output_mask[1]:
+        grad_weight = torch.empty(tuple(weight.shape), dtype=weight.dtype, device=d.device)
+        _wgrad(go, q, bn3, sums, d, grad_weight, kind=ACT_BN, a_bn=bn2, gate=gate_values,
+               scale=sample_scale, activation=activation, training=training)
+    return grad_a2, grad_gate, grad_weight
+
+
+def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor,
+                           fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                           se_activation: str, gate: str
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """B4; contract of ``fused_mbconv.reference.mbconv_excite_backward`` (two launches: per
+    image, then the weight gradients summed over images per channel block)."""
+    n, c = pooled.shape
+    s = fc1_weight.shape[0]
+    acc, dev = pooled.dtype, pooled.device
+    block_s, block_c = _excite_blocks(c, s)
+    weights = [t.contiguous() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
+    grad_gate, pooled = grad_gate.contiguous(), pooled.contiguous()
+    grad_pooled = torch.empty((n, c), dtype=acc, device=dev)
+    gz1, h = (torch.empty((n, s), dtype=acc, device=dev) for _ in range(2))
+    gz2 = torch.empty((n, c), dtype=acc, device=dev)
+    flags = dict(ACC=_acc_tl(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
+                 **COMPILE_OPTIONS)
+    excite_bwd_sample_kernel[(n,)](
+        grad_gate, pooled, *weights, grad_pooled, gz1, gz2, h, c, s,
+        SE_ACT=ACTIVATION_IDS[se_activation], GATE_ACT=ACTIVATION_IDS[gate], **flags)
+    note_launch("excite_bwd_sample_kernel", "triton", nbytes(grad_gate, pooled, *weights),
+                nbytes(grad_pooled, gz1, gz2, h))
+    gw1 = torch.empty((s, c), dtype=acc, device=dev)
+    gb1 = torch.empty(s, dtype=acc, device=dev)
+    gw2 = torch.empty((c, s), dtype=acc, device=dev)
+    gb2 = torch.empty(c, dtype=acc, device=dev)
+    excite_bwd_weight_kernel[(triton.cdiv(c, block_c),)](
+        pooled, gz1, gz2, h, gw1, gb1, gw2, gb2, n, c, s, **flags)
+    note_launch("excite_bwd_weight_kernel", "triton", nbytes(pooled, gz1, gz2, h),
+                nbytes(gw1, gb1, gw2, gb2))
+    return grad_pooled, gw1, gb1, gw2, gb2
+
+
+def mbconv_dwconv_backward_stats(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
+                                 bn2: NormArgs, activation: str) -> Tuple[Tensor, Tensor]:
+    """B3; contract of ``fused_mbconv.reference.mbconv_dwconv_backward_stats``."""
+    pr = Problem(d, op="mbconv")
+    return bn_grad_sums(pr, pr.layout(grad_a2), pr.layout(d), bn2, activation,
+                        pooled=_vector(grad_pooled))
+
+
+def mbconv_dwconv_backward(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
+                           h: Tensor, weight: Tensor, stride: int, bn2: NormArgs,
+                           activation: str, sum_dy2: Tensor, sum_dy2_xhat2: Tensor,
+                           in_bn: Optional[NormArgs], training: bool, output_mask: List[bool]
+                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
+    """B2; contract of ``fused_mbconv.reference.mbconv_dwconv_backward``."""
+    pr = Problem(h, weight, stride, op="mbconv")
+    h, weight = pr.layout(h), weight.contiguous()
+    need_gx, need_gw = bool(output_mask[0]), bool(output_mask[1])
+    if not (need_gx or need_gw):
+        return (None, None, *_empty_stats(h))
+    grad_h, grad_w, in_sums = conv_backward(
+        pr, pr.layout(grad_a2), pr.layout(d), h, weight, bn2, (sum_dy2, sum_dy2_xhat2),
+        training, need_gx, need_gw, activation=activation, pooled=_vector(grad_pooled),
+        in_bn=in_bn)
+    return (grad_h, grad_w, *(in_sums if in_sums is not None else _empty_stats(h)))
+
+
+def mbconv_expand_backward(grad_y1: Tensor, e: Tensor, x: Tensor, weight: Tensor,
+                           bn1: NormArgs, sum_dy1: Tensor, sum_dy1_xhat1: Tensor,
+                           training: bool, grad_residual: Optional[Tensor],
+                           output_mask: List[bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """B1; contract of ``fused_mbconv.reference.mbconv_expand_backward``."""
+    pr = Problem(x, op="mbconv")
+    x, gy, e = pr.layout(x), pr.layout(grad_y1), pr.layout(e)
+    weight = weight.contiguous()
+    sums = (sum_dy1, sum_dy1_xhat1)
+    grad_x = grad_weight = None
+    if output_mask[0]:
+        grad_x = pr.empty_out(x)
+        residual = pr.layout(grad_residual) if grad_residual is not None else None
+        _gemm(gy, weight, True, grad_x, kind=BN_BWD, aux=e, a_bn=bn1, sums=sums,
+              training=training, epilogue=RESIDUAL if residual is not None else PLAIN,
+              epi=residual)
+    if output_mask[1]:
+        grad_weight = torch.empty(tuple(weight.shape), dtype=weight.dtype, device=x.device)
+        _wgrad(gy, e, bn1, sums, x, grad_weight, training=training)
+    return grad_x, grad_weight
+
+
+# ----------------------------------------------------------------------------- compile registry
+
+# (in, out, kernel, stride, expand) of every distinct EfficientNet-B0 block, real channels.
+B0_BLOCKS = ((32, 16, 3, 1, 1), (16, 24, 3, 2, 6), (24, 24, 3, 1, 6), (24, 40, 5, 2, 6),
+             (40, 40, 5, 1, 6), (40, 80, 3, 2, 6), (80, 80, 3, 1, 6), (80, 112, 5, 1, 6),
+             (112, 112, 5, 1, 6), (112, 192, 5, 2, 6), (192, 192, 5, 1, 6),
+             (192, 320, 3, 1, 6))
+_ACT_PTRS = {"a_ptr", "aux_ptr", "w_ptr", "out_ptr", "epi_ptr", "g_ptr", "g_aux_ptr", "d_ptr",
+             "q_ptr", "res_ptr", "x_ptr", "gc_ptr", "gx_ptr", "go_ptr"}
+
+
+def specializations(blocks=B0_BLOCKS, dtypes=tuple(TL_NAMES)):
+    """(kernel, signature, constexprs, label) of every variant the block launchers compile
+    for ``blocks`` at a large batch and resolution (train and eval, NCHW and channels_last):
+    SiLU / sigmoid, as EfficientNet uses."""
+    reg = Registry()
+    silu, sigmoid = ACTIVATION_IDS["silu"], ACTIVATION_IDS["sigmoid"]
+    big = 56 * 56  # every position tile at full size
+    f32 = dict(ACC=tl.float32)
+    for dtype in dtypes:
+        act = TL_NAMES[dtype]
+        for channels_last in (False, True):
+            fmt = "nhwc" if channels_last else "nchw"
+            for cin, cout, k, stride, expand in blocks:
+                hidden = cin * expand
+                squeeze = max(1, int(cin * 0.25))
+                residual = stride == 1 and cin == cout
+                where = f"{cin}->{hidden}->{cout} k{k} s{stride} {act} {fmt}"
+                layout = dict(CHANNELS_LAST=channels_last, **f32)
+
+                def gemm(label, kc, nc, **flags):
+                    bp, bk, bn = gemm_blocks(kc, nc, big)
+                    base = dict(A_KIND=RAW, ACT=silu, GATE=False, SCALE=False, TRAINING=False,
+                                A_HAS_GAMMA=False, A_HAS_BETA=False, EPILOGUE=PLAIN,
+                                E_HAS_GAMMA=False, E_HAS_BETA=False, UPCAST=False,
+                                BLOCK_P=bp, BLOCK_K=bk,
+                                BLOCK_N=bn, **layout)
+                    base.update(flags)
+                    reg.add(pointwise_conv_kernel, act, f"{label} {where}", base,
+                            activation_ptrs=_ACT_PTRS)
+
+                def wgrad(label, gc, ac, **flags):
+                    bp, bm, bn = wgrad_blocks(gc, ac, big)
+                    base = dict(A_KIND=RAW, ACT=silu, GATE=False, SCALE=False, TRAINING=True,
+                                G_HAS_GAMMA=True, A_HAS_GAMMA=False, A_HAS_BETA=False,
+                                UPCAST=False, BLOCK_P=bp, BLOCK_M=bm, BLOCK_N=bn, **layout)
+                    base.update(flags)
+                    reg.add(pointwise_wgrad_kernel, act, f"{label} {where}", base,
+                            activation_ptrs=_ACT_PTRS)
+
+                bn_in = dict(A_HAS_GAMMA=True, A_HAS_BETA=True)
+                if expand != 1:
+                    gemm("K1 train", cin, hidden, EPILOGUE=STATS)
+                    gemm("K1 eval", cin, hidden)
+                    gemm("B1 dgrad", hidden, cin, A_KIND=BN_BWD, TRAINING=True,
+                         A_HAS_GAMMA=True, EPILOGUE=RESIDUAL if residual else PLAIN)
+                    wgrad("B1 wgrad", hidden, cin)
+                gemm("K5 train", hidden, cout, A_KIND=ACT_BN, GATE=True, EPILOGUE=STATS,
+                     **bn_in)
+                gemm("K5 eval/recompute", hidden, cout, A_KIND=ACT_BN, GATE=True, **bn_in)
+                gemm("B5 dgrad", cout, hidden, A_KIND=BN_BWD, SCALE=residual, TRAINING=True,
+                     A_HAS_GAMMA=True, EPILOGUE=GATE_GRAD, E_HAS_GAMMA=True, E_HAS_BETA=True)
+                wgrad("B5 wgrad", cout, hidden, A_KIND=ACT_BN, GATE=True, SCALE=residual,
+                      **bn_in)
+                pr_p, pr_c = _tile_of(hidden, channels_last)
+                reg.add(squeeze_kernel, act, f"K3 {where}",
+                        dict(HAS_GAMMA=True, HAS_BETA=True, ACT=silu, BLOCK_P=max(16, 1024 // pr_c),
+                             BLOCK_C=pr_c, **layout), activation_ptrs=_ACT_PTRS)
+                bs, bc = _excite_blocks(hidden, squeeze)
+                ex = dict(ACC=tl.float32, BLOCK_S=bs, BLOCK_C=bc)
+                reg.add(excite_kernel, "fp32", f"K4 {hidden}/{squeeze}",
+                        dict(SE_ACT=silu, GATE_ACT=sigmoid, **ex))
+                reg.add(excite_bwd_sample_kernel, "fp32", f"B4 {hidden}/{squeeze}",
+                        dict(SE_ACT=silu, GATE_ACT=sigmoid, **ex))
+                reg.add(excite_bwd_weight_kernel, "fp32", f"B4 {hidden}/{squeeze}", ex)
+                op, oc = _tile_of(cout, channels_last)
+                for training in (True, False):
+                    reg.add(output_kernel, act,
+                            f"K6 {where} {'train' if training else 'eval'}",
+                            dict(HAS_GAMMA=True, HAS_BETA=True, SCALE=residual and training,
+                                 RESIDUAL=residual, BLOCK_P=op, BLOCK_C=oc, **layout),
+                            activation_ptrs=_ACT_PTRS)
+                reg.add(bn_silu_bwd_reduce_kernel, act, f"B6 {act} {fmt} {op}x{oc}",
+                        dict(HAS_GAMMA=True, HAS_BETA=True, ACT=ACTIVATION_IDS["identity"],
+                             POOLED=False, SCALE=residual, CHANNELS_LAST=channels_last,
+                             BLOCK_P=op, BLOCK_C=oc, **f32))
+                add_depthwise_specializations(reg, act, channels_last, hidden, k, stride,
+                                              block=True, in_bn=expand != 1)
+                for c in (hidden, cout):
+                    finalize_c = min(triton.next_power_of_2(c), 32)
+                    reg.add(bn_stats_finalize_kernel, "fp32", f"statistics {finalize_c}",
+                            dict(ACC=tl.float32, BLOCK_T=BLOCK_T, BLOCK_C=finalize_c))
+        reg.add(sum_rows_kernel, act, f"{act} grad weight",
+                dict(ACC=tl.float32, BLOCK_T=BLOCK_T, BLOCK_M=128),
+                activation_ptrs={"out0_ptr", "out1_ptr"})
+    return reg.list()
+
+
+def _tile_of(channels: int, channels_last: bool) -> Tuple[int, int]:
+    return tile_sizes(channels, 56 * 56, channels_last)
+
+
+SPECIALIZATIONS = specializations()
