@@ -234,7 +234,7 @@ def test_gradcheck_float64(backend, training, stride, residual, se):
 
 
 def _op_args(training, expanded=True, se=True, residual=True, keep=True):
-    cin, hidden, cout = 4, 8, 4
+    cin, hidden, cout = 4, 8 if expanded else 4, 4  # no expansion: depthwise over x's channels
     x = torch.randn(2, cin, 5, 6)
 
     def vec(c):
