@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .accounting import note_launch, recording
-from .tensors import accumulate_dtype
+from .tensors import NormArgs, accumulate_dtype
 
 Tensor = torch.Tensor
 
@@ -198,6 +198,155 @@ def dwconv_bn_silu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, conv_ou
                         _nbytes(grads[0] if output_mask[0] else None,
                                 grads[1] if output_mask[1] else None))
     return tuple(g if m else None for g, m in zip(grads, output_mask))
+
+
+# ---- MBConv block (K1..K6, B6..B1): one note_launch per logical kernel ----------------------
+
+def _bn(bn: Optional[NormArgs]) -> tuple:
+    """A NormArgs as the schema's (mean, var, weight, bias, eps); all None for "no BN"."""
+    if bn is None:
+        return None, None, None, None, 1.0
+    return bn.mean, bn.var, bn.weight, bn.bias, float(bn.eps)
+
+
+def _empty_none(t: Tensor, wanted: bool) -> Optional[Tensor]:
+    return t if wanted else None
+
+
+def _note(kernel: str, x: Tensor, read: int, written: int) -> None:
+    if recording():
+        note_launch(kernel, _backend(x), read, written)
+
+
+def mbconv_expand_forward(x: Tensor, weight: Tensor, need_stats: bool
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    e, mean, var = torch.ops.fused_mbconv_ext.mbconv_expand_forward(x, weight, need_stats)
+    _note("mbconv_expand", x, _nbytes(x, weight), _nbytes(e, mean, var))
+    return e, mean, var
+
+
+def mbconv_dwconv_forward(h: Tensor, weight: Tensor, stride: int, in_bn: Optional[NormArgs],
+                          activation: str, need_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    d, mean, var = torch.ops.fused_mbconv_ext.mbconv_dwconv_forward(
+        h, weight, stride, *_bn(in_bn), activation, need_stats)
+    _note("mbconv_dwconv", h, _nbytes(h, weight, *_bn(in_bn)[:4]), _nbytes(d, mean, var))
+    return d, mean, var
+
+
+def mbconv_squeeze_forward(d: Tensor, bn2: NormArgs, activation: str) -> Tensor:
+    pooled = torch.ops.fused_mbconv_ext.mbconv_squeeze_forward(d, *_bn(bn2), activation)
+    _note("mbconv_squeeze", d, _nbytes(d, *_bn(bn2)[:4]), _nbytes(pooled))
+    return pooled
+
+
+def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
+                          fc2_weight: Tensor, fc2_bias: Tensor, se_activation: str, gate: str
+                          ) -> Tensor:
+    g = torch.ops.fused_mbconv_ext.mbconv_excite_forward(pooled, fc1_weight, fc1_bias,
+                                                         fc2_weight, fc2_bias, se_activation, gate)
+    _note("mbconv_excite", pooled, _nbytes(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias),
+          _nbytes(g))
+    return g
+
+
+def mbconv_project_forward(d: Tensor, gate_values: Optional[Tensor], weight: Tensor,
+                           bn2: NormArgs, activation: str, need_stats: bool
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    q, mean, var = torch.ops.fused_mbconv_ext.mbconv_project_forward(
+        d, gate_values, weight, *_bn(bn2), activation, need_stats)
+    _note("mbconv_project", d, _nbytes(d, gate_values, weight, *_bn(bn2)[:4]),
+          _nbytes(q, mean, var))
+    return q, mean, var
+
+
+def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tensor],
+                          residual: Optional[Tensor]) -> Tensor:
+    out = torch.ops.fused_mbconv_ext.mbconv_output_forward(q, *_bn(bn3), sample_scale, residual)
+    _note("mbconv_output", q, _nbytes(q, residual, sample_scale, *_bn(bn3)[:4]), _nbytes(out))
+    return out
+
+
+def mbconv_output_backward_stats(grad_out: Tensor, q: Tensor, bn3: NormArgs,
+                                 sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    sums = torch.ops.fused_mbconv_ext.mbconv_output_backward_stats(grad_out, q, *_bn(bn3),
+                                                                    sample_scale)
+    _note("mbconv_output_grad_reduce", q, _nbytes(grad_out, q, sample_scale, *_bn(bn3)[:4]),
+          _nbytes(*sums))
+    return sums
+
+
+def mbconv_project_backward(grad_out: Tensor, q: Tensor, d: Tensor,
+                            gate_values: Optional[Tensor], weight: Tensor, bn2: NormArgs,
+                            activation: str, bn3: NormArgs, sum_dy3: Tensor,
+                            sum_dy3_xhat3: Tensor, sample_scale: Optional[Tensor],
+                            training: bool, output_mask: List[bool]
+                            ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    grad_a2, grad_gate, grad_weight = torch.ops.fused_mbconv_ext.mbconv_project_backward(
+        grad_out, q, d, gate_values, weight, *_bn(bn2), activation, *_bn(bn3), sum_dy3,
+        sum_dy3_xhat3, sample_scale, training, list(output_mask))
+    stats = _nbytes(sum_dy3, sum_dy3_xhat3, *_bn(bn3)[:4], sample_scale)
+    if output_mask[0]:  # gq built from grad_out and q, GEMM, then gate apply + gate reduction
+        _note("mbconv_project_dgrad", d, _nbytes(grad_out, q, d, gate_values, weight) + stats,
+              _nbytes(grad_a2, grad_gate))
+    if output_mask[1]:  # gq and a3 built on load, GEMM
+        _note("mbconv_project_wgrad", d, _nbytes(grad_out, q, d, gate_values) + stats,
+              _nbytes(grad_weight))
+    return (_empty_none(grad_a2, output_mask[0]), _empty_none(grad_gate, output_mask[0]),
+            _empty_none(grad_weight, output_mask[1]))
+
+
+def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor,
+                           fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                           se_activation: str, gate: str
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = torch.ops.fused_mbconv_ext.mbconv_excite_backward(
+        grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate)
+    _note("mbconv_excite_grad", pooled,
+          _nbytes(grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias), _nbytes(*grads))
+    return grads
+
+
+def mbconv_dwconv_backward_stats(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
+                                 bn2: NormArgs, activation: str) -> Tuple[Tensor, Tensor]:
+    sums = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward_stats(grad_a2, grad_pooled, d,
+                                                                    *_bn(bn2), activation)
+    _note("mbconv_dwconv_grad_reduce", d, _nbytes(grad_a2, grad_pooled, d, *_bn(bn2)[:4]),
+          _nbytes(*sums))
+    return sums
+
+
+def mbconv_dwconv_backward(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
+                           h: Tensor, weight: Tensor, stride: int, bn2: NormArgs,
+                           activation: str, sum_dy2: Tensor, sum_dy2_xhat2: Tensor,
+                           in_bn: Optional[NormArgs], training: bool, output_mask: List[bool]
+                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
+    grad_h, grad_weight, sum_dy1, sum_dy1_xhat1 = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward(
+        grad_a2, grad_pooled, d, h, weight, stride, *_bn(bn2), activation, sum_dy2,
+        sum_dy2_xhat2, *_bn(in_bn), training, list(output_mask))
+    read = _nbytes(grad_a2, grad_pooled, d, weight, sum_dy2, sum_dy2_xhat2, *_bn(bn2)[:4],
+                   *_bn(in_bn)[:4])
+    if output_mask[0]:
+        _note("mbconv_dwconv_dgrad", h, read + (_nbytes(h) if in_bn is not None else 0),
+              _nbytes(grad_h, sum_dy1, sum_dy1_xhat1))
+    if output_mask[1]:
+        _note("mbconv_dwconv_wgrad", h, read + _nbytes(h), _nbytes(grad_weight))
+    return (_empty_none(grad_h, output_mask[0]), _empty_none(grad_weight, output_mask[1]),
+            sum_dy1, sum_dy1_xhat1)
+
+
+def mbconv_expand_backward(grad_y1: Tensor, e: Tensor, x: Tensor, weight: Tensor,
+                           bn1: NormArgs, sum_dy1: Tensor, sum_dy1_xhat1: Tensor,
+                           training: bool, grad_residual: Optional[Tensor],
+                           output_mask: List[bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    grad_x, grad_weight = torch.ops.fused_mbconv_ext.mbconv_expand_backward(
+        grad_y1, e, x, weight, *_bn(bn1), sum_dy1, sum_dy1_xhat1, training, grad_residual,
+        list(output_mask))
+    read = _nbytes(grad_y1, e, sum_dy1, sum_dy1_xhat1, *_bn(bn1)[:4])
+    if output_mask[0]:
+        _note("mbconv_expand_dgrad", x, read + _nbytes(weight, grad_residual), _nbytes(grad_x))
+    if output_mask[1]:
+        _note("mbconv_expand_wgrad", x, read + _nbytes(x), _nbytes(grad_weight))
+    return _empty_none(grad_x, output_mask[0]), _empty_none(grad_weight, output_mask[1])
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

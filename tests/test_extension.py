@@ -310,3 +310,235 @@ def test_cuda_matches_reference(geometry, channels_last, training, dtype):
                     reference.dwconv_bn_silu_backward(*bargs)):
         scale = max(1.0, r.abs().max().item())
         torch.testing.assert_close(g, r, rtol=tol, atol=tol * scale)
+
+
+# ---- the MBConv block's kernel interface (K1..K6, B6..B1) against the reference ----------------
+
+from fused_mbconv.tensors import NormArgs  # noqa: E402
+from tolerances import assert_close_by_rule  # noqa: E402
+
+BLOCK_GEOMETRIES = {  # (N, Cin, Ce, Cout, H, W, k, stride)
+    "k3-s1": (2, 5, 12, 5, 9, 7, 3, 1),
+    "k5-s2-odd": (2, 4, 10, 6, 9, 11, 5, 2),
+    "k7-s2-tiny": (3, 3, 6, 4, 3, 2, 7, 2),
+}
+
+
+def _block_case(geometry, channels_last, seed=0):
+    """Float64 inputs of every block function: the reference's own intermediates, so each
+    function is tested on its own."""
+    n, cin, ce, cout, h, w, k, s = geometry
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def bn(c):
+        return NormArgs(t(c, scale=0.2), torch.rand(c, generator=g, dtype=torch.float64) + 0.5,
+                        t(c, scale=0.3) + 1, t(c, scale=0.3), 1e-3)
+
+    c = dict(x=t(n, cin, h, w).contiguous(memory_format=fmt), w1=t(ce, cin, scale=0.5),
+             dw=t(ce, 1, k, k, scale=0.3), pw=t(cout, ce, scale=0.3), f1w=t(3, ce),
+             f1b=t(3), f2w=t(ce, 3), f2b=t(ce), stride=s, ss=torch.tensor(
+                 [0.0] + [1.25] * (n - 1), dtype=torch.float64))
+    c["e"] = reference.mbconv_expand_forward(c["x"], c["w1"], False)[0]
+    c["bn1"], c["bn2"], c["bn3"] = bn(ce), bn(ce), bn(cout)
+    c["d"] = reference.mbconv_dwconv_forward(c["e"], c["dw"], s, c["bn1"], "silu", False)[0]
+    c["pooled"] = reference.mbconv_squeeze_forward(c["d"], c["bn2"], "silu")
+    c["gate"] = reference.mbconv_excite_forward(c["pooled"], c["f1w"], c["f1b"], c["f2w"],
+                                                c["f2b"], "silu", "sigmoid")
+    c["q"] = reference.mbconv_project_forward(c["d"], c["gate"], c["pw"], c["bn2"], "silu",
+                                              False)[0]
+    c["go"] = t(*c["q"].shape).contiguous(memory_format=fmt)
+    c["res"] = t(*c["q"].shape).contiguous(memory_format=fmt)
+    c["ga2"] = t(*c["d"].shape).contiguous(memory_format=fmt)
+    c["gy1"] = t(*c["e"].shape).contiguous(memory_format=fmt)
+    c["ggate"], c["gpooled"] = t(n, ce), t(n, ce, scale=0.1)
+    c["gres"] = t(*c["x"].shape).contiguous(memory_format=fmt)
+    for name, size in (("s1", ce), ("s2", ce), ("s3", cout)):
+        c[name] = (t(size), t(size))
+    return c
+
+
+def _cast(c, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    vectors = ("ss", "pooled", "gate", "ggate", "gpooled")
+
+    def cast(key, v):
+        if isinstance(v, NormArgs):
+            return NormArgs(v.mean.to(acc), v.var.to(acc), v.weight.to(dtype), v.bias.to(dtype),
+                            v.eps)
+        if isinstance(v, tuple):
+            return tuple(u.to(acc) for u in v)
+        if isinstance(v, torch.Tensor):
+            return v.to(acc if key in vectors else dtype)
+        return v
+    return {k: cast(k, v) for k, v in c.items()}
+
+
+def _block_calls(m, c, act="silu", gate="sigmoid", training=True, mask=(True, True)):
+    """Every block function of module m on the inputs c: {name: results}."""
+    mask, s = list(mask), c["stride"]
+    return {
+        "K1": m.mbconv_expand_forward(c["x"], c["w1"], training),
+        "K2": m.mbconv_dwconv_forward(c["e"], c["dw"], s, c["bn1"], act, training),
+        "K2-no-bn1": m.mbconv_dwconv_forward(c["e"], c["dw"], s, None, act, training),
+        "K3": m.mbconv_squeeze_forward(c["d"], c["bn2"], act),
+        "K4": m.mbconv_excite_forward(c["pooled"], c["f1w"], c["f1b"], c["f2w"], c["f2b"], act,
+                                      gate),
+        "K5": m.mbconv_project_forward(c["d"], c["gate"], c["pw"], c["bn2"], act, training),
+        "K5-no-gate": m.mbconv_project_forward(c["d"], None, c["pw"], c["bn2"], act, training),
+        "K6": m.mbconv_output_forward(c["q"], c["bn3"], c["ss"], c["res"]),
+        "K6-plain": m.mbconv_output_forward(c["q"], c["bn3"], None, None),
+        "B6": m.mbconv_output_backward_stats(c["go"], c["q"], c["bn3"], c["ss"]),
+        "B5": m.mbconv_project_backward(c["go"], c["q"], c["d"], c["gate"], c["pw"], c["bn2"],
+                                        act, c["bn3"], *c["s3"], c["ss"], training, mask),
+        "B5-no-gate": m.mbconv_project_backward(c["go"], c["q"], c["d"], None, c["pw"],
+                                                c["bn2"], act, c["bn3"], *c["s3"], None,
+                                                training, mask),
+        "B4": m.mbconv_excite_backward(c["ggate"], c["pooled"], c["f1w"], c["f1b"], c["f2w"],
+                                       c["f2b"], act, gate),
+        "B3": m.mbconv_dwconv_backward_stats(c["ga2"], c["gpooled"], c["d"], c["bn2"], act),
+        "B3-no-se": m.mbconv_dwconv_backward_stats(c["ga2"], None, c["d"], c["bn2"], act),
+        "B2": m.mbconv_dwconv_backward(c["ga2"], c["gpooled"], c["d"], c["e"], c["dw"], s,
+                                       c["bn2"], act, *c["s2"], c["bn1"], training, mask),
+        "B2-no-bn1": m.mbconv_dwconv_backward(c["ga2"], None, c["d"], c["e"], c["dw"], s,
+                                              c["bn2"], act, *c["s2"], None, training, mask),
+        "B1": m.mbconv_expand_backward(c["gy1"], c["e"], c["x"], c["w1"], c["bn1"], *c["s1"],
+                                       training, c["gres"], mask),
+        "B1-no-res": m.mbconv_expand_backward(c["gy1"], c["e"], c["x"], c["w1"], c["bn1"],
+                                              *c["s1"], training, None, mask),
+    }
+
+
+def _flat(results):
+    for name, r in results.items():
+        for i, t in enumerate(r if isinstance(r, tuple) else (r,)):
+            yield f"{name}[{i}]", t
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("mask", [(True, True), (True, False), (False, True)],
+                         ids=["both", "dgrad", "wgrad"])
+@pytest.mark.parametrize("act, gate", [("silu", "sigmoid"), ("relu6", "hardsigmoid"),
+                                       ("hardswish", "sigmoid"), ("relu", "hardsigmoid")])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("geometry", BLOCK_GEOMETRIES.values(), ids=BLOCK_GEOMETRIES.keys())
+def test_block_functions_match_reference_float64(geometry, channels_last, training, act, gate,
+                                                 mask):
+    c = _block_case(geometry, channels_last)
+    got = dict(_flat(_block_calls(extension, c, act, gate, training, mask)))
+    want = dict(_flat(_block_calls(reference, c, act, gate, training, mask)))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for name, r in want.items():
+        g = got[name]
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11 * scale, msg=name)
+        if r.dim() == 4:
+            assert g.is_contiguous(memory_format=fmt), f"{name}: layout"
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_block_functions_low_precision_by_the_tolerance_rule(dtype, channels_last):
+    c64 = _block_case(BLOCK_GEOMETRIES["k5-s2-odd"], channels_last, seed=1)
+    ct = _cast(c64, dtype)
+    ref64 = dict(_flat(_block_calls(reference, c64)))
+    eager = dict(_flat(_block_calls(reference, ct)))
+    for name, g in _flat(_block_calls(extension, ct)):
+        assert g.dtype == eager[name].dtype, name
+        if eager[name].numel() == 0:  # e.g. the gate gradient without a gate
+            assert g.numel() == 0, name
+            continue
+        assert_close_by_rule(g, eager[name], ref64[name], dtype, name)
+
+
+@needs_cpu_ext
+def test_block_functions_do_not_depend_on_thread_count():
+    c = _cast(_block_case((4, 6, 24, 8, 20, 18, 3, 1), True, seed=2), torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dict(_flat(_block_calls(extension, c)))
+        torch.set_num_threads(max(2, threads))
+        many = dict(_flat(_block_calls(extension, c)))
+    finally:
+        torch.set_num_threads(threads)
+    for name, t in one.items():
+        assert torch.equal(t, many[name]), name
+
+
+@needs_cpu_ext
+def test_block_launches_are_accounted():
+    c = _cast(_block_case(BLOCK_GEOMETRIES["k3-s1"], False), torch.float32)
+    with accounting.record_launches() as log:
+        _block_calls(extension, c)
+    kernels = [launch.kernel for launch in log]
+    assert kernels[:4] == ["mbconv_expand", "mbconv_dwconv", "mbconv_dwconv", "mbconv_squeeze"]
+    for two in ("mbconv_project", "mbconv_dwconv"):  # [2] functions: dgrad + wgrad launches
+        assert kernels.count(f"{two}_dgrad") == kernels.count(f"{two}_wgrad") == 2
+    assert all(launch.backend == "cpu" and launch.bytes_read > 0 for launch in log)
+
+
+def _block_bad_calls():
+    x, w1 = torch.randn(2, 4, 5, 5), torch.randn(8, 4)
+    e, v8 = torch.randn(2, 8, 5, 5), torch.ones(8)
+    bn8 = (v8 * 0, v8, None, None, 1e-5)
+    ops = torch.ops.fused_mbconv_ext
+    return {
+        "expand 3-D x": (lambda: ops.mbconv_expand_forward(x[0], w1, True), ValueError, "4-D"),
+        "expand weight cols": (lambda: ops.mbconv_expand_forward(x, torch.randn(8, 3), True),
+                               ValueError, r"weight must be a 2-D \(out, 4\)"),
+        "expand weight dtype": (lambda: ops.mbconv_expand_forward(x, w1.double(), True),
+                                TypeError, "weight dtype"),
+        "dwconv even kernel": (lambda: ops.mbconv_dwconv_forward(
+            e, torch.randn(8, 1, 4, 4), 1, *bn8, "silu", True), ValueError, "odd"),
+        "dwconv stride": (lambda: ops.mbconv_dwconv_forward(
+            e, torch.randn(8, 1, 3, 3), 3, *bn8, "silu", True), ValueError, "stride"),
+        "dwconv activation": (lambda: ops.mbconv_dwconv_forward(
+            e, torch.randn(8, 1, 3, 3), 1, *bn8, "gelu", True), ValueError, "activation must"),
+        "dwconv half bn": (lambda: ops.mbconv_dwconv_forward(
+            e, torch.randn(8, 1, 3, 3), 1, v8, None, None, None, 1e-5, "silu", True),
+            ValueError, "given together"),
+        "squeeze bn shape": (lambda: ops.mbconv_squeeze_forward(
+            e, torch.ones(7), v8, None, None, 1e-5, "silu"), ValueError, "bn2 mean must have"),
+        "squeeze eps": (lambda: ops.mbconv_squeeze_forward(e, v8, v8, None, None, 0.0, "silu"),
+                        ValueError, "eps must be > 0"),
+        "excite gate": (lambda: ops.mbconv_excite_forward(
+            torch.randn(2, 8), torch.randn(2, 8), torch.randn(2), torch.randn(8, 2),
+            torch.randn(8), "silu", "tanh"), ValueError, "gate must be"),
+        "excite fc2 shape": (lambda: ops.mbconv_excite_forward(
+            torch.randn(2, 8), torch.randn(2, 8), torch.randn(2), torch.randn(8, 3),
+            torch.randn(8), "silu", "sigmoid"), ValueError, "fc2_weight must have shape"),
+        "project gate shape": (lambda: ops.mbconv_project_forward(
+            e, torch.randn(3, 8), torch.randn(4, 8), *bn8, "silu", True), ValueError,
+            "gate_values must have shape"),
+        "output residual layout": (lambda: ops.mbconv_output_forward(
+            e, *bn8, None, e.contiguous(memory_format=torch.channels_last)), ValueError,
+            "residual must be contiguous"),
+        "output sample_scale": (lambda: ops.mbconv_output_forward(
+            e, *bn8, torch.ones(3), None), ValueError, "sample_scale must have shape"),
+        "B6 grad_out shape": (lambda: ops.mbconv_output_backward_stats(
+            torch.randn(2, 8, 4, 4), e, *bn8, None), ValueError, "grad_out must have shape"),
+        "B2 d shape": (lambda: ops.mbconv_dwconv_backward(
+            e, None, torch.randn(2, 8, 4, 4), e, torch.randn(8, 1, 3, 3), 1, *bn8, "silu", v8,
+            v8, *bn8, True, [True, True]), ValueError, "d must have shape"),
+        "B1 grad_residual dtype": (lambda: ops.mbconv_expand_backward(
+            e, e, x, w1, *bn8, v8, v8, True, x.double(), [True, True]), TypeError,
+            "grad_residual dtype"),
+        "integer input": (lambda: ops.mbconv_expand_forward(x.long(), w1.long(), True),
+                          TypeError, "float16, bfloat16"),
+    }
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("case", list(_block_bad_calls()) if CPU_OK else [])
+def test_block_entry_points_reject(case):
+    call, error, message = _block_bad_calls()[case]
+    with pytest.raises(error, match=message):
+        call()

@@ -144,6 +144,42 @@ FM_HOST_DEVICE T silu_grad(T y) {
   return sg * (T(1) + y * (T(1) - sg));
 }
 
+// ---- activations of the block (template flags of the kernels) ------------------------------
+
+// The block activations (silu, relu, relu6, hardswish) and SE gates (sigmoid, hardsigmoid).
+enum class Act : int { kSilu, kRelu, kRelu6, kHardswish, kSigmoid, kHardsigmoid };
+
+template <typename T>
+FM_HOST_DEVICE T clamp_(T v, T lo, T hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+template <Act A, typename T>
+FM_HOST_DEVICE T activate(T y) {
+  if constexpr (A == Act::kSilu) return silu(y);
+  else if constexpr (A == Act::kRelu) return y > T(0) ? y : T(0);
+  else if constexpr (A == Act::kRelu6) return clamp_(y, T(0), T(6));
+  else if constexpr (A == Act::kHardswish) return y * clamp_(y + T(3), T(0), T(6)) / T(6);
+  else if constexpr (A == Act::kSigmoid) return sigmoid(y);
+  else return clamp_(y + T(3), T(0), T(6)) / T(6);
+}
+
+// d act(y) / dy, with aten's choices at the kinks.
+template <Act A, typename T>
+FM_HOST_DEVICE T activate_grad(T y) {
+  if constexpr (A == Act::kSilu) return silu_grad(y);
+  else if constexpr (A == Act::kRelu) return y > T(0) ? T(1) : T(0);
+  else if constexpr (A == Act::kRelu6) return (y > T(0) && y < T(6)) ? T(1) : T(0);
+  else if constexpr (A == Act::kHardswish) {
+    return y < T(-3) ? T(0) : (y <= T(3) ? y / T(3) + T(0.5) : T(1));
+  } else if constexpr (A == Act::kSigmoid) {
+    const T s = sigmoid(y);
+    return s * (T(1) - s);
+  } else {
+    return (y > T(-3) && y < T(3)) ? T(1) / T(6) : T(0);
+  }
+}
+
 // BN as one multiply-add per element: y = d * scale + shift.
 template <typename T>
 struct BnAffine {

@@ -1,0 +1,100 @@
+"""CPU wall time of one EfficientNet-B0 MBConv block, training forward + backward.
+
+Providers, same process, inputs and weights, interleaved round-robin: eager ``fm.MBConv``,
+that block under torch.compile (inductor), and ``fm.FusedMBConv`` on the "torch" (reference
+composite) and "cpu" (csrc/ C++ kernels) backends. Batch 8 at B0's stage shapes; inputs in
+channels_last (``--layout nchw`` for NCHW).
+
+    python benchmarks/mbconv_block_cpu.py [--reps 10] [--threads 2] [--layout channels_last]
+                                          [--shapes NAME ...] [--csv out.csv] [--no-compile]
+"""
+
+import argparse
+import copy
+import csv
+import statistics
+import sys
+import time
+
+import torch
+
+import fused_mbconv as fm
+
+SHAPES = {  # name: (in, out, kernel, stride, expand, input H = W)
+    "stage2.0 16->24 k3 s2 112x112": (16, 24, 3, 2, 6, 112),
+    "stage2.1 24->24 k3 s1 56x56": (24, 24, 3, 1, 6, 56),
+    "stage3.0 24->40 k5 s2 56x56": (24, 40, 5, 2, 6, 56),
+    "stage3.1 40->40 k5 s1 28x28": (40, 40, 5, 1, 6, 28),
+}
+
+
+def time_ms(providers, x, grad, reps, warmup=3):
+    """Round-robin over providers, so load changes on a shared machine hit all of them alike."""
+    samples = {name: [] for name in providers}
+    for i in range(warmup + reps):
+        for name, fn in providers.items():
+            xi = x.detach().requires_grad_()
+            start = time.perf_counter()
+            fn(xi).backward(grad)
+            if i >= warmup:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
+
+
+def fused_on(block, backend):
+    def run(x):
+        with fm.use_backend(backend):
+            return block(x)
+    return run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--providers", nargs="*",
+                        default=["eager", "torch.compile", "fused[torch]", "fused[cpu]"])
+    parser.add_argument("--csv")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, layout {args.layout}, "
+          f"batch {args.batch}, backends {fm.available_backends('cpu')}")
+    rows = []
+    for name in args.shapes:
+        cin, cout, k, s, expand, hw = SHAPES[name]
+        eager = fm.MBConv(cin, cout, k, s, expand).train().to(memory_format=fmt)
+        fused = fm.FusedMBConv.from_module(copy.deepcopy(eager)).train()
+        x = torch.randn(args.batch, cin, hw, hw).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            grad = torch.randn_like(copy.deepcopy(eager)(x))
+        providers = {"eager": eager, "fused[torch]": fused_on(fused, "torch"),
+                     "fused[cpu]": fused_on(fused, "cpu")}
+        if not args.no_compile:
+            providers["torch.compile"] = torch.compile(copy.deepcopy(eager))
+        providers = {p: providers[p] for p in args.providers if p in providers}
+        results = time_ms(providers, x, grad, args.reps)
+        base = results["eager"][0] if "eager" in results else None
+        for provider, (median, best) in results.items():
+            speedup = round(base / median, 2) if base else None
+            rows.append(dict(shape=name, provider=provider, layout=args.layout,
+                             threads=torch.get_num_threads(), median_ms=round(median, 2),
+                             min_ms=round(best, 2), speedup_vs_eager=speedup))
+            print(f"{name:32s} {provider:14s} median {median:8.2f} ms  min {best:8.2f} ms"
+                  + (f"  x{speedup:.2f} vs eager" if speedup else ""))
+        sys.stdout.flush()
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
