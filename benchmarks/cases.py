@@ -61,10 +61,8 @@ def providers(level: str) -> List[str]:
     if level == "op":
         names += [f"fused-{b}" for b in fm.available_backends(device())]
     elif not verification.fused_path_missing():
-        # On CPU the triton backend is its interpreter: a correctness tool, far too slow to time
-        # a block or a network (the op level keeps it, for the launch accounting).
-        names += [f"fused-{b}" for b in verification.block_backends(device())
-                  if not (b == "triton" and device().type == "cpu")]
+        # The op level keeps interpreted triton, for the launch accounting.
+        names += [f"fused-{b}" for b in verification.timed_block_backends(device())]
     return names
 
 

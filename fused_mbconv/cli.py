@@ -119,7 +119,7 @@ def _bench_providers(args, device) -> List[str]:
         names.append("compile")
     else:
         print(f"compile: skipped ({reason})")
-    backends = [args.backend] if args.backend else verification.block_backends(device)
+    backends = [args.backend] if args.backend else verification.timed_block_backends(device)
     for backend in backends:
         usable, reason = backend_status(backend, device.type)
         if not usable:

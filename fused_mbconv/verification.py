@@ -94,6 +94,13 @@ def block_backends(device) -> List[str]:
     return [b for b in fm.available_backends(device) if fm.backends.implements(b, KERNELS)]
 
 
+def timed_block_backends(device) -> List[str]:
+    """``block_backends`` worth timing: on CPU the triton backend is its interpreter, a
+    correctness tool far too slow to time a block or a network (ask for it explicitly)."""
+    interpreted = torch.device(device).type == "cpu"
+    return [b for b in block_backends(device) if not (b == "triton" and interpreted)]
+
+
 def convert(model: nn.Module) -> nn.Module:
     """A fused copy of ``model``; FusedPathUnavailable when this build has no fused path or
     nothing in the model could be converted."""
