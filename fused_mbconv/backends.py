@@ -84,7 +84,10 @@ def available_backends(device=None) -> List[str]:
     without, those usable on any device of this machine."""
     if device is not None:
         device_type = torch.device(device).type
-        return [n for n in BACKENDS if backend_status(n, device_type)[0]]
+        # The device's preference order; others usable there (the CPU Triton interpreter) last.
+        preference = _PREFERENCE.get(device_type, ())
+        ordered = list(preference) + [n for n in BACKENDS if n not in preference]
+        return [n for n in ordered if backend_status(n, device_type)[0]]
     device_types = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
     return [n for n in BACKENDS if any(backend_status(n, d)[0] for d in device_types
                                        if not (n == "cuda" and d == "cpu")
