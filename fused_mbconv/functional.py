@@ -100,19 +100,39 @@ def _needs_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype eager convolutions on x's device run in under ``torch.autocast`` now, or None."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast_for_conv(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """What autocast does to a convolution operand: floating tensors, float64 aside, take the
+    autocast dtype. BatchNorm tensors are never passed here: they keep their dtype, as in eager."""
+    if t is None or dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
 def dwconv_bn_silu(input: Tensor, conv_weight: Tensor, running_mean: Optional[Tensor],
                    running_var: Optional[Tensor], bn_weight: Optional[Tensor] = None,
                    bn_bias: Optional[Tensor] = None, stride: int = 1, training: bool = False,
                    momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """SiLU(BatchNorm2d(Conv2d(C, C, k, stride, padding=k//2, groups=C, bias=False)(input))).
 
-    The output keeps the input's memory format (NCHW or channels_last)."""
+    The output keeps the input's memory format (NCHW or channels_last). Under
+    ``torch.autocast`` the convolution runs in the autocast dtype, as eager's does."""
+    amp = _autocast_dtype(input)
+    input, conv_weight = _cast_for_conv(input, amp), _cast_for_conv(conv_weight, amp)
     check_dwconv_args(input, conv_weight, stride, training, running_mean, running_var,
                       bn_weight, bn_bias, momentum, eps)
     x = input if input.is_contiguous(memory_format=torch.channels_last) else input.contiguous()
-    out, _, mean, var = torch.ops.fused_mbconv.dwconv_bn_silu(
-        x, conv_weight.contiguous(), bn_weight, bn_bias, running_mean, running_var, stride,
-        training, eps, _needs_grad(input, conv_weight, bn_weight, bn_bias))
+    with torch.autocast(x.device.type, enabled=False):
+        out, _, mean, var = torch.ops.fused_mbconv.dwconv_bn_silu(
+            x, conv_weight.contiguous(), bn_weight, bn_bias, running_mean, running_var, stride,
+            training, eps, _needs_grad(input, conv_weight, bn_weight, bn_bias))
     if training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var,
                              out.numel() // out.shape[1], momentum)
@@ -279,7 +299,15 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
     place after the op succeeds, exactly as ``nn.BatchNorm2d`` does; a call that raises
     changes nothing. ``recompute_dwconv`` saves memory: backward recomputes the depthwise
     output from the expand output instead of keeping it. The output keeps the input's memory
-    format (NCHW or channels_last)."""
+    format (NCHW or channels_last). Under ``torch.autocast`` the convolutions run in the
+    autocast dtype, as eager's do; a residual input of a wider dtype is added outside the
+    kernels so that the output dtype promotes exactly as eager's ``branch + input``."""
+    amp = _autocast_dtype(input)
+    block_input = input
+    input, expand_weight, dw_weight, project_weight = (
+        _cast_for_conv(t, amp) for t in (input, expand_weight, dw_weight, project_weight))
+    if se_weights is not None:
+        se_weights = [_cast_for_conv(t, amp) for t in se_weights]
     check_mbconv_args(input, expand_weight, bn1, dw_weight, bn2, se_weights, project_weight,
                       bn3, stride, training, residual, drop_path, activation, se_activation,
                       se_gate)
@@ -287,16 +315,22 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
     scale = None
     if training and residual and drop_path > 0:
         scale = drop_path_scale(x, drop_path).view(-1).to(accumulate_dtype(x.dtype))
+    residual_outside = residual and block_input.dtype != x.dtype
     bn1_args = (None,) * 4 if bn1 is None else \
         (bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var)
     se_args = (None,) * 4 if se_weights is None else tuple(t.contiguous() for t in se_weights)
     eps = [bn1.eps if bn1 is not None else 1e-5, bn2.eps, bn3.eps]
-    out, e, _, mean1, var1, mean2, var2, mean3, var3, _, _ = torch.ops.fused_mbconv.mbconv(
-        x, None if expand_weight is None else expand_weight.contiguous(), *bn1_args,
-        dw_weight.contiguous(), bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var,
-        *se_args, project_weight.contiguous(), bn3.weight, bn3.bias, bn3.running_mean,
-        bn3.running_var, scale, stride, training, eps, activation, se_activation, se_gate,
-        residual, not recompute_dwconv)
+    with torch.autocast(x.device.type, enabled=False):
+        out, e, _, mean1, var1, mean2, var2, mean3, var3, _, _ = torch.ops.fused_mbconv.mbconv(
+            x, None if expand_weight is None else expand_weight.contiguous(), *bn1_args,
+            dw_weight.contiguous(), bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var,
+            *se_args, project_weight.contiguous(), bn3.weight, bn3.bias, bn3.running_mean,
+            bn3.running_var, None if residual_outside else scale, stride, training, eps,
+            activation, se_activation, se_gate, residual and not residual_outside,
+            not recompute_dwconv)
+    if residual_outside:
+        branch = out if scale is None else out * scale.view(-1, 1, 1, 1).to(out.dtype)
+        out = branch + block_input
     if training:
         n, cout, ho, wo = out.shape
         if bn1 is not None:

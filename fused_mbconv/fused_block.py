@@ -54,9 +54,10 @@ class FusedMBConv(MBConv):
                 if not name.startswith("_") and name != "training":
                     fused.__dict__[name] = value
             return fused
-        for block_type, recognize in _RECOGNIZERS.items():
-            if isinstance(block, block_type):
-                return cls.from_spec(block, recognize(block))
+        # The most specific registered type wins (conversion registers nn.Module as a catch-all).
+        for block_type in type(block).__mro__:
+            if block_type in _RECOGNIZERS:
+                return cls.from_spec(block, _RECOGNIZERS[block_type](block))
         supported = ["fused_mbconv.MBConv"] + [f"{t.__module__}.{t.__qualname__}"
                                                for t in _RECOGNIZERS]
         raise TypeError(f"FusedMBConv.from_module does not know {type(block).__qualname__}; "

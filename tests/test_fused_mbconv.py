@@ -583,3 +583,20 @@ if __name__ == "__main__":  # the measurement table: python tests/test_fused_mbc
     for name, (eager, fused) in kept.items():
         print(f"{name:30s} {eager:9d} {fused:9d} {eager / fused:6.2f} "
               f"{recomputed[name][1]:19d} {eager / recomputed[name][1]:6.2f}")
+
+
+@pytest.mark.parametrize("config", [(6, 6, 3, 1, 6), (6, 8, 5, 2, 1)], ids=["residual", "plain"])
+def test_autocast_gives_eager_autocast_dtypes_and_values(config):
+    """Convs run in the autocast dtype, BatchNorm keeps float32 parameters, and a float32
+    residual input promotes the output to float32 -- exactly as under eager autocast."""
+    eager = make_block(config)
+    fused = fm.FusedMBConv.from_module(copy.deepcopy(eager))
+    reference = copy.deepcopy(eager).double()
+    x = torch.randn(2, config[0], 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_eager, out_fused = eager(x), fused(x)
+    assert out_fused.dtype == out_eager.dtype
+    assert_close_by_rule(out_fused.float(), out_eager.float(), reference(x.double()),
+                         torch.bfloat16, "output")
+    out_fused.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in fused.parameters())

@@ -1,0 +1,96 @@
+"""CPU wall time of depthwise conv + BatchNorm (training) + SiLU, forward + backward.
+
+Providers, same process and inputs: eager nn.Conv2d(groups=C) + nn.BatchNorm2d + SiLU, that
+module under torch.compile (inductor), and fused_mbconv.functional.dwconv_bn_silu on the "torch"
+(reference composite) and "cpu" (csrc/ C++ kernels) backends. Shapes: EfficientNet-B0's two
+largest depthwise layers at batch 8.
+
+    python benchmarks/dwconv_bn_silu_cpu.py [--reps 10] [--csv results.csv] [--no-compile]
+"""
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import fused_mbconv as fm
+
+SHAPES = {  # name: (N, C, H, W, k, stride)
+    "b0-112x112-c96-k3-s2": (8, 96, 112, 112, 3, 2),
+    "b0-56x56-c144-k3-s1": (8, 144, 56, 56, 3, 1),
+}
+
+
+class Eager(nn.Module):
+    def __init__(self, c, k, s):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return nn.functional.silu(self.bn(self.conv(x)))
+
+
+def fused(module, backend):
+    def run(x):
+        with fm.use_backend(backend):
+            return fm.functional.dwconv_bn_silu(
+                x, module.conv.weight, module.bn.running_mean, module.bn.running_var,
+                module.bn.weight, module.bn.bias, stride=module.conv.stride[0], training=True)
+    return run
+
+
+def time_ms(providers, x, grad, reps, warmup=3):
+    """Round-robin over providers, so load changes on a shared machine hit all of them alike."""
+    samples = {name: [] for name in providers}
+    for i in range(warmup + reps):
+        for name, fn in providers.items():
+            xi = x.detach().requires_grad_()
+            start = time.perf_counter()
+            fn(xi).backward(grad)
+            if i >= warmup:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--csv")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave torch.compile out (skips its compile time)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"backends {fm.available_backends('cpu')}")
+    for name, (n, c, h, w, k, s) in SHAPES.items():
+        module = Eager(c, k, s).train()
+        x = torch.randn(n, c, h, w)
+        with torch.no_grad():
+            grad = torch.randn_like(module(x))
+        providers = {"eager": module, "fused[torch]": fused(module, "torch"),
+                     "fused[cpu]": fused(module, "cpu")}
+        if not args.no_compile:
+            providers["torch.compile"] = torch.compile(module)
+        results = time_ms(providers, x, grad, args.reps)
+        for provider, (median, best) in results.items():
+            rows.append(dict(shape=name, provider=provider, median_ms=round(median, 2),
+                             min_ms=round(best, 2),
+                             speedup_vs_eager=round(results["eager"][0] / median, 2)))
+            print(f"{name:24s} {provider:14s} median {median:8.2f} ms  min {best:8.2f} ms  "
+                  f"x{results['eager'][0] / median:.2f} vs eager")
+        sys.stdout.flush()
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

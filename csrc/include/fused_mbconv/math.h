@@ -1,0 +1,180 @@
+// Math shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels, written once.
+//
+// Everything here is a __host__ __device__ inline function of scalars, so the CPU build
+// (which runs in CI) exercises exactly the arithmetic the CUDA kernels use. `acc_t` is the
+// accumulation type: float for float16/bfloat16/float32 data, double for float64.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FM_HOST_DEVICE inline
+#endif
+
+namespace fused_mbconv {
+
+FM_HOST_DEVICE float exp_(float v) { return expf(v); }
+FM_HOST_DEVICE double exp_(double v) { return exp(v); }
+FM_HOST_DEVICE float rsqrt_(float v) { return 1.0f / sqrtf(v); }
+FM_HOST_DEVICE double rsqrt_(double v) { return 1.0 / sqrt(v); }
+
+// ---- geometry: depthwise k x k, stride s, padding k / 2 ------------------------------------
+
+FM_HOST_DEVICE int64_t conv_out_size(int64_t in, int k, int s) {
+  return (in + 2 * (k / 2) - k) / s + 1;
+}
+
+// Outputs o whose input index o * s + offset lies in [0, in): [*lo, *hi). `offset` is
+// tap - k / 2, so this is the range over which one tap of the stencil needs no bounds check.
+FM_HOST_DEVICE void tap_range(int64_t in, int64_t out, int s, int64_t offset, int64_t* lo,
+                              int64_t* hi) {
+  int64_t first = offset >= 0 ? 0 : (-offset + s - 1) / s;
+  int64_t last = in - 1 - offset;  // o * s <= last
+  int64_t end = last < 0 ? 0 : last / s + 1;
+  *lo = first < out ? first : out;
+  *hi = end < out ? end : out;
+  if (*hi < *lo) *hi = *lo;
+}
+
+// Outputs whose whole k-wide window lies inside the input: the intersection of every tap's range.
+FM_HOST_DEVICE void interior_range(int64_t in, int64_t out, int k, int s, int64_t* lo,
+                                   int64_t* hi) {
+  int64_t lo_first, hi_first, lo_last, hi_last;
+  tap_range(in, out, s, -(k / 2), &lo_first, &hi_first);
+  tap_range(in, out, s, k - 1 - k / 2, &lo_last, &hi_last);
+  *lo = lo_first > lo_last ? lo_first : lo_last;
+  *hi = hi_first < hi_last ? hi_first : hi_last;
+  if (*hi < *lo) *hi = *lo;
+}
+
+// One output element of the depthwise conv: sum over taps (kh, kw) of
+// x[hi0 + kh, wi0 + kw] * w[kh, kw], with hi0 = ho * s - k / 2 (likewise wi0). `x` points at the
+// (n, c) plane with row/column strides sh/sw; `w` at the channel's taps, stride ws apart.
+// K > 0 fixes k at compile time (unrolled, vectorizable); kCheck = false when the window is
+// known to be inside the input.
+template <bool kCheck, int K, typename acc_t, typename scalar_t, typename weight_t>
+FM_HOST_DEVICE acc_t dw_stencil(const scalar_t* x, int64_t sh, int64_t sw, int64_t H, int64_t W,
+                                const weight_t* w, int64_t ws, int k, int64_t hi0, int64_t wi0) {
+  const int kk = K > 0 ? K : k;
+  acc_t acc = 0;
+  for (int kh = 0; kh < kk; ++kh) {
+    const int64_t hi = hi0 + kh;
+    if (kCheck && (hi < 0 || hi >= H)) continue;
+    for (int kw = 0; kw < kk; ++kw) {
+      const int64_t wi = wi0 + kw;
+      if (kCheck && (wi < 0 || wi >= W)) continue;
+      acc += static_cast<acc_t>(x[hi * sh + wi * sw]) *
+             static_cast<acc_t>(w[(kh * kk + kw) * ws]);
+    }
+  }
+  return acc;
+}
+
+// One element of the depthwise conv's input gradient (the transposed stencil):
+// sum over taps whose output (ho, wo) = ((hi + p - kh) / s, (wi + p - kw) / s) exists of
+// grad_at(ho, wo) * w[kh, kw]. grad_at supplies the conv-output gradient (read from a buffer on
+// the CPU, recomputed from grad_out and conv_out on the GPU). kCheck = false only for stride 1
+// inputs whose every tap lands inside the output.
+template <bool kCheck, int K, int S, typename acc_t, typename GradAt, typename weight_t>
+FM_HOST_DEVICE acc_t dw_input_grad(const GradAt& grad_at, const weight_t* w, int64_t ws, int k,
+                                   int s, int64_t Ho, int64_t Wo, int64_t hi, int64_t wi) {
+  const int kk = K > 0 ? K : k;
+  const int ss = S > 0 ? S : s;
+  const int p = kk / 2;
+  acc_t acc = 0;
+  for (int kh = 0; kh < kk; ++kh) {
+    const int64_t th = hi + p - kh;
+    if (kCheck && (th < 0 || th % ss != 0 || th / ss >= Ho)) continue;
+    for (int kw = 0; kw < kk; ++kw) {
+      const int64_t tw = wi + p - kw;
+      if (kCheck && (tw < 0 || tw % ss != 0 || tw / ss >= Wo)) continue;
+      acc += grad_at(th / ss, tw / ss) * static_cast<acc_t>(w[(kh * kk + kw) * ws]);
+    }
+  }
+  return acc;
+}
+
+// ---- statistics: count, mean and sum of squared deviations, merged with Chan's formula -------
+
+template <typename T>
+struct Moments {
+  T count, mean, m2;
+};
+
+// Welford's one-value update.
+template <typename T>
+FM_HOST_DEVICE Moments<T> moments_push(Moments<T> a, T v) {
+  a.count += T(1);
+  const T delta = v - a.mean;
+  a.mean += delta / a.count;
+  a.m2 += delta * (v - a.mean);
+  return a;
+}
+
+// Chan et al.'s pairwise merge: exact for partials of any sizes, no E[x^2] - E[x]^2 cancellation.
+template <typename T>
+FM_HOST_DEVICE Moments<T> moments_merge(Moments<T> a, Moments<T> b) {
+  const T n = a.count + b.count;
+  if (b.count == T(0)) return a;
+  if (a.count == T(0)) return b;
+  const T delta = b.mean - a.mean;
+  const T wb = b.count / n;
+  return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
+}
+
+// ---- BatchNorm + SiLU ---------------------------------------------------------------------
+
+template <typename T>
+FM_HOST_DEVICE T sigmoid(T y) {
+  return T(1) / (T(1) + exp_(-y));
+}
+
+template <typename T>
+FM_HOST_DEVICE T silu(T y) {
+  return y * sigmoid(y);
+}
+
+// d silu(y) / dy = sigmoid(y) * (1 + y * (1 - sigmoid(y))).
+template <typename T>
+FM_HOST_DEVICE T silu_grad(T y) {
+  const T sg = sigmoid(y);
+  return sg * (T(1) + y * (T(1) - sg));
+}
+
+// BN as one multiply-add per element: y = d * scale + shift.
+template <typename T>
+struct BnAffine {
+  T scale, shift;
+};
+
+template <typename T>
+FM_HOST_DEVICE BnAffine<T> bn_affine(T mean, T var, T gamma, T beta, T eps) {
+  const T scale = gamma * rsqrt_(var + eps);
+  return {scale, beta - mean * scale};
+}
+
+// Per-channel constants of the backward of SiLU(BN(d)). The forward is recomputed from the
+// saved depthwise output d: x_hat = (d - mean) * invstd, y = x_hat * gamma + beta.
+template <typename T>
+struct BnSiluGrad {
+  T mean, invstd, gamma, beta;
+  T mean_g, mean_g_xhat;  // training: sum(g) / count, sum(g * x_hat) / count; eval: 0
+
+  // g = d loss / d y (the SiLU input) and x_hat, for the per-channel reductions.
+  FM_HOST_DEVICE void terms(T d, T grad_out, T* g, T* x_hat) const {
+    *x_hat = (d - mean) * invstd;
+    *g = grad_out * silu_grad(*x_hat * gamma + beta);
+  }
+
+  // d loss / d conv_out once the reductions are known.
+  FM_HOST_DEVICE T conv_grad(T d, T grad_out) const {
+    T g, x_hat;
+    terms(d, grad_out, &g, &x_hat);
+    return (g - mean_g - x_hat * mean_g_xhat) * (gamma * invstd);
+  }
+};
+
+}  // namespace fused_mbconv

@@ -1,0 +1,547 @@
+"""Drop-in conversion of existing models: find MBConv-style blocks, describe each one as an
+``MBConvSpec`` (or say why it can't be fused), and swap it for ``FusedMBConv``.
+
+Recognizers read a block's structure exactly as its library builds and runs it
+(torchvision ``MBConv``, timm ``InvertedResidual`` / ``DepthwiseSeparableConv``, this
+package's ``MBConv``); anything the fused block cannot express is refused with a reason.
+Third-party classes are matched by qualified name, so neither timm nor torchvision is
+imported here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .activations import ACTIVATIONS, GATES
+from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
+from .distributed import SyncBatchNorm, mbconv_sync_forward, sync_enabled
+from .fused_block import FusedMBConv, register_block_type
+
+
+class NotFusable(ValueError):
+    """A block that the fused block cannot express; ``str(exc)`` is the reason."""
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_TV = "torchvision.models.efficientnet."
+_TIMM = "timm.models._efficientnet_blocks."
+
+# Activation / gate classes by qualified name. timm's own classes compute the same function
+# as torch's (checked against timm's source); the *Me variants only differ in autograd memory.
+_ACTIVATION_NAMES: Dict[str, str] = {qualified_name(c): n for n, c in ACTIVATIONS.items()}
+_ACTIVATION_NAMES.update({
+    "timm.layers.activations.Swish": "silu",
+    "timm.layers.activations_me.SwishMe": "silu",
+    "timm.layers.activations.HardSwish": "hardswish",
+    "timm.layers.activations_me.HardSwishMe": "hardswish",
+})
+_GATE_NAMES: Dict[str, str] = {qualified_name(c): n for n, c in GATES.items()}
+_GATE_NAMES.update({
+    "timm.layers.activations.Sigmoid": "sigmoid",
+    "timm.layers.activations.HardSigmoid": "hardsigmoid",
+    "timm.layers.activations_me.HardSigmoidMe": "hardsigmoid",
+})
+
+_BATCH_NORMS = {qualified_name(nn.BatchNorm2d), "timm.layers.norm_act.BatchNormAct2d"}
+
+# Conv classes the fused kernels cannot run, and why.
+_CONV_REASONS = {
+    "timm.layers.conv2d_same.Conv2dSame":
+        "TF 'same' padding (Conv2dSame pads at run time, asymmetrically for stride 2)",
+    "timm.layers.mixed_conv2d.MixedConv2d":
+        "MixedConv2d: channels split into groups, each with its own conv (mixed kernels)",
+    "timm.layers.cond_conv2d.CondConv2d":
+        "CondConv2d (per-sample mixture of expert kernels)",
+}
+
+
+def _type_name(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+def _is_identity(module: Optional[nn.Module]) -> bool:
+    return module is None or type(module) is nn.Identity
+
+
+def _activation(module: nn.Module, where: str) -> str:
+    name = _ACTIVATION_NAMES.get(qualified_name(type(module)))
+    if name is None:
+        raise NotFusable(f"{where}: unsupported activation {_type_name(module)} "
+                         f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+    return name
+
+
+def _gate(module: nn.Module, where: str) -> str:
+    name = _GATE_NAMES.get(qualified_name(type(module)))
+    if name is None:
+        raise NotFusable(f"{where}: unsupported SE gate {_type_name(module)} "
+                         f"(supported: {', '.join(sorted(GATES))})")
+    return name
+
+
+def _norm_act(bn: nn.Module, where: str) -> Optional[str]:
+    """The activation a timm ``BatchNormAct2d`` applies after normalizing (None: none)."""
+    if not _is_identity(getattr(bn, "drop", None)):
+        raise NotFusable(f"{where}: BatchNormAct2d with a drop layer "
+                         f"({_type_name(bn.drop)}) between BN and activation")
+    act = getattr(bn, "act", None)
+    return None if _is_identity(act) else _activation(act, f"{where}.act")
+
+
+def _drop_path(module: Optional[nn.Module], where: str) -> float:
+    """Per-sample stochastic-depth probability of the residual branch."""
+    if _is_identity(module):
+        return 0.0
+    name = qualified_name(type(module))
+    if type(module) is StochasticDepth:
+        return float(module.p)
+    if name == "torchvision.ops.stochastic_depth.StochasticDepth":
+        if module.mode != "row" and module.p > 0:
+            raise NotFusable(f"{where}: StochasticDepth mode {module.mode!r} drops the whole "
+                             f"batch; only per-sample ('row') is supported")
+        return float(module.p)
+    if name == "timm.layers.drop.DropPath":
+        if not module.scale_by_keep and module.drop_prob > 0:
+            raise NotFusable(f"{where}: DropPath without scale_by_keep is not supported")
+        return float(module.drop_prob)
+    raise NotFusable(f"{where}: unsupported stochastic-depth module {_type_name(module)}")
+
+
+def _squeeze_excite(se: Optional[nn.Module], where: str
+                    ) -> Tuple[Optional[nn.Conv2d], Optional[nn.Conv2d], Optional[str],
+                               Optional[str]]:
+    """(fc1, fc2, inner activation, gate) of a squeeze-excite module, Nones when absent."""
+    if _is_identity(se):
+        return None, None, None, None
+    name = qualified_name(type(se))
+    if type(se) is SqueezeExcite:
+        return (se.fc1, se.fc2, _activation(se.act, f"{where}.act"),
+                _gate(se.gate, f"{where}.gate"))
+    if name == "torchvision.ops.misc.SqueezeExcitation":
+        # AdaptiveAvgPool2d(1) is the spatial mean the fused block computes.
+        pool = se.avgpool
+        if type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1)):
+            raise NotFusable(f"{where}.avgpool: expected AdaptiveAvgPool2d(1), got {se.avgpool}")
+        return (se.fc1, se.fc2, _activation(se.activation, f"{where}.activation"),
+                _gate(se.scale_activation, f"{where}.scale_activation"))
+    if name == _TIMM + "SqueezeExcite":
+        return (se.conv_reduce, se.conv_expand, _activation(se.act1, f"{where}.act1"),
+                _gate(se.gate, f"{where}.gate"))
+    raise NotFusable(f"{where}: unsupported squeeze-excite module {_type_name(se)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks every recognizer's result goes through: the roles must be exactly what the fused
+# kernels compute (plain zero-padded convs without bias, affine BN with running statistics).
+
+def _plain_conv(conv: Optional[nn.Module], role: str) -> nn.Conv2d:
+    if conv is None:
+        raise NotFusable(f"{role}: missing")
+    reason = _CONV_REASONS.get(qualified_name(type(conv)))
+    if reason is not None:
+        raise NotFusable(f"{role}: {reason}")
+    if type(conv) is not nn.Conv2d:
+        raise NotFusable(f"{role}: {_type_name(conv)} is not a plain nn.Conv2d")
+    return conv
+
+
+def _check_conv(conv: Optional[nn.Module], role: str, in_channels: int, out_channels: int,
+                depthwise: bool, bias: bool) -> None:
+    _plain_conv(conv, role)
+    if (conv.in_channels, conv.out_channels) != (in_channels, out_channels):
+        raise NotFusable(f"{role}: expected {in_channels}->{out_channels} channels, got "
+                         f"{conv.in_channels}->{conv.out_channels}")
+    if conv.padding_mode != "zeros":
+        raise NotFusable(f"{role}: padding_mode {conv.padding_mode!r} (only zero padding)")
+    if conv.dilation != (1, 1):
+        raise NotFusable(f"{role}: dilation {conv.dilation} (only 1)")
+    if (conv.bias is not None) != bias:
+        raise NotFusable(f"{role}: conv {'without' if bias else 'with'} bias, where the fused "
+                         f"block has {'one' if bias else 'none'}")
+    if depthwise:
+        k = conv.kernel_size[0]
+        if conv.groups != in_channels:
+            raise NotFusable(f"{role}: groups={conv.groups}, not depthwise (groups={in_channels})")
+        if conv.kernel_size != (k, k) or k % 2 == 0:
+            raise NotFusable(f"{role}: kernel {conv.kernel_size} (only square, odd sizes)")
+        if conv.padding != (k // 2, k // 2):
+            raise NotFusable(f"{role}: padding {conv.padding} (only symmetric k//2 = {k // 2})")
+        if conv.stride not in ((1, 1), (2, 2)):
+            raise NotFusable(f"{role}: stride {conv.stride} (only 1 or 2)")
+    elif (conv.kernel_size, conv.stride, conv.padding, conv.groups) != ((1, 1), (1, 1), (0, 0), 1):
+        raise NotFusable(f"{role}: expected a dense 1x1 stride-1 conv, got "
+                         f"kernel {conv.kernel_size}, stride {conv.stride}, padding "
+                         f"{conv.padding}, groups {conv.groups}")
+
+
+def _check_bn(bn: Optional[nn.Module], role: str, channels: int) -> None:
+    if bn is None:
+        raise NotFusable(f"{role}: missing")
+    if qualified_name(type(bn)) not in _BATCH_NORMS:
+        if isinstance(bn, nn.SyncBatchNorm):
+            raise NotFusable(f"{role}: already SyncBatchNorm; convert the model first, with "
+                             f"convert(model, sync_bn=True)")
+        raise NotFusable(f"{role}: {_type_name(bn)} is not BatchNorm2d")
+    if bn.num_features != channels:
+        raise NotFusable(f"{role}: {bn.num_features} features for {channels} channels")
+    if not bn.affine:
+        raise NotFusable(f"{role}: BatchNorm without affine weight and bias")
+    if not bn.track_running_stats or bn.running_mean is None:
+        raise NotFusable(f"{role}: BatchNorm without running statistics")
+
+
+def check_spec(spec: MBConvSpec, in_channels: int) -> MBConvSpec:
+    """Raise ``NotFusable`` unless every role of ``spec`` is something the fused block runs."""
+    hidden = spec.dw_conv.in_channels if isinstance(spec.dw_conv, nn.Conv2d) else None
+    if spec.expand_conv is not None:
+        _check_conv(spec.expand_conv, "expand conv", in_channels,
+                    getattr(spec.expand_conv, "out_channels", -1), False, False)
+        hidden = spec.expand_conv.out_channels
+        _check_bn(spec.expand_bn, "expand BN", hidden)
+    elif spec.expand_bn is not None:
+        raise NotFusable("expand BN without an expand conv")
+    elif hidden != in_channels:
+        raise NotFusable(f"no expand conv, but the depthwise conv has {hidden} channels for "
+                         f"{in_channels} inputs")
+    _check_conv(spec.dw_conv, "depthwise conv", hidden, hidden, True, False)
+    _check_bn(spec.dw_bn, "depthwise BN", hidden)
+    if (spec.stride, spec.kernel_size) != (spec.dw_conv.stride[0], spec.dw_conv.kernel_size[0]):
+        raise NotFusable(f"spec stride/kernel ({spec.stride}, {spec.kernel_size}) disagree "
+                         f"with the depthwise conv")
+    if (spec.se_fc1 is None) != (spec.se_fc2 is None):
+        raise NotFusable("squeeze-excite needs both fc1 and fc2")
+    if spec.se_fc1 is not None:
+        squeeze = getattr(spec.se_fc1, "out_channels", -1)
+        _check_conv(spec.se_fc1, "SE fc1", hidden, squeeze, False, True)
+        _check_conv(spec.se_fc2, "SE fc2", squeeze, hidden, False, True)
+        if spec.se_activation not in ACTIVATIONS or spec.se_gate not in GATES:
+            raise NotFusable(f"SE activation {spec.se_activation!r} / gate {spec.se_gate!r}")
+    out_channels = getattr(spec.project_conv, "out_channels", -1)
+    _check_conv(spec.project_conv, "project conv", hidden, out_channels, False, False)
+    _check_bn(spec.project_bn, "project BN", out_channels)
+    if spec.activation not in ACTIVATIONS:
+        raise NotFusable(f"activation {spec.activation!r}")
+    if spec.residual and (spec.stride != 1 or in_channels != out_channels):
+        raise NotFusable(f"residual with stride {spec.stride}, {in_channels}->{out_channels}")
+    if not 0.0 <= spec.drop_path < 1.0:
+        raise NotFusable(f"drop_path {spec.drop_path} (must be in [0, 1))")
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognizers, by qualified class name. Each returns an unchecked MBConvSpec and the block's
+# input channels, or raises NotFusable.
+
+Recognizer = Callable[[nn.Module], Tuple[MBConvSpec, int]]
+_RECOGNIZERS: Dict[str, Recognizer] = {}
+
+# Block classes that are not MBConv-with-depthwise blocks: listed in reports, never converted.
+_UNFUSABLE_BLOCKS: Dict[str, str] = {
+    _TV + "FusedMBConv": "EfficientNetV2 fused MBConv: a dense kxk expansion conv, no depthwise "
+                         "stage to fuse",
+    _TIMM + "EdgeResidual": "EfficientNetV2 fused MBConv: a dense kxk expansion conv, no "
+                            "depthwise stage to fuse",
+    _TIMM + "CondConvResidual": "CondConv: per-sample mixture of expert kernels",
+    _TIMM + "ConvBnAct": "a single conv + BN + activation, not an inverted-residual block",
+    _TIMM + "UniversalInvertedResidual": "MobileNetV4 block: optional depthwise convs around the "
+                                         "expansion, layer scale",
+    _TIMM + "MobileAttention": "attention block",
+}
+
+
+def register_recognizer(qualname: str) -> Callable[[Recognizer], Recognizer]:
+    """Register ``fn(block) -> (MBConvSpec, in_channels)`` for blocks of class ``qualname``."""
+    def register(fn: Recognizer) -> Recognizer:
+        _RECOGNIZERS[qualname] = fn
+        return fn
+    return register
+
+
+@register_recognizer(qualified_name(MBConv))
+def _fused_mbconv_block(block: MBConv) -> Tuple[MBConvSpec, int]:
+    return block.spec(), block.in_channels
+
+
+def _conv_norm_act(layer: nn.Module, where: str, with_act: bool
+                   ) -> Tuple[nn.Module, nn.Module, Optional[str]]:
+    """torchvision Conv2dNormActivation: Sequential(conv, norm[, activation])."""
+    if not isinstance(layer, nn.Sequential) or len(layer) != (3 if with_act else 2):
+        raise NotFusable(f"{where}: expected Conv2dNormActivation(conv, norm"
+                         f"{', activation' if with_act else ''}), got {layer}")
+    act = _activation(layer[2], f"{where}.2") if with_act else None
+    return layer[0], layer[1], act
+
+
+@register_recognizer(_TV + "MBConv")
+def _torchvision_mbconv(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    layers = list(block.block)
+    if len(layers) not in (3, 4):
+        raise NotFusable(f"block: expected [expand,] depthwise, SE, project layers, "
+                         f"got {len(layers)} layers")
+    expand_conv = expand_bn = None
+    if len(layers) == 4:
+        expand_conv, expand_bn, expand_act = _conv_norm_act(layers[0], "block.0", True)
+        expand_conv = _plain_conv(expand_conv, "block.0.0")
+    dw_at = len(layers) - 3
+    dw_conv, dw_bn, act = _conv_norm_act(layers[dw_at], f"block.{dw_at}", True)
+    dw_conv = _plain_conv(dw_conv, f"block.{dw_at}.0")
+    if expand_conv is not None and expand_act != act:
+        raise NotFusable(f"expand activation {expand_act} differs from depthwise activation {act}")
+    fc1, fc2, se_act, gate = _squeeze_excite(layers[dw_at + 1], f"block.{dw_at + 1}")
+    project_conv, project_bn, _ = _conv_norm_act(layers[dw_at + 2], f"block.{dw_at + 2}", False)
+    in_channels = (expand_conv if expand_conv is not None else dw_conv).in_channels
+    spec = MBConvSpec(
+        expand_conv=expand_conv, expand_bn=expand_bn, dw_conv=dw_conv, dw_bn=dw_bn,
+        se_fc1=fc1, se_fc2=fc2, project_conv=project_conv, project_bn=project_bn,
+        stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0],
+        residual=bool(block.use_res_connect),
+        drop_path=_drop_path(block.stochastic_depth, "stochastic_depth") if block.use_res_connect
+        else 0.0,
+        activation=act, se_activation=se_act or act, se_gate=gate or "sigmoid")
+    return spec, in_channels
+
+
+def _timm_common(block: nn.Module) -> None:
+    if getattr(block, "conv_s2d", None) is not None:
+        raise NotFusable("space-to-depth stem (conv_s2d)")
+    if not _is_identity(getattr(block, "aa", None)):
+        raise NotFusable(f"anti-aliasing layer aa ({_type_name(block.aa)}) after the "
+                         f"depthwise conv")
+
+
+@register_recognizer(_TIMM + "DepthwiseSeparableConv")
+def _timm_depthwise_separable(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    _timm_common(block)
+    act = _norm_act(block.bn1, "bn1")
+    if act is None:
+        raise NotFusable("bn1: no activation after the depthwise BN")
+    if _norm_act(block.bn2, "bn2") is not None:
+        raise NotFusable("bn2: activation after the pointwise projection (pw_act)")
+    fc1, fc2, se_act, gate = _squeeze_excite(block.se, "se")
+    dw_conv = _plain_conv(block.conv_dw, "conv_dw")
+    spec = MBConvSpec(
+        expand_conv=None, expand_bn=None, dw_conv=block.conv_dw, dw_bn=block.bn1,
+        se_fc1=fc1, se_fc2=fc2, project_conv=block.conv_pw, project_bn=block.bn2,
+        stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0],
+        residual=bool(block.has_skip),
+        drop_path=_drop_path(block.drop_path, "drop_path") if block.has_skip else 0.0,
+        activation=act, se_activation=se_act or act, se_gate=gate or "sigmoid")
+    return spec, dw_conv.in_channels
+
+
+@register_recognizer(_TIMM + "InvertedResidual")
+def _timm_inverted_residual(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    _timm_common(block)
+    act = _norm_act(block.bn1, "bn1")
+    dw_act = _norm_act(block.bn2, "bn2")
+    if act is None:
+        raise NotFusable("bn1: no activation after the expand BN")
+    if dw_act != act:
+        raise NotFusable(f"bn2: depthwise activation {dw_act} differs from the expand "
+                         f"activation {act}; the fused block applies one activation to both")
+    if _norm_act(block.bn3, "bn3") is not None:
+        raise NotFusable("bn3: activation after the pointwise projection")
+    fc1, fc2, se_act, gate = _squeeze_excite(block.se, "se")
+    expand_conv = _plain_conv(block.conv_pw, "conv_pw")
+    dw_conv = _plain_conv(block.conv_dw, "conv_dw")
+    spec = MBConvSpec(
+        expand_conv=block.conv_pw, expand_bn=block.bn1, dw_conv=block.conv_dw, dw_bn=block.bn2,
+        se_fc1=fc1, se_fc2=fc2, project_conv=block.conv_pwl, project_bn=block.bn3,
+        stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0],
+        residual=bool(block.has_skip),
+        drop_path=_drop_path(block.drop_path, "drop_path") if block.has_skip else 0.0,
+        activation=act, se_activation=se_act or act, se_gate=gate or "sigmoid")
+    return spec, expand_conv.in_channels
+
+
+def _lookup(cls: type) -> Tuple[Optional[Recognizer], Optional[str]]:
+    """(recognizer, None), (None, reason), or (None, None) for classes that are not blocks."""
+    name = qualified_name(cls)
+    if name in _RECOGNIZERS:
+        return _RECOGNIZERS[name], None
+    if name in _UNFUSABLE_BLOCKS:
+        return None, _UNFUSABLE_BLOCKS[name]
+    for base in cls.__mro__[1:]:
+        base_name = qualified_name(base)
+        if base_name in _UNFUSABLE_BLOCKS:
+            return None, _UNFUSABLE_BLOCKS[base_name]
+        if base_name in _RECOGNIZERS:
+            if cls.forward is base.forward:
+                return _RECOGNIZERS[base_name], None
+            return None, (f"subclass of {base.__name__} with its own forward; its math may "
+                          f"differ from {base.__name__}'s")
+    return None, None
+
+
+def is_block(module: nn.Module) -> bool:
+    """Whether ``module`` is a block class conversion knows (fusable or not)."""
+    recognizer, reason = _lookup(type(module))
+    return recognizer is not None or reason is not None
+
+
+def recognize(module: nn.Module) -> MBConvSpec:
+    """The checked ``MBConvSpec`` of ``module``; raises ``NotFusable`` with the reason."""
+    recognizer, reason = _lookup(type(module))
+    if recognizer is None and reason is None:
+        raise TypeError(f"{_type_name(module)} is not a known MBConv-style block")
+    if recognizer is None:
+        raise NotFusable(reason)
+    try:
+        spec, in_channels = recognizer(module)
+    except AttributeError as e:  # a library version with a different layout
+        raise NotFusable(f"unexpected {_type_name(module)} layout: {e}") from None
+    return check_spec(spec, in_channels)
+
+
+def iter_blocks(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
+    """(path, module) of every known block in ``model``, not descending into blocks."""
+    if is_block(model):
+        yield prefix, model
+        return
+    for name, child in model.named_children():
+        yield from iter_blocks(child, f"{prefix}.{name}" if prefix else name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports and conversion.
+
+def _is_fused(module: nn.Module) -> bool:
+    return isinstance(module, FusedMBConv)
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One known block of a model: ``status`` is "converted" (already a FusedMBConv),
+    "convertible" (``convert`` would fuse it) or "unconverted" (``reason`` says why)."""
+
+    path: str
+    block_type: str
+    status: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    blocks: Tuple[BlockReport, ...]
+
+    def _with(self, status: str) -> List[BlockReport]:
+        return [b for b in self.blocks if b.status == status]
+
+    @property
+    def converted(self) -> List[BlockReport]:
+        return self._with("converted")
+
+    @property
+    def convertible(self) -> List[BlockReport]:
+        return self._with("convertible")
+
+    @property
+    def unconverted(self) -> List[BlockReport]:
+        return self._with("unconverted")
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.blocks)} MBConv-style blocks: {len(self.converted)} converted, "
+                 f"{len(self.convertible)} convertible, {len(self.unconverted)} unconverted"]
+        width = max((len(b.path or "<model>") for b in self.blocks), default=0)
+        for b in self.blocks:
+            line = f"  {b.path or '<model>':<{width}}  {b.status:<11}  {b.block_type}"
+            lines.append(f"{line}: {b.reason}" if b.reason else line)
+        return "\n".join(lines)
+
+
+def _block_report(path: str, module: nn.Module) -> BlockReport:
+    kind = f"{type(module).__module__.split('.')[0]}.{type(module).__qualname__}"
+    if _is_fused(module):
+        return BlockReport(path, kind, "converted")
+    try:
+        recognize(module)
+    except NotFusable as e:
+        return BlockReport(path, kind, "unconverted", str(e))
+    return BlockReport(path, kind, "convertible")
+
+
+def convert_report(model: nn.Module) -> ConversionReport:
+    """Which blocks of ``model`` are converted, would be converted, or can't be, and why."""
+    return ConversionReport(tuple(_block_report(p, m) for p, m in iter_blocks(model)))
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every BatchNorm2d (and timm BatchNormAct2d) under ``module``, outside fused
+    blocks, with ``distributed.SyncBatchNorm``: ``nn.SyncBatchNorm.convert_sync_batchnorm``'s
+    job, on any device, keeping timm's activation. Returns ``module`` (or its replacement)."""
+    if _is_fused(module):
+        return module
+    if qualified_name(type(module)) in _BATCH_NORMS:
+        return SyncBatchNorm.from_batch_norm(module, process_group)
+    for name, child in module.named_children():
+        setattr(module, name, convert_sync_batchnorm(child, process_group))
+    return module
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, module)
+
+
+class SyncFusedMBConv(FusedMBConv):
+    """A converted block whose training statistics span every process of ``process_group``
+    (``convert(..., sync_bn=True)``). With an initialized group of two or more processes it
+    trains through ``distributed.mbconv_sync_forward`` (aten convs, synchronized BatchNorm:
+    the fused op has no point between its statistics and their use to reduce them); otherwise,
+    and in eval, it is FusedMBConv."""
+
+    process_group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and sync_enabled(self.process_group):
+            return mbconv_sync_forward(self.spec(), x, self.process_group)
+        return super().forward(x)
+
+
+def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
+            process_group=None) -> nn.Module:
+    """Swap every block ``convert_report`` calls convertible for a ``FusedMBConv`` that adopts
+    the block's submodules under their names, so ``state_dict`` keys and values are unchanged.
+
+    ``sync_bn``: batch statistics over every process of ``process_group`` (default: the whole
+    world), in the fused blocks and in every other BatchNorm2d (as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` would, but on any device).
+
+    Returns the converted model (a new one unless ``inplace``; when ``model`` itself is a
+    block, always a new module: use the return value).
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    fused_type = SyncFusedMBConv if sync_bn else FusedMBConv
+    for path, block in list(iter_blocks(model)):
+        if _is_fused(block):
+            if not sync_bn or isinstance(block, SyncFusedMBConv):
+                continue
+            recompute = block.recompute_dwconv
+            block = SyncFusedMBConv.from_spec(block, block.spec())
+            block.recompute_dwconv = recompute
+        else:
+            try:
+                spec = recognize(block)
+            except NotFusable:
+                continue
+            block = fused_type.from_module(block) if isinstance(block, MBConv) else \
+                fused_type.from_spec(block, spec)
+        if sync_bn:
+            block.process_group = process_group
+        if not path:
+            return block
+        _replace(model, path, block)
+    return convert_sync_batchnorm(model, process_group) if sync_bn else model
+
+
+# FusedMBConv.from_module's extension point: every block type these recognizers know.
+register_block_type(nn.Module, recognize)

@@ -1,0 +1,453 @@
+"""Model conversion: block recognizers, convert / convert_report, and the converted models'
+parity with the originals (train and eval, state_dict, pickling, torch.compile, autocast,
+export). Random weights only; nothing is downloaded."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import timm
+import torchvision
+
+import fused_mbconv as fm
+from fused_mbconv.convert import NotFusable, is_block, iter_blocks, recognize
+from fused_mbconv.activations import make_activation, make_gate
+from tolerances import assert_close_by_rule
+
+
+def timm_model(name, **kwargs):
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def tv_model(name, **kwargs):
+    return getattr(torchvision.models, name)(weights=None, **kwargs)
+
+
+# (model id, constructor, blocks that must be fusable, unfusable blocks' reasons must contain)
+MODELS = {
+    "tv:efficientnet_b0": (lambda: tv_model("efficientnet_b0"), 16, {}),
+    "tv:efficientnet_v2_s": (lambda: tv_model("efficientnet_v2_s"), 30,
+                             {"EfficientNetV2 fused MBConv": 10}),
+    "timm:efficientnet_b0": (lambda: timm_model("efficientnet_b0", drop_path_rate=0.2), 16, {}),
+    "timm:mobilenetv2_100": (lambda: timm_model("mobilenetv2_100", drop_path_rate=0.2), 17, {}),
+    "timm:mobilenetv3_large_100": (lambda: timm_model("mobilenetv3_large_100",
+                                                      drop_path_rate=0.2), 15,
+                                   {"not an inverted-residual block": 1}),
+    "timm:mnasnet_100": (lambda: timm_model("mnasnet_100"), 17, {}),
+    "timm:mixnet_s": (lambda: timm_model("mixnet_s"), 1, {"MixedConv2d": 15}),
+    "timm:tf_efficientnet_b0": (lambda: timm_model("tf_efficientnet_b0"), 12,
+                                {"'same' padding": 4}),
+    "fm:efficientnet_b0": (lambda: fm.efficientnet_b0(), 16, {}),
+}
+
+
+def spec_forward(spec: fm.MBConvSpec, x: torch.Tensor, training: bool) -> torch.Tensor:
+    """The block as ``spec`` describes it, from its role modules' parameters: what a faithful
+    recognizer promises the fused block computes."""
+    def bn(h, m):
+        if training:
+            m.num_batches_tracked += 1
+        return F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, training,
+                            m.momentum, m.eps)
+
+    act = make_activation(spec.activation)
+    h = x
+    if spec.expand_conv is not None:
+        h = act(bn(F.conv2d(h, spec.expand_conv.weight), spec.expand_bn))
+    k = spec.kernel_size
+    h = act(bn(F.conv2d(h, spec.dw_conv.weight, None, spec.stride, k // 2, 1, h.shape[1]),
+               spec.dw_bn))
+    if spec.se_fc1 is not None:
+        s = h.mean((2, 3), keepdim=True)
+        s = make_activation(spec.se_activation)(F.conv2d(s, spec.se_fc1.weight, spec.se_fc1.bias))
+        h = h * make_gate(spec.se_gate)(F.conv2d(s, spec.se_fc2.weight, spec.se_fc2.bias))
+    h = bn(F.conv2d(h, spec.project_conv.weight), spec.project_bn)
+    if spec.residual:
+        h = fm.blocks.drop_path(h, spec.drop_path, training) + x
+    return h
+
+
+def randomize_bn_state(model: nn.Module) -> None:
+    """Non-trivial BN affine parameters and running statistics, so roles can't be confused."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+def block_input(spec: fm.MBConvSpec, size: int = 6) -> torch.Tensor:
+    channels = (spec.expand_conv or spec.dw_conv).in_channels
+    return torch.randn(2, channels, size, size)
+
+
+def bn_state(module: nn.Module):
+    return {k: v.clone() for k, v in module.state_dict().items()
+            if "running" in k or "num_batches" in k}
+
+
+def distinct_fusable_blocks(model):
+    """One fusable block per distinct layout (class, roles present, flags), to keep tests fast."""
+    seen = set()
+    for path, block in iter_blocks(model):
+        try:
+            spec = recognize(block)
+        except NotFusable:
+            continue
+        layout = (type(block), spec.expand_conv is None, spec.se_fc1 is None, spec.stride,
+                  spec.residual, spec.drop_path > 0, spec.activation, spec.se_activation,
+                  spec.se_gate)
+        if layout not in seen:
+            seen.add(layout)
+            yield path, block
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model_case(request):
+    build, fusable, unfusable = MODELS[request.param]
+    torch.manual_seed(0)
+    model = build()
+    randomize_bn_state(model)
+    return request.param, model, fusable, unfusable
+
+
+def test_recognizers_count_fusable_and_unfusable_blocks(model_case):
+    name, model, fusable, unfusable = model_case
+    ok, reasons = 0, []
+    for _, block in iter_blocks(model):
+        try:
+            recognize(block)
+            ok += 1
+        except NotFusable as e:
+            reasons.append(str(e))
+    assert ok == fusable, name
+    assert len(reasons) == sum(unfusable.values()), reasons
+    for needle, count in unfusable.items():
+        assert sum(needle in r for r in reasons) == count, (needle, reasons)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_specs_reproduce_every_fusable_block(model_case, training):
+    """Each recognized spec, evaluated from its role modules, gives the original block's output
+    and running-statistic updates (drop path included, same random stream)."""
+    name, model, _, _ = model_case
+    for path, block in distinct_fusable_blocks(model):
+        original, described = copy.deepcopy(block), copy.deepcopy(block)
+        original.train(training)
+        spec = recognize(described)
+        x = block_input(spec)
+        torch.manual_seed(1)
+        expected = original(x.clone())
+        torch.manual_seed(1)
+        got = spec_forward(spec, x.clone(), training)
+        torch.testing.assert_close(got, expected, msg=f"{name} {path}")
+        assert bn_state(described).keys() == bn_state(original).keys()
+        for key, value in bn_state(original).items():
+            torch.testing.assert_close(bn_state(described)[key], value,
+                                       msg=f"{name} {path} {key}")
+
+
+def timm_block(cls_name, **kwargs):
+    from timm.models import _efficientnet_blocks as eb
+    return getattr(eb, cls_name)(**kwargs)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: timm_block("InvertedResidual", in_chs=8, out_chs=8, exp_ratio=4,
+                        act_layer=nn.GELU), "unsupported activation GELU"),
+    (lambda: timm_block("DepthwiseSeparableConv", in_chs=8, out_chs=8, pw_act=True),
+     "activation after the pointwise projection"),
+    (lambda: timm_block("InvertedResidual", in_chs=8, out_chs=8, exp_ratio=4,
+                        norm_layer=lambda c, **kw: nn.BatchNorm2d(c, affine=False)),
+     "bn1: no activation"),  # a non-BatchNormAct norm in timm drops the activation
+    (lambda: timm_block("InvertedResidual", in_chs=8, out_chs=8, exp_ratio=4, dilation=2),
+     "dilation"),
+    (lambda: timm_block("InvertedResidual", in_chs=8, out_chs=8, exp_ratio=4, group_size=4),
+     "not depthwise"),
+    (lambda: timm_block("CondConvResidual", in_chs=8, out_chs=8, exp_ratio=4, num_experts=2),
+     "CondConv"),
+    (lambda: timm_block("EdgeResidual", in_chs=8, out_chs=8, exp_ratio=4), "dense kxk"),
+    (lambda: timm_block("ConvBnAct", in_chs=8, out_chs=8, kernel_size=3), "not an inverted"),
+])
+def test_unfusable_blocks_say_why(make, reason):
+    block = make()
+    assert is_block(block)
+    with pytest.raises(NotFusable, match=reason):
+        recognize(block)
+
+
+def test_bn_without_affine_or_running_stats_is_refused():
+    block = fm.MBConv(8, 8, 3, 1, 4)
+    block.dw_bn = nn.BatchNorm2d(32, affine=False)
+    with pytest.raises(NotFusable, match="depthwise BN: BatchNorm without affine"):
+        recognize(block)
+    block.dw_bn = nn.BatchNorm2d(32, track_running_stats=False)
+    with pytest.raises(NotFusable, match="depthwise BN: BatchNorm without running"):
+        recognize(block)
+
+
+def test_conv_bias_where_the_block_has_none_is_refused():
+    block = fm.MBConv(8, 16, 3, 2, 4)
+    block.project_conv = nn.Conv2d(32, 16, 1, bias=True)
+    with pytest.raises(NotFusable, match="project conv: conv with bias"):
+        recognize(block)
+
+
+def test_subclass_overriding_forward_is_refused():
+    class Custom(fm.MBConv):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class SameMath(fm.MBConv):
+        pass
+
+    with pytest.raises(NotFusable, match="subclass of MBConv with its own forward"):
+        recognize(Custom(8, 8, 3, 1, 4))
+    assert recognize(SameMath(8, 8, 3, 1, 4)).residual
+
+
+def test_non_blocks_are_not_listed():
+    assert not is_block(nn.Conv2d(3, 3, 3))
+    with pytest.raises(TypeError, match="not a known MBConv-style block"):
+        recognize(nn.Sequential())
+
+
+# ---------------------------------------------------------------------------------------------
+# convert_report
+
+
+def test_report_lists_unconverted_blocks_and_why():
+    report = fm.convert_report(timm_model("mixnet_s"))
+    assert [b.path for b in report.convertible] == ["blocks.0.0"]
+    assert len(report.unconverted) == 15 and not report.converted
+    assert all("MixedConv2d" in b.reason for b in report.unconverted)
+    text = str(report)
+    assert text.startswith("16 MBConv-style blocks: 0 converted, 1 convertible, 15 unconverted")
+    assert "blocks.3.1  unconverted  timm.InvertedResidual: conv_dw: MixedConv2d" in text
+
+
+@pytest.mark.parametrize("name, unconverted, reason", [
+    ("timm:tf_efficientnet_b0", 4, "TF 'same' padding"),
+    ("tv:efficientnet_v2_s", 10, "dense kxk expansion conv"),
+    ("timm:mixnet_s", 15, "MixedConv2d"),
+])
+def test_report_after_conversion(name, unconverted, reason):
+    build, fusable, _ = MODELS[name]
+    converted = fm.convert(build())
+    report = fm.convert_report(converted)
+    assert len(report.converted) == fusable and not report.convertible
+    assert len(report.unconverted) == unconverted
+    assert all(reason in b.reason for b in report.unconverted), str(report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion parity: converted vs original, both fp32, judged against the original in fp64 by
+# the suite's tolerance rule.
+
+PARITY_MODELS = ["tv:efficientnet_b0", "tv:efficientnet_v2_s", "timm:efficientnet_b0",
+                 "timm:mobilenetv2_100", "timm:mobilenetv3_large_100", "timm:mnasnet_100",
+                 "timm:tf_efficientnet_b0"]
+
+
+def train_steps(model, x, weights, steps=2):
+    """Per SGD step: output and every parameter's gradient; then the final state_dict."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    record = []
+    for step in range(steps):
+        torch.manual_seed(100 + step)  # same drop-path / dropout masks in every model
+        out = model(x.to(next(model.parameters()).dtype))
+        opt.zero_grad()
+        (out * weights.to(out.dtype)).sum().backward()
+        record.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        opt.step()
+    return record, model.state_dict()
+
+
+def assert_state_close(fused, eager, ref, what):
+    assert fused.keys() == eager.keys() == ref.keys(), what
+    for key in ref:
+        if ref[key].is_floating_point():
+            assert_close_by_rule(fused[key], eager[key], ref[key], eager[key].dtype,
+                                 f"{what} {key}")
+        else:
+            assert torch.equal(fused[key], ref[key]), f"{what} {key}"
+
+
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_converted_model_trains_like_the_original(name):
+    build, fusable, _ = MODELS[name]
+    torch.manual_seed(0)
+    original = build()
+    randomize_bn_state(original)
+    converted = fm.convert(original)
+    assert len(fm.convert_report(converted).converted) == fusable
+    reference = copy.deepcopy(original).double()
+    x = torch.randn(2, 3, 64, 64)
+    weights = torch.randn(2, 1000) / 1000  # small, well-conditioned steps
+    runs = {label: train_steps(m.train(), x, weights)
+            for label, m in (("fused", converted), ("eager", original), ("ref", reference))}
+    for step, ((f_out, f_grads), (e_out, e_grads), (r_out, r_grads)) in enumerate(
+            zip(*(runs[k][0] for k in ("fused", "eager", "ref")))):
+        assert_close_by_rule(f_out, e_out, r_out, torch.float32, f"{name} step {step} output")
+        if step == 0:  # later steps start from parameters that already differ by rounding, and
+            # ReLU/ReLU6 kinks then flip differently in each model: judged through the state
+            assert_state_close(f_grads, e_grads, r_grads, f"{name} step {step} grad")
+    assert_state_close(runs["fused"][1], runs["eager"][1], runs["ref"][1], f"{name} state")
+    # eval mode, with the running statistics training left behind
+    with torch.no_grad():
+        outs = [m.eval()(x.to(next(m.parameters()).dtype))
+                for m in (converted, original, reference)]
+    assert_close_by_rule(*outs, torch.float32, f"{name} eval output")
+
+
+def test_convert_leaves_the_original_alone_unless_inplace():
+    model = MODELS["tv:efficientnet_b0"][0]()
+    converted = fm.convert(model)
+    assert converted is not model
+    assert len(fm.convert_report(model).convertible) == 16
+    assert fm.convert(model, inplace=True) is model
+    assert len(fm.convert_report(model).converted) == 16
+    block = fm.MBConv(8, 8, 3, 1, 4).eval()
+    fused = fm.convert(block)
+    assert isinstance(fused, fm.FusedMBConv) and not fused.training
+
+
+# ---------------------------------------------------------------------------------------------
+# A small model with one block of every recognized kind, for the framework checks below.
+
+
+def zoo():
+    from functools import partial
+
+    from timm.models._efficientnet_blocks import (DepthwiseSeparableConv, InvertedResidual,
+                                                  SqueezeExcite)
+    from torchvision.models.efficientnet import MBConv, MBConvConfig
+
+    torch.manual_seed(0)
+    hard_se = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU(),
+        MBConv(MBConvConfig(4, 3, 1, 16, 16, 1), 0.1, nn.BatchNorm2d),
+        InvertedResidual(16, 24, 5, stride=2, exp_ratio=3, act_layer=nn.Hardswish,
+                         se_layer=hard_se),
+        DepthwiseSeparableConv(24, 24, 3, act_layer=nn.ReLU6, drop_path_rate=0.1),
+        fm.MBConv(24, 32, 3, 2, 6),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    randomize_bn_state(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def zoo_pair():
+    original = zoo()
+    converted = fm.convert(original)
+    assert len(fm.convert_report(converted).converted) == 4
+    return original, converted
+
+
+def test_state_dicts_load_both_ways(zoo_pair):
+    original, converted = zoo_pair
+    assert list(original.state_dict()) == list(converted.state_dict())
+    for a, b in zip(original.state_dict().values(), converted.state_dict().values()):
+        assert torch.equal(a, b)
+    fresh_original, fresh_converted = zoo(), fm.convert(zoo())
+    with torch.no_grad():
+        for p in fresh_original.parameters():
+            p.add_(1.0)
+    fresh_converted.load_state_dict(fresh_original.state_dict())  # strict
+    original_copy = copy.deepcopy(original)
+    original_copy.load_state_dict(fresh_converted.state_dict())
+    for a, b in zip(fresh_original.state_dict().values(), original_copy.state_dict().values()):
+        assert torch.equal(a, b)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh_converted.eval()(x), original_copy.eval()(x))
+
+
+def test_deepcopy_and_pickle(zoo_pair):
+    import io
+
+    _, converted = zoo_pair
+    converted.eval()
+    x = torch.randn(2, 3, 32, 32)
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(converted)
+    with torch.no_grad():
+        expected = converted(x)
+        for other in (loaded, copied):
+            assert len(fm.convert_report(other).converted) == 4
+            torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+    # the copies own their parameters: training one leaves the other alone
+    copied.train()(x).sum().backward()
+    assert all(p.grad is None for p in converted.parameters())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compile_fullgraph_without_graph_breaks(zoo_pair, training):
+    _, converted = zoo_pair
+    model = copy.deepcopy(converted).train(training)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    out = compiled(x)
+    torch.manual_seed(5)
+    expected = eager(x)
+    torch.testing.assert_close(out, expected)
+    if training:
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for (n, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=n)
+        for (n, b), c in zip(model.named_buffers(), eager.buffers()):
+            torch.testing.assert_close(b, c, msg=n)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_autocast_bfloat16_matches_eager_autocast(zoo_pair, training):
+    original, converted = (copy.deepcopy(m).train(training) for m in zoo_pair)
+    reference = copy.deepcopy(original).double()
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for model in (converted, original):
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        outs.append(out)
+    torch.manual_seed(7)
+    ref = reference(x.double())
+    assert outs[0].dtype == outs[1].dtype
+    assert_close_by_rule(outs[0].float(), outs[1].float(), ref, torch.bfloat16, "output")
+    for p, q in zip(converted.parameters(), original.parameters()):
+        assert p.grad.dtype == q.grad.dtype == torch.float32
+
+
+def test_export_eval(zoo_pair):
+    _, converted = zoo_pair
+    model = copy.deepcopy(converted).eval()
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(model, (x,))
+    x2 = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x2), model(x2))
+
+
+def test_from_module_accepts_torchvision_and_timm_blocks():
+    model = MODELS["timm:mobilenetv3_large_100"][0]()
+    fused = fm.FusedMBConv.from_module(model.blocks[2][0])
+    assert fused.spec().se_gate == "hardsigmoid" and fused.spec().activation == "relu"
+    assert list(fused.state_dict()) == list(model.blocks[2][0].state_dict())
+    mixed = timm_model("mixnet_s").blocks[2][0]
+    with pytest.raises(ValueError, match="MixedConv2d"):
+        fm.FusedMBConv.from_module(mixed)

@@ -1,0 +1,33 @@
+"""Every Triton kernel specialization EfficientNet-B0 uses compiles for sm_80 and sm_90 without
+register spills (no GPU needed: triton.compile with a GPUTarget, then ptxas -v).
+
+Runs in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled), with
+Triton's cache in a temporary directory so nothing is cached in the repo or reused. bf16 stands
+for the 16-bit dtypes here; `python -m fused_mbconv.kernels.compile_report` covers all three."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_b0_specializations_compile_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run([sys.executable, "-m", "fused_mbconv.kernels.compile_report",
+                          "--arch", "80", "90", "--dtype", "bf16"],
+                         env=env, capture_output=True, text=True, timeout=540)
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report
+    assert " 0 failed" in run.stdout, report
+    for kernel in ("dwconv_bn_silu_fwd_kernel", "bn_stats_finalize_kernel",
+                   "bn_silu_apply_kernel", "bn_silu_bwd_reduce_kernel", "sum_rows_kernel",
+                   "dwconv_bwd_grad_conv_kernel", "dwconv_bwd_input_kernel"):
+        assert f"{kernel} " in run.stdout, f"{kernel} missing from the report\n{report}"
+    for token in ("k3 s1", "k3 s2", "k5 s1", "k5 s2", "nchw", "nhwc", "train", "eval",
+                  "sm_80", "sm_90"):
+        assert token in run.stdout, f"no {token!r} specialization\n{report}"
