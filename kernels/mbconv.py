@@ -45,9 +45,15 @@ from .dwconv_bn_silu import (ACTIVATION_IDS, BLOCK_T, TL_NAMES, Problem, Registr
 Tensor = torch.Tensor
 
 NUM_WARPS = 8  # 4 warps spill in the gate-gradient GEMM epilogue and the SE backward
+COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
 # Uncapped, ptxas holds some 8-warp GEMM variants to 128 registers and spills a few bytes; a
-# 168 cap lets them fit (launchers and the compile report use the same options).
-COMPILE_OPTIONS = dict(num_warps=NUM_WARPS, maxnreg=168)
+# 168 cap lets them fit. The gate-gradient epilogue needs ~240 and spills under that cap.
+# Launchers and the compile report use the same options.
+CAPPED_OPTIONS = dict(num_warps=NUM_WARPS, maxnreg=168)
+
+
+def gemm_options(epilogue: int) -> dict:
+    return COMPILE_OPTIONS if epilogue == GATE_GRAD else CAPPED_OPTIONS
 WGRAD_PROGRAMS = 512  # enough weight-gradient programs to fill a GPU: splits = this / tiles
 
 # operand prologues
@@ -446,7 +452,7 @@ def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, *, kind: int 
         TRAINING=training, EPILOGUE=epilogue,
         CHANNELS_LAST=memory_format_of(a) == torch.channels_last,
         UPCAST=_upcast_dot(a.dtype), ACC=_acc_tl(a.dtype), BLOCK_P=block_p, BLOCK_K=block_k,
-        BLOCK_N=block_n, **COMPILE_OPTIONS, **a_flags, **e_flags)
+        BLOCK_N=block_n, **gemm_options(epilogue), **a_flags, **e_flags)
     reads = nbytes(a, weight, gate, scale) + bn_bytes(a_bn) + bn_bytes(e_bn)
     if kind == BN_BWD and training:
         reads += nbytes(aux, *sums)
@@ -478,7 +484,7 @@ def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weigh
         ACT=ACTIVATION_IDS[activation], GATE=gate is not None, SCALE=scale is not None,
         TRAINING=training, CHANNELS_LAST=memory_format_of(g) == torch.channels_last,
         UPCAST=_upcast_dot(g.dtype), ACC=_acc_tl(g.dtype),
-        BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_N=block_n, **COMPILE_OPTIONS,
+        BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_N=block_n, **CAPPED_OPTIONS,
         **g_flags, **a_flags)
     note_launch("pointwise_wgrad_kernel", "triton",
                 nbytes(g, a, gate, scale) + bn_bytes(g_bn) + bn_bytes(a_bn)
@@ -771,7 +777,7 @@ def specializations(blocks=B0_BLOCKS, dtypes=tuple(TL_NAMES)):
                                 BLOCK_N=bn, **layout)
                     base.update(flags)
                     reg.add(pointwise_conv_kernel, act, f"{label} {where}", base,
-                            activation_ptrs=_ACT_PTRS)
+                            options=gemm_options(base["EPILOGUE"]), activation_ptrs=_ACT_PTRS)
 
                 def wgrad(label, gc, ac, **flags):
                     bp, bm, bn = wgrad_blocks(gc, ac, big)
@@ -780,7 +786,7 @@ def specializations(blocks=B0_BLOCKS, dtypes=tuple(TL_NAMES)):
                                 UPCAST=False, BLOCK_P=bp, BLOCK_M=bm, BLOCK_N=bn, **layout)
                     base.update(flags)
                     reg.add(pointwise_wgrad_kernel, act, f"{label} {where}", base,
-                            activation_ptrs=_ACT_PTRS)
+                            options=CAPPED_OPTIONS, activation_ptrs=_ACT_PTRS)
 
                 bn_in = dict(A_HAS_GAMMA=True, A_HAS_BETA=True)
                 if expand != 1:
