@@ -32,9 +32,15 @@ Tensor = torch.Tensor
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
               torch.float32: tl.float32, torch.float64: tl.float64}
 NUM_WARPS = 8  # 4 tile elements per thread: the K² tap loop needs ~half the registers
-# Without a cap ptxas holds 8-warp kernels to 64 registers on sm_90 and the fp16 eval forward
-# spilled; allowing 128 it takes 88, spill-free. Launchers and the compile report both use it.
-COMPILE_OPTIONS = dict(num_warps=NUM_WARPS, maxnreg=128)
+COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
+
+
+def forward_options(k: int, apply: bool) -> dict:
+    """Compile options of dwconv_bn_silu_fwd_kernel, used by its launcher and the compile
+    report alike. Uncapped, ptxas holds the k=3 eval (APPLY) forward to 64 registers on sm_90
+    and spills (fp16); a 96-register cap gives it 88, spill-free. Other variants stay uncapped:
+    a cap there makes ptxas schedule more loads ahead and spill."""
+    return dict(num_warps=NUM_WARPS, maxnreg=96) if apply and k == 3 else COMPILE_OPTIONS
 BLOCK_T = 64  # partial rows merged per step by the finalize / sum kernels
 
 
@@ -563,7 +569,8 @@ def conv_forward(pr: Problem, x: Tensor, weight: Tensor, d: Tensor, *, stats: bo
         pr.c, pr.h, pr.w, pr.oh, pr.ow, eps, in_eps, K=pr.k, STRIDE=pr.stride,
         CHANNELS_LAST=pr.channels_last, STATS=stats, APPLY=apply is not None,
         WRITE_D=d is not None, IN_BN=in_bn is not None, ACT=ACTIVATION_IDS[activation],
-        ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, **COMPILE_OPTIONS, **flags,
+        ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c,
+        **forward_options(pr.k, apply is not None), **flags,
         **in_flags)
     note_launch("dwconv_bn_silu_fwd_kernel", "triton",
                 nbytes(x, weight) + bn_bytes(in_bn) + bn_bytes(bn),
@@ -725,10 +732,11 @@ class Registry:
     def __init__(self):
         self.specs = {}
 
-    def add(self, kernel, act, label, constexprs, **kw):
+    def add(self, kernel, act, label, constexprs, options=None, **kw):
+        """``options``: compile options when they differ from the module's COMPILE_OPTIONS."""
         key = (kernel.__name__, act, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
         self.specs.setdefault(key, (kernel, signature(kernel, constexprs, act, **kw),
-                                    constexprs, f"{kernel.__name__} {label}"))
+                                    constexprs, f"{kernel.__name__} {label}", options))
 
     def list(self):
         return list(self.specs.values())
@@ -752,9 +760,10 @@ def add_depthwise_specializations(reg: Registry, act: str, channels_last: bool, 
     where = f"k{k} s{stride} {act} {fmt} {block_p}x{block_c}" + (
         (" block bn1" if in_bn else " block") if block else "")
     for training in (True, False):
+        apply = not (training or block)
         reg.add(dwconv_bn_silu_fwd_kernel, act, f"{where} {'train' if training else 'eval'}",
-                dict(STATS=training, APPLY=not (training or block), WRITE_D=training or block,
-                     **conv, **common, **inb))
+                dict(STATS=training, APPLY=apply, WRITE_D=training or block, **conv, **common,
+                     **inb), options=forward_options(k, apply))
     reg.add(dwconv_bwd_grad_conv_kernel, act, f"{where} train",
             dict(TRAINING=True, WRITE_GC=True, NEED_GW=True, POOLED=block, **conv, **common,
                  **inb))

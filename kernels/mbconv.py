@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fused_mbconv.accounting import note_launch
-from fused_mbconv.tensors import NormArgs, accumulate_dtype, memory_format_of
+from fused_mbconv.tensors import NormArgs, accumulate_dtype
 
 from .dwconv_bn_silu import (ACTIVATION_IDS, BLOCK_T, TL_NAMES, Problem, Registry, _act,
                              _act_grad, _bn_coefficients, _bn_scale_shift, _image, _offsets,
@@ -44,8 +44,16 @@ from .dwconv_bn_silu import (ACTIVATION_IDS, BLOCK_T, TL_NAMES, Problem, Registr
 
 Tensor = torch.Tensor
 
-NUM_WARPS = 4
+NUM_WARPS = 8  # 4 warps spill in the gate-gradient GEMM epilogue and the SE backward
 COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
+# Uncapped, ptxas holds some 8-warp GEMM variants to 128 registers and spills a few bytes; a
+# 168 cap lets them fit. The gate-gradient epilogue needs ~240 and spills under that cap.
+# Launchers and the compile report use the same options.
+CAPPED_OPTIONS = dict(num_warps=NUM_WARPS, maxnreg=168)
+
+
+def gemm_options(epilogue: int) -> dict:
+    return COMPILE_OPTIONS if epilogue == GATE_GRAD else CAPPED_OPTIONS
 WGRAD_PROGRAMS = 512  # enough weight-gradient programs to fill a GPU: splits = this / tiles
 
 # operand prologues
@@ -419,14 +427,16 @@ def _prologue_args(bn: Optional[NormArgs], sums, placeholder: Tensor, prefix: st
     return (*ptrs, *sums), eps, flags
 
 
-def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, *, kind: int = RAW,
+def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, channels_last: bool, *,
+          kind: int = RAW,
           aux: Optional[Tensor] = None, a_bn: Optional[NormArgs] = None, sums=None,
           gate: Optional[Tensor] = None, scale: Optional[Tensor] = None,
           activation: str = "identity", training: bool = False, epilogue: int = PLAIN,
           epi: Optional[Tensor] = None, e_bn: Optional[NormArgs] = None,
           part: Optional[Tensor] = None, ggate: Optional[Tensor] = None) -> None:
     """One pointwise_conv_kernel launch: out = conv1x1(prologue(a)) with weight (out, in), or
-    with its transpose (dgrad); layouts of a, aux, out, epi must agree."""
+    with its transpose (dgrad); a, aux, out, epi all laid out as the problem's
+    ``channels_last`` says (a one-channel tensor is both: the flag cannot come from it)."""
     n, kc, h, w = a.shape
     nc, hw = out.shape[1], h * w
     cols = weight.shape[1]
@@ -441,10 +451,9 @@ def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, *, kind: int 
         scale if scale is not None else a, ggate if ggate is not None else out, *a_ptrs,
         *e_ptrs, kc, nc, hw, stride_wk, stride_wn, n * hw, a_eps, e_eps, A_KIND=kind,
         ACT=ACTIVATION_IDS[activation], GATE=gate_in, SCALE=scale is not None,
-        TRAINING=training, EPILOGUE=epilogue,
-        CHANNELS_LAST=memory_format_of(a) == torch.channels_last,
+        TRAINING=training, EPILOGUE=epilogue, CHANNELS_LAST=channels_last,
         UPCAST=_upcast_dot(a.dtype), ACC=_acc_tl(a.dtype), BLOCK_P=block_p, BLOCK_K=block_k,
-        BLOCK_N=block_n, **COMPILE_OPTIONS, **a_flags, **e_flags)
+        BLOCK_N=block_n, **gemm_options(epilogue), **a_flags, **e_flags)
     reads = nbytes(a, weight, gate, scale) + bn_bytes(a_bn) + bn_bytes(e_bn)
     if kind == BN_BWD and training:
         reads += nbytes(aux, *sums)
@@ -453,7 +462,8 @@ def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, *, kind: int 
     note_launch("pointwise_conv_kernel", "triton", reads, nbytes(out, part, ggate))
 
 
-def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weight: Tensor, *,
+def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weight: Tensor,
+           channels_last: bool, *,
            kind: int = RAW, a_bn: Optional[NormArgs] = None, gate: Optional[Tensor] = None,
            scale: Optional[Tensor] = None, activation: str = "identity",
            training: bool = False) -> None:
@@ -474,9 +484,9 @@ def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weigh
         g, g_aux, a, part, gate if gate is not None else a, scale if scale is not None else a,
         *g_ptrs, *a_ptrs, gc, ac, n, hw, n * hw, g_eps, a_eps, A_KIND=kind,
         ACT=ACTIVATION_IDS[activation], GATE=gate is not None, SCALE=scale is not None,
-        TRAINING=training, CHANNELS_LAST=memory_format_of(g) == torch.channels_last,
+        TRAINING=training, CHANNELS_LAST=channels_last,
         UPCAST=_upcast_dot(g.dtype), ACC=_acc_tl(g.dtype),
-        BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_N=block_n, **COMPILE_OPTIONS,
+        BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_N=block_n, **CAPPED_OPTIONS,
         **g_flags, **a_flags)
     note_launch("pointwise_wgrad_kernel", "triton",
                 nbytes(g, a, gate, scale) + bn_bytes(g_bn) + bn_bytes(a_bn)
@@ -510,11 +520,12 @@ def _gemm_forward(a: Tensor, weight: Tensor, need_stats: bool, **prologue
     out = torch.empty((pr.n, cout, pr.h, pr.w), dtype=a.dtype, device=a.device,
                       memory_format=pr.fmt)
     if not need_stats:
-        _gemm(a, weight.contiguous(), False, out, **prologue)
+        _gemm(a, weight.contiguous(), False, out, pr.channels_last, **prologue)
         return (out, *_empty_stats(a))
     acc = accumulate_dtype(a.dtype)
     part = torch.empty((pr.n, 2 * cout), dtype=acc, device=a.device)
-    _gemm(a, weight.contiguous(), False, out, epilogue=STATS, part=part, **prologue)
+    _gemm(a, weight.contiguous(), False, out, pr.channels_last, epilogue=STATS, part=part,
+          **prologue)
     mean = torch.empty(cout, dtype=acc, device=a.device)
     var = torch.empty(cout, dtype=acc, device=a.device)
     hw = pr.h * pr.w
@@ -635,17 +646,17 @@ def mbconv_project_backward(grad_out: Tensor, q: Tensor, d: Tensor,
         grad_a2 = pr.empty_out(d)
         if gate_values is None:
             grad_gate = _empty_stats(d)[0]
-            _gemm(go, weight, True, grad_a2, kind=BN_BWD, aux=q, a_bn=bn3, sums=sums,
-                  scale=sample_scale, training=training)
+            _gemm(go, weight, True, grad_a2, pr.channels_last, kind=BN_BWD, aux=q, a_bn=bn3,
+                  sums=sums, scale=sample_scale, training=training)
         else:
             grad_gate = torch.empty((pr.n, pr.c), dtype=pr.acc_dtype, device=d.device)
-            _gemm(go, weight, True, grad_a2, kind=BN_BWD, aux=q, a_bn=bn3, sums=sums,
-                  scale=sample_scale, training=training, epilogue=GATE_GRAD, epi=d,
+            _gemm(go, weight, True, grad_a2, pr.channels_last, kind=BN_BWD, aux=q, a_bn=bn3,
+                  sums=sums, scale=sample_scale, training=training, epilogue=GATE_GRAD, epi=d,
                   e_bn=bn2, gate=gate_values, ggate=grad_gate, activation=activation)
     if output_mask[1]:
         grad_weight = torch.empty(tuple(weight.shape), dtype=weight.dtype, device=d.device)
-        _wgrad(go, q, bn3, sums, d, grad_weight, kind=ACT_BN, a_bn=bn2, gate=gate_values,
-               scale=sample_scale, activation=activation, training=training)
+        _wgrad(go, q, bn3, sums, d, grad_weight, pr.channels_last, kind=ACT_BN, a_bn=bn2,
+               gate=gate_values, scale=sample_scale, activation=activation, training=training)
     return grad_a2, grad_gate, grad_weight
 
 
@@ -721,12 +732,12 @@ def mbconv_expand_backward(grad_y1: Tensor, e: Tensor, x: Tensor, weight: Tensor
     if output_mask[0]:
         grad_x = pr.empty_out(x)
         residual = pr.layout(grad_residual) if grad_residual is not None else None
-        _gemm(gy, weight, True, grad_x, kind=BN_BWD, aux=e, a_bn=bn1, sums=sums,
-              training=training, epilogue=RESIDUAL if residual is not None else PLAIN,
+        _gemm(gy, weight, True, grad_x, pr.channels_last, kind=BN_BWD, aux=e, a_bn=bn1,
+              sums=sums, training=training, epilogue=RESIDUAL if residual is not None else PLAIN,
               epi=residual)
     if output_mask[1]:
         grad_weight = torch.empty(tuple(weight.shape), dtype=weight.dtype, device=x.device)
-        _wgrad(gy, e, bn1, sums, x, grad_weight, training=training)
+        _wgrad(gy, e, bn1, sums, x, grad_weight, pr.channels_last, training=training)
     return grad_x, grad_weight
 
 
@@ -769,7 +780,7 @@ def specializations(blocks=B0_BLOCKS, dtypes=tuple(TL_NAMES)):
                                 BLOCK_N=bn, **layout)
                     base.update(flags)
                     reg.add(pointwise_conv_kernel, act, f"{label} {where}", base,
-                            activation_ptrs=_ACT_PTRS)
+                            options=gemm_options(base["EPILOGUE"]), activation_ptrs=_ACT_PTRS)
 
                 def wgrad(label, gc, ac, **flags):
                     bp, bm, bn = wgrad_blocks(gc, ac, big)
@@ -778,7 +789,7 @@ def specializations(blocks=B0_BLOCKS, dtypes=tuple(TL_NAMES)):
                                 UPCAST=False, BLOCK_P=bp, BLOCK_M=bm, BLOCK_N=bn, **layout)
                     base.update(flags)
                     reg.add(pointwise_wgrad_kernel, act, f"{label} {where}", base,
-                            activation_ptrs=_ACT_PTRS)
+                            options=CAPPED_OPTIONS, activation_ptrs=_ACT_PTRS)
 
                 bn_in = dict(A_HAS_GAMMA=True, A_HAS_BETA=True)
                 if expand != 1:

@@ -26,6 +26,11 @@ CASES = {
     "e-se-k5s2": (3, 4, 6, 5, 7, 5, 5, 2, 2),
     "noexp-nose-k5s1": (2, 6, None, 3, 5, 6, 5, 1, None),
 }
+# One output channel: grad_out is both NCHW- and NHWC-contiguous, grad_a2 is not, so the
+# GEMMs must take the layout from the problem, not from their first operand. fp32 only: with
+# one BN3 channel the projection's weight gradient is a near-cancelling sum, rounding noise in
+# 16 bits.
+ONE_CHANNEL = {"one-out-channel-k1": (2, 3, None, 1, 2, 3, 1, 1, None)}
 TOL = {torch.float32: 3e-5, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
 
@@ -68,7 +73,7 @@ def check_block(case, dtype, channels_last, training, activation="silu",
                 se_activation="silu", gate="sigmoid", drop_path=True, masks=((True, True),)):
     """Run the block's functions in call order on the reference's intermediates; compare
     each kernel-interface function's results."""
-    n, cin, hidden, cout, h, w, k, stride, squeeze = CASES[case]
+    n, cin, hidden, cout, h, w, k, stride, squeeze = {**CASES, **ONE_CHANNEL}[case]
     acc = accumulate_dtype(dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -148,6 +153,12 @@ def check_block(case, dtype, channels_last, training, activation="silu",
 @pytest.mark.parametrize("case", CASES)
 def test_block_functions_match_reference(case, dtype, channels_last, training, poison):
     check_block(case, dtype, channels_last, training)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_one_output_channel_layout(channels_last, training, poison):
+    check_block("one-out-channel-k1", torch.float32, channels_last, training)
 
 
 @pytest.mark.parametrize("activation, se_activation, gate", [
