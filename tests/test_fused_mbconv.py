@@ -166,6 +166,22 @@ def test_activation_and_se_variants(variant, backend):
     check_parity(block, torch.randn(3, 6, 6, 5), torch.float32, True, backend, str(variant))
 
 
+# Shapes whose tensors are both NCHW- and NHWC-contiguous (one channel, or a 1x1 map, as late
+# stages see at low resolution): kernels must take the layout from the problem, not guess it
+# from an operand. In training the 1x1 map needs a batch of 4 for BN to see 4 values.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config, shape", [
+    ((3, 1, 3, 1, 2), (2, 3, 4, 5)),      # one output channel
+    ((4, 6, 3, 1, 2), (4, 4, 1, 1)),      # 1x1 map
+    ((4, 6, 3, 2, 3), (4, 4, 1, 1)),      # 1x1 map, stride 2
+], ids=["cout1", "map1x1", "map1x1-s2"])
+def test_layout_ambiguous_shapes_channels_last(config, shape, training, backend):
+    block = make_block(config, se_ratio=0.5)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    check_parity(block, x, torch.float32, training, backend, "ambiguous layout")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recompute_dwconv_gives_the_same_gradients(backend):
     block = make_block((6, 8, 5, 2, 6))
