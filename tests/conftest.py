@@ -11,3 +11,25 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---- background jobs (tests/background.py) --------------------------------------------------
+
+def pytest_collection_modifyitems(session, config, items):
+    import background
+    for item in items:
+        marker = item.get_closest_marker("background")
+        if marker is not None:
+            params = getattr(item, "callspec", None)
+            background.start(item.nodeid, marker.args[0](**(params.params if params else {})))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import background
+    background.stop_all()
+
+
+@pytest.fixture
+def background_result(request):
+    import background
+    return lambda: background.result(request.node.nodeid)

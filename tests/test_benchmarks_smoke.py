@@ -7,17 +7,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from background import Job
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_suite_and_report(tmp_path):
-    results = tmp_path / "run.json"
+def benchmark_suite_job():
     env = dict(os.environ, FUSED_MBCONV_BENCH_SIZE="tiny", FUSED_MBCONV_BENCH_DEVICE="cpu",
-               FUSED_MBCONV_BENCH_RESULTS=str(results), FUSED_MBCONV_BENCH_LABEL="smoke")
-    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-x",
-                          "-p", "no:cacheprovider", "--benchmark-min-rounds=1"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+               FUSED_MBCONV_BENCH_LABEL="smoke")
+    return Job([sys.executable, "-m", "pytest", "benchmarks", "-q", "-x", "-p",
+                "no:cacheprovider", "--benchmark-min-rounds=1"], env,
+               scratch_env={"FUSED_MBCONV_BENCH_RESULTS": "run.json"}, cwd=str(ROOT),
+               timeout_s=600)
+
+
+@pytest.mark.background.with_args(benchmark_suite_job)
+def test_benchmark_suite_and_report(background_result):
+    run = background_result()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = run.scratch / "run.json"
     data = json.loads(results.read_text())
     assert data["meta"]["label"] == "smoke" and data["meta"]["commit"]
     records = data["records"]

@@ -1,27 +1,32 @@
 """Every Triton kernel specialization EfficientNet-B0 uses compiles for sm_80 and sm_90 without
 register spills (no GPU needed: triton.compile with a GPUTarget, then ptxas -v).
 
-Runs in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled), with
-Triton's cache in a temporary directory so nothing is cached in the repo or reused. bf16 stands
+Runs in a background subprocess (tests/background.py) without TRITON_INTERPRET (interpreted
+kernels cannot be compiled), with Triton's cache in a fresh directory so nothing is reused. bf16 stands
 for the 16-bit dtypes here (fp16 would double the run time; its specializations differ only in
 the element type); `python -m fused_mbconv.kernels.compile_report` covers all three."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 
+from background import Job
+
 pytest.importorskip("triton")
 
 
-def test_b0_specializations_compile_without_spills(tmp_path):
+def compile_report_job():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-m", "fused_mbconv.kernels.compile_report",
-                          "--arch", "80", "90", "--dtype", "bf16"],
-                         env=env, capture_output=True, text=True, timeout=540)
+    return Job([sys.executable, "-m", "fused_mbconv.kernels.compile_report",
+                "--arch", "80", "90", "--dtype", "bf16"], env,
+               scratch_env={"TRITON_CACHE_DIR": "triton-cache"}, timeout_s=900)
+
+
+@pytest.mark.background.with_args(compile_report_job)
+def test_b0_specializations_compile_without_spills(background_result):
+    run = background_result()
     report = run.stdout + run.stderr
     assert run.returncode == 0, report
     assert " 0 failed" in run.stdout, report
