@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .activations import ACTIVATIONS, GATES
 from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
-from .distributed import SyncBatchNorm, mbconv_sync_forward, sync_enabled
+from .distributed import ProcessGroupStatsSync, SyncBatchNorm, sync_enabled
 from .fused_block import FusedMBConv, register_block_type
 
 
@@ -493,17 +493,16 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 class SyncFusedMBConv(FusedMBConv):
     """A converted block whose training statistics span every process of ``process_group``
-    (``convert(..., sync_bn=True)``). With an initialized group of two or more processes it
-    trains through ``distributed.mbconv_sync_forward`` (aten convs, synchronized BatchNorm:
-    the fused op has no point between its statistics and their use to reduce them); otherwise,
-    and in eval, it is FusedMBConv."""
+    (``convert(..., sync_bn=True)``). With an initialized group of two or more processes, the
+    fused kernels' batch statistics and gradient sums are reduced across it between kernels
+    (``distributed.ProcessGroupStatsSync``); otherwise, and in eval, it is FusedMBConv."""
 
     process_group = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stats_sync(self):
         if self.training and sync_enabled(self.process_group):
-            return mbconv_sync_forward(self.spec(), x, self.process_group)
-        return super().forward(x)
+            return ProcessGroupStatsSync(self.process_group)
+        return None
 
 
 def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,

@@ -9,16 +9,13 @@ stays accurate where sum / sum-of-squares would cancel.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import make_activation, make_gate
-from .blocks import MBConvSpec, drop_path
 from .functional import update_running_stats
 from .tensors import accumulate_dtype, like_input
 
@@ -148,26 +145,28 @@ class SyncBatchNorm(nn.BatchNorm2d):
 
 
 
-def mbconv_sync_forward(spec: MBConvSpec, x: Tensor, process_group=None) -> Tensor:
-    """Training forward of the block ``spec`` describes with every BatchNorm's statistics taken
-    over all processes: aten convs and ``sync_batch_norm``, not the fused kernels (the fused
-    op computes its BatchNorm statistics inside one call, with no point to reduce them)."""
-    def bn(h: Tensor, m: nn.BatchNorm2d) -> Tensor:
-        return sync_batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias,
-                               bn_momentum(m), m.eps, process_group)
+class ProcessGroupStatsSync:
+    """``ops.mbconv.BatchStatsSync`` over a process group: the fused block's synchronized
+    BatchNorm. Forward statistics merge as (count, mean, M2); backward sums are all-reduced."""
 
-    act = make_activation(spec.activation)
-    h = x
-    if spec.expand_conv is not None:
-        h = act(bn(F.conv2d(h, spec.expand_conv.weight), spec.expand_bn))
-    h = act(bn(F.conv2d(h, spec.dw_conv.weight, None, spec.stride, spec.kernel_size // 2, 1,
-                        h.shape[1]), spec.dw_bn))
-    if spec.se_fc1 is not None:
-        s = F.conv2d(h.mean((2, 3), keepdim=True), spec.se_fc1.weight, spec.se_fc1.bias)
-        s = F.conv2d(make_activation(spec.se_activation)(s), spec.se_fc2.weight,
-                     spec.se_fc2.bias)
-        h = h * make_gate(spec.se_gate)(s)
-    h = bn(F.conv2d(h, spec.project_conv.weight), spec.project_bn)
-    if spec.residual:
-        h = drop_path(h, spec.drop_path, True) + x
-    return h
+    def __init__(self, process_group=None):
+        self.process_group = process_group
+        self._totals: Dict[str, int] = {}
+
+    def batch_stats(self, bn: str, mean: Tensor, var: Tensor, count: int
+                    ) -> Tuple[Tensor, Tensor]:
+        total, mean, var = merge_batch_stats(count, mean, var * count, self.process_group)
+        if total <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got "
+                             f"{total} over all processes ({bn})")
+        self._totals[bn] = total
+        return mean, var
+
+    def grad_sums(self, bn: str, sum_dy: Tensor, sum_dy_xhat: Tensor, count: int
+                  ) -> Tuple[Tensor, Tensor]:
+        total = all_reduce_sum(torch.stack([sum_dy, sum_dy_xhat]), self.process_group)
+        total *= count / self._totals[bn]
+        return total[0], total[1]
+
+    def global_count(self, bn: str) -> int:
+        return self._totals[bn]

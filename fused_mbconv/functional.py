@@ -15,6 +15,7 @@ from torch import Tensor
 from . import ops  # noqa: F401  (registers torch.ops.fused_mbconv)
 from .activations import ACTIVATIONS, GATES
 from .ops.dwconv_bn_silu import conv_output_size
+from .ops.mbconv import BatchStatsSync, mbconv_synced
 from .tensors import accumulate_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -284,7 +285,8 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
            bn1: Optional[BatchNormParams] = None, se_weights: Optional[Sequence[Tensor]] = None,
            stride: int = 1, training: bool = False, residual: bool = False,
            drop_path: float = 0.0, activation: str = "silu", se_activation: str = "silu",
-           se_gate: str = "sigmoid", recompute_dwconv: bool = False) -> Tensor:
+           se_gate: str = "sigmoid", recompute_dwconv: bool = False,
+           sync: Optional[BatchStatsSync] = None) -> Tensor:
     """The MBConv block (``fused_mbconv.MBConv``'s forward) as one fused op.
 
     expand 1x1 conv (``expand_weight`` (Ce, Cin, 1, 1)) + ``bn1`` + act, absent when None;
@@ -301,7 +303,11 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
     output from the expand output instead of keeping it. The output keeps the input's memory
     format (NCHW or channels_last). Under ``torch.autocast`` the convolutions run in the
     autocast dtype, as eager's do; a residual input of a wider dtype is added outside the
-    kernels so that the output dtype promotes exactly as eager's ``branch + input``."""
+    kernels so that the output dtype promotes exactly as eager's ``branch + input``.
+
+    ``sync`` (training only): synchronized BatchNorm. The kernels' batch statistics and
+    gradient sums go through it between kernels, e.g. a
+    ``fused_mbconv.distributed.ProcessGroupStatsSync`` reduces them across processes."""
     amp = _autocast_dtype(input)
     block_input = input
     input, expand_weight, dw_weight, project_weight = (
@@ -320,21 +326,28 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
         (bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var)
     se_args = (None,) * 4 if se_weights is None else tuple(t.contiguous() for t in se_weights)
     eps = [bn1.eps if bn1 is not None else 1e-5, bn2.eps, bn3.eps]
+    inputs = (x, None if expand_weight is None else expand_weight.contiguous(), *bn1_args,
+              dw_weight.contiguous(), bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var,
+              *se_args, project_weight.contiguous(), bn3.weight, bn3.bias, bn3.running_mean,
+              bn3.running_var, None if residual_outside else scale, stride, training, eps,
+              activation, se_activation, se_gate, residual and not residual_outside,
+              not recompute_dwconv)
+    sync = sync if training else None
     with torch.autocast(x.device.type, enabled=False):
-        out, e, _, mean1, var1, mean2, var2, mean3, var3, _, _ = torch.ops.fused_mbconv.mbconv(
-            x, None if expand_weight is None else expand_weight.contiguous(), *bn1_args,
-            dw_weight.contiguous(), bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var,
-            *se_args, project_weight.contiguous(), bn3.weight, bn3.bias, bn3.running_mean,
-            bn3.running_var, None if residual_outside else scale, stride, training, eps,
-            activation, se_activation, se_gate, residual and not residual_outside,
-            not recompute_dwconv)
+        out, e, _, mean1, var1, mean2, var2, mean3, var3, _, _ = (
+            torch.ops.fused_mbconv.mbconv(*inputs) if sync is None
+            else mbconv_synced(sync, *inputs))
     if residual_outside:
         branch = out if scale is None else out * scale.view(-1, 1, 1, 1).to(out.dtype)
         out = branch + block_input
     if training:
-        n, cout, ho, wo = out.shape
+        n, _, ho, wo = out.shape
+
+        def count(bn: str, local: int) -> int:  # the unbiased correction's
+            return local if sync is None else sync.global_count(bn)
+
         if bn1 is not None:
-            _update_bn(bn1, mean1, var1, e.numel() // e.shape[1])
-        _update_bn(bn2, mean2, var2, n * ho * wo)
-        _update_bn(bn3, mean3, var3, n * ho * wo)
+            _update_bn(bn1, mean1, var1, count("bn1", e.numel() // e.shape[1]))
+        _update_bn(bn2, mean2, var2, count("bn2", n * ho * wo))
+        _update_bn(bn3, mean3, var3, count("bn3", n * ho * wo))
     return out

@@ -114,4 +114,9 @@ class FusedMBConv(MBConv):
             stride=spec.stride, training=self.training, residual=spec.residual,
             drop_path=spec.drop_path, activation=spec.activation,
             se_activation=spec.se_activation, se_gate=spec.se_gate,
-            recompute_dwconv=self.recompute_dwconv)
+            recompute_dwconv=self.recompute_dwconv, sync=self.stats_sync())
+
+    def stats_sync(self) -> Optional[functional.BatchStatsSync]:
+        """Where training statistics are reduced across processes: nowhere here (see
+        ``convert.SyncFusedMBConv``)."""
+        return None

@@ -9,6 +9,7 @@ import copy
 import datetime
 import os
 import socket
+from collections import Counter
 from functools import partial
 
 import pytest
@@ -20,12 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fused_mbconv as fm
 from fused_mbconv.convert import convert_sync_batchnorm
+from fused_mbconv.distributed import ProcessGroupStatsSync
 from tolerances import ATOL, compare
 
 WORLD = 2
 PER_RANK = 2
 TIMEOUT_S = 50
 STEPS = 2
+FUSED_BATCH_NORMS = 3 + 3 + 2 + 3  # per block of small_model: expand (if any), depthwise, project
 
 
 def small_model(drop_path: float) -> nn.Module:
@@ -82,13 +85,24 @@ VARIANTS = {
 }
 
 
+def count_sync_calls() -> Counter:
+    """Count, from now on in this process, the fused blocks' reductions across processes."""
+    calls = Counter()
+    for name in ("batch_stats", "grad_sums"):
+        def counted(self, *args, _name=name, _method=getattr(ProcessGroupStatsSync, name)):
+            calls[_name] += 1
+            return _method(self, *args)
+        setattr(ProcessGroupStatsSync, name, counted)
+    return calls
+
+
 def _worker(rank, port, variants, drop_path, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
         x, weights = (t[rank * PER_RANK:(rank + 1) * PER_RANK] for t in global_batch())
-        results = {}
+        results = {"sync_calls": count_sync_calls()}
         for v in variants:
             dtype = torch.float64 if v.endswith("64") else torch.float32
             model = DistributedDataParallel(VARIANTS[v](drop_path).train())
@@ -171,6 +185,10 @@ def test_sync_batchnorm_matches_whole_batch_training(tmp_path, variant):
         rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
         this_rank = [([out[rows] for out in outs], state) for outs, state in (eager, ref64)]
         assert_trained_by_rule(results[variant], *this_rank, f"{variant} rank {rank}")
+        # the fused blocks reduced every BatchNorm's statistics and gradient sums themselves
+        fused_reductions = STEPS * FUSED_BATCH_NORMS if variant == "fused_sync" else 0
+        assert results["sync_calls"] == Counter(
+            batch_stats=fused_reductions, grad_sums=fused_reductions), variant
 
 
 def test_sync_batchnorm_without_process_group_is_batchnorm():

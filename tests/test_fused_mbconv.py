@@ -184,6 +184,52 @@ def test_layout_ambiguous_shapes_channels_last(config, shape, training, backend)
     check_parity(block, x, torch.float32, training, backend, "ambiguous layout")
 
 
+class OneProcessSync:
+    """A BatchStatsSync over a group of one process: reduces nothing, records what it sees."""
+
+    def __init__(self):
+        self.counts, self.calls = {}, []
+
+    def batch_stats(self, bn, mean, var, count):
+        self.counts[bn] = count
+        self.calls.append(("stats", bn))
+        return mean, var
+
+    def grad_sums(self, bn, sum_dy, sum_dy_xhat, count):
+        assert count == self.counts[bn], bn
+        self.calls.append(("sums", bn))
+        return sum_dy, sum_dy_xhat
+
+    def global_count(self, bn):
+        return self.counts[bn]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_stats_sync_hooks_every_batch_norm_and_changes_nothing_alone(backend, training):
+    block = make_block((6, 8, 3, 2, 3), drop_path=0.0)
+    x = torch.randn(2, 6, 7, 5)
+    grad_out = torch.randn(2, 8, 4, 3)
+    plain = run(block, x, torch.float32, training, grad_out, fused=True, backend=backend)
+    sync = OneProcessSync()
+    synced = fm.FusedMBConv.from_module(copy.deepcopy(block)).train(training)
+    synced.stats_sync = lambda: sync
+    xi = x.clone().requires_grad_()
+    with fm.use_backend(backend):
+        torch.manual_seed(11)
+        out = synced(xi)
+        out.backward(grad_out)
+    assert torch.equal(out, plain[0])
+    assert torch.equal(xi.grad, plain[1]["input"])
+    for name, p in synced.named_parameters():
+        assert torch.equal(p.grad, plain[1][name]), name
+    for name, b in synced.named_buffers():
+        assert torch.equal(b, plain[2][name]), name
+    expected = [("stats", bn) for bn in ("bn1", "bn2", "bn3")] + \
+               [("sums", bn) for bn in ("bn3", "bn2", "bn1")]
+    assert sync.calls == (expected if training else [])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recompute_dwconv_gives_the_same_gradients(backend):
     block = make_block((6, 8, 5, 2, 6))

@@ -18,7 +18,9 @@ For kernel authors: a backend runs this op by implementing the functions in ``KE
 
 Launchers report each launch with ``fused_mbconv.accounting.note_launch``; a function marked
 [2] in the reference docstring is two launches (one per unmasked output group), every other one
-launch. The op composes these calls; it holds no math of its own.
+launch. ``run_forward`` / ``run_backward`` compose these calls and hold no math of their own;
+the op runs them, and so does ``mbconv_synced`` (synchronized BatchNorm: a ``BatchStatsSync``
+reduces each BatchNorm's statistics and gradient sums across processes between kernels).
 
 Saved for backward: x, the expand output e, the depthwise output d (unless the forward was
 asked not to keep it: then backward recomputes it from e with K2), the per-channel statistics
@@ -30,7 +32,7 @@ and ``fused_mbconv.functional.mbconv`` updates them from the statistics it retur
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor
@@ -67,6 +69,143 @@ def _stats(t: Optional[Tensor], acc: torch.dtype) -> Tensor:
     return t.to(acc, copy=True)
 
 
+class BatchStatsSync(Protocol):
+    """Where the block's BatchNorm statistics may be reduced across processes (synchronized
+    BatchNorm, ``fused_mbconv.distributed``). ``bn`` names the BatchNorm: "bn1", "bn2", "bn3"."""
+
+    def batch_stats(self, bn: str, mean: Tensor, var: Tensor, count: int
+                    ) -> Tuple[Tensor, Tensor]:
+        """Training forward: the mean and biased variance over every process from this
+        process's over ``count`` values."""
+
+    def grad_sums(self, bn: str, sum_dy: Tensor, sum_dy_xhat: Tensor, count: int
+                  ) -> Tuple[Tensor, Tensor]:
+        """Backward: the gradient sums over every process, scaled by ``count`` / global count
+        (the kernels divide by their own count, so they then use the global means)."""
+
+    def global_count(self, bn: str) -> int:
+        """The number of values the last ``batch_stats`` of ``bn`` covered over every
+        process (the running variance's unbiased correction uses it)."""
+
+
+def _count(t: Tensor) -> int:
+    return t.numel() // t.shape[1]
+
+
+def run_forward(k, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
+                bn1_bias: Optional[Tensor], bn1_running_mean: Optional[Tensor],
+                bn1_running_var: Optional[Tensor], dw_weight: Tensor,
+                bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor],
+                bn2_running_mean: Optional[Tensor], bn2_running_var: Optional[Tensor],
+                fc1_weight: Optional[Tensor], fc1_bias: Optional[Tensor],
+                fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor],
+                project_weight: Tensor, bn3_weight: Optional[Tensor], bn3_bias: Optional[Tensor],
+                bn3_running_mean: Optional[Tensor], bn3_running_var: Optional[Tensor],
+                sample_scale: Optional[Tensor], stride: int, training: bool, eps: List[float],
+                activation: str, se_activation: str, gate: str, residual: bool,
+                keep_dwconv_output: bool, sync: Optional[BatchStatsSync] = None):
+    """``fused_mbconv::mbconv`` on the kernel-interface functions ``k``; with ``sync``, each
+    BatchNorm's batch statistics are reduced across processes before they are applied."""
+    acc = accumulate_dtype(x.dtype)
+
+    def batch_or_running(bn, t, mean, var, running_mean, running_var):
+        if not training:
+            return _stats(running_mean, acc), _stats(running_var, acc)
+        return (mean, var) if sync is None else sync.batch_stats(bn, mean, var, _count(t))
+
+    e, mean1, var1 = x.new_empty(0), x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+    bn1 = None
+    if expand_weight is not None:
+        e, mean1, var1 = k.mbconv_expand_forward(x, _matrix(expand_weight), training)
+        mean1, var1 = batch_or_running("bn1", e, mean1, var1, bn1_running_mean, bn1_running_var)
+        bn1 = NormArgs(mean1, var1, bn1_weight, bn1_bias, eps[0])
+    h = e if expand_weight is not None else x
+    d, mean2, var2 = k.mbconv_dwconv_forward(h, dw_weight, stride, bn1, activation, training)
+    mean2, var2 = batch_or_running("bn2", d, mean2, var2, bn2_running_mean, bn2_running_var)
+    bn2 = NormArgs(mean2, var2, bn2_weight, bn2_bias, eps[1])
+    pooled, gate_values = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+    if fc1_weight is not None:
+        pooled = k.mbconv_squeeze_forward(d, bn2, activation)
+        gate_values = k.mbconv_excite_forward(pooled, _matrix(fc1_weight), fc1_bias,
+                                              _matrix(fc2_weight), fc2_bias, se_activation, gate)
+    q, mean3, var3 = k.mbconv_project_forward(
+        d, gate_values if fc1_weight is not None else None, _matrix(project_weight), bn2,
+        activation, training)
+    mean3, var3 = batch_or_running("bn3", q, mean3, var3, bn3_running_mean, bn3_running_var)
+    out = k.mbconv_output_forward(q, NormArgs(mean3, var3, bn3_weight, bn3_bias, eps[2]),
+                                  sample_scale, x if residual else None)
+    if not keep_dwconv_output:
+        d = x.new_empty(0)
+    return out, e, d, mean1, var1, mean2, var2, mean3, var3, pooled, gate_values
+
+
+def run_backward(k, grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
+                 expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
+                 bn1_bias: Optional[Tensor], mean1: Tensor, var1: Tensor, dw_weight: Tensor,
+                 bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], mean2: Tensor,
+                 var2: Tensor, fc1_weight: Optional[Tensor], fc1_bias: Optional[Tensor],
+                 fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor], pooled: Tensor,
+                 gate_values: Tensor, project_weight: Tensor, bn3_weight: Optional[Tensor],
+                 bn3_bias: Optional[Tensor], mean3: Tensor, var3: Tensor,
+                 sample_scale: Optional[Tensor], stride: int, training: bool, eps: List[float],
+                 activation: str, se_activation: str, gate: str, residual: bool,
+                 output_mask: List[bool], sync: Optional[BatchStatsSync] = None) -> List[Tensor]:
+    """``fused_mbconv::mbconv_backward`` on the kernel-interface functions ``k``; with
+    ``sync`` (training only), each BatchNorm's gradient sums are reduced across processes
+    before the input gradient uses them."""
+    def reduced(bn, sums, t):
+        if sync is None or not training:
+            return sums
+        return sync.grad_sums(bn, sums[0], sums[1], _count(t))
+
+    grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
+    grads: List[Optional[Tensor]] = [None] * len(GRAD_INPUTS)
+    mask = dict(zip(GRAD_INPUTS, output_mask))
+    expanded, se = expand_weight is not None, fc1_weight is not None
+    bn1 = NormArgs(mean1, var1, bn1_weight, bn1_bias, eps[0]) if expanded else None
+    bn2 = NormArgs(mean2, var2, bn2_weight, bn2_bias, eps[1])
+    bn3 = NormArgs(mean3, var3, bn3_weight, bn3_bias, eps[2])
+    h = e if expanded else x
+    if d.numel() == 0:
+        d = k.mbconv_dwconv_forward(h, dw_weight, stride, bn1, activation, False)[0]
+    gv = gate_values if se else None
+    pw = _matrix(project_weight)
+    q = k.mbconv_project_forward(d, gv, pw, bn2, activation, False)[0]
+    sums3 = k.mbconv_output_backward_stats(grad_out, q, bn3, sample_scale)
+    grads[12], grads[13] = sums3[1], sums3[0]  # each process's own share: DDP averages them
+    sums3 = reduced("bn3", sums3, q)
+    upstream = any(output_mask[:11])
+    grad_a2, grad_gate, grads[11] = k.mbconv_project_backward(
+        grad_out, q, d, gv, pw, bn2, activation, bn3, *sums3, sample_scale, training,
+        [upstream, mask["project_weight"]])
+    if upstream:
+        grad_pooled = None
+        if se:
+            grad_pooled, *grads[7:11] = k.mbconv_excite_backward(
+                grad_gate, pooled, _matrix(fc1_weight), fc1_bias, _matrix(fc2_weight), fc2_bias,
+                se_activation, gate)
+        sums2 = k.mbconv_dwconv_backward_stats(grad_a2, grad_pooled, d, bn2, activation)
+        grads[5], grads[6] = sums2[1], sums2[0]
+        sums2 = reduced("bn2", sums2, d)
+        below = any(output_mask[:4])
+        grad_h, grads[4], sum_dy1, sum_dy1_xhat1 = k.mbconv_dwconv_backward(
+            grad_a2, grad_pooled, d, h, dw_weight, stride, bn2, activation, *sums2, bn1,
+            training, [below, mask["dw_weight"]])
+        residual_grad = grad_out if residual and mask["x"] else None
+        if expanded and below:
+            grads[2], grads[3] = sum_dy1_xhat1, sum_dy1
+            sum_dy1, sum_dy1_xhat1 = reduced("bn1", (sum_dy1, sum_dy1_xhat1), e)
+            grads[0], grads[1] = k.mbconv_expand_backward(
+                grad_h, e, x, _matrix(expand_weight), bn1, sum_dy1, sum_dy1_xhat1, training,
+                residual_grad, [mask["x"], mask["expand_weight"]])
+        elif not expanded and mask["x"]:
+            grads[0] = grad_h if residual_grad is None else grad_h + residual_grad
+    inputs = (x, expand_weight, bn1_weight, bn1_bias, dw_weight, bn2_weight, bn2_bias,
+              fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, bn3_weight, bn3_bias)
+    return [_shaped_grad(g, t, m) for g, t, m in zip(grads, inputs, output_mask)]
+
+
+
 @torch.library.custom_op("fused_mbconv::mbconv", mutates_args=())
 def mbconv(x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
            bn1_bias: Optional[Tensor], bn1_running_mean: Optional[Tensor],
@@ -86,35 +225,12 @@ def mbconv(x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optional[Tens
     e, mean1, var1 are empty without expansion; pooled and gate_values without SE; d when
     ``keep_dwconv_output`` is False. The statistics are those used to normalize: the batch's
     in training, copies of the running ones in eval."""
-    k = _kernels(x.device)
-    acc = accumulate_dtype(x.dtype)
-    e, mean1, var1 = x.new_empty(0), x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
-    bn1 = None
-    if expand_weight is not None:
-        e, mean1, var1 = k.mbconv_expand_forward(x, _matrix(expand_weight), training)
-        if not training:
-            mean1, var1 = _stats(bn1_running_mean, acc), _stats(bn1_running_var, acc)
-        bn1 = NormArgs(mean1, var1, bn1_weight, bn1_bias, eps[0])
-    h = e if expand_weight is not None else x
-    d, mean2, var2 = k.mbconv_dwconv_forward(h, dw_weight, stride, bn1, activation, training)
-    if not training:
-        mean2, var2 = _stats(bn2_running_mean, acc), _stats(bn2_running_var, acc)
-    bn2 = NormArgs(mean2, var2, bn2_weight, bn2_bias, eps[1])
-    pooled, gate_values = x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
-    if fc1_weight is not None:
-        pooled = k.mbconv_squeeze_forward(d, bn2, activation)
-        gate_values = k.mbconv_excite_forward(pooled, _matrix(fc1_weight), fc1_bias,
-                                              _matrix(fc2_weight), fc2_bias, se_activation, gate)
-    q, mean3, var3 = k.mbconv_project_forward(
-        d, gate_values if fc1_weight is not None else None, _matrix(project_weight), bn2,
-        activation, training)
-    if not training:
-        mean3, var3 = _stats(bn3_running_mean, acc), _stats(bn3_running_var, acc)
-    out = k.mbconv_output_forward(q, NormArgs(mean3, var3, bn3_weight, bn3_bias, eps[2]),
-                                  sample_scale, x if residual else None)
-    if not keep_dwconv_output:
-        d = x.new_empty(0)
-    return out, e, d, mean1, var1, mean2, var2, mean3, var3, pooled, gate_values
+    return run_forward(_kernels(x.device), x, expand_weight, bn1_weight, bn1_bias,
+                       bn1_running_mean, bn1_running_var, dw_weight, bn2_weight, bn2_bias,
+                       bn2_running_mean, bn2_running_var, fc1_weight, fc1_bias, fc2_weight,
+                       fc2_bias, project_weight, bn3_weight, bn3_bias, bn3_running_mean,
+                       bn3_running_var, sample_scale, stride, training, eps, activation,
+                       se_activation, gate, residual, keep_dwconv_output)
 
 
 @mbconv.register_fake
@@ -155,49 +271,11 @@ def mbconv_backward(grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
                     residual: bool, output_mask: List[bool]) -> List[Tensor]:
     """Gradients of GRAD_INPUTS, in that order, each in its input's dtype; empty where
     output_mask is False or the input is absent. ``d`` may be empty: it is recomputed."""
-    k = _kernels(x.device)
-    grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
-    grads: List[Optional[Tensor]] = [None] * len(GRAD_INPUTS)
-    mask = dict(zip(GRAD_INPUTS, output_mask))
-    expanded, se = expand_weight is not None, fc1_weight is not None
-    bn1 = NormArgs(mean1, var1, bn1_weight, bn1_bias, eps[0]) if expanded else None
-    bn2 = NormArgs(mean2, var2, bn2_weight, bn2_bias, eps[1])
-    bn3 = NormArgs(mean3, var3, bn3_weight, bn3_bias, eps[2])
-    h = e if expanded else x
-    if d.numel() == 0:
-        d = k.mbconv_dwconv_forward(h, dw_weight, stride, bn1, activation, False)[0]
-    gv = gate_values if se else None
-    pw = _matrix(project_weight)
-    q = k.mbconv_project_forward(d, gv, pw, bn2, activation, False)[0]
-    sums3 = k.mbconv_output_backward_stats(grad_out, q, bn3, sample_scale)
-    grads[12], grads[13] = sums3[1], sums3[0]
-    upstream = any(output_mask[:11])
-    grad_a2, grad_gate, grads[11] = k.mbconv_project_backward(
-        grad_out, q, d, gv, pw, bn2, activation, bn3, *sums3, sample_scale, training,
-        [upstream, mask["project_weight"]])
-    if upstream:
-        grad_pooled = None
-        if se:
-            grad_pooled, *grads[7:11] = k.mbconv_excite_backward(
-                grad_gate, pooled, _matrix(fc1_weight), fc1_bias, _matrix(fc2_weight), fc2_bias,
-                se_activation, gate)
-        sums2 = k.mbconv_dwconv_backward_stats(grad_a2, grad_pooled, d, bn2, activation)
-        grads[5], grads[6] = sums2[1], sums2[0]
-        below = any(output_mask[:4])
-        grad_h, grads[4], sum_dy1, sum_dy1_xhat1 = k.mbconv_dwconv_backward(
-            grad_a2, grad_pooled, d, h, dw_weight, stride, bn2, activation, *sums2, bn1,
-            training, [below, mask["dw_weight"]])
-        residual_grad = grad_out if residual and mask["x"] else None
-        if expanded and below:
-            grads[2], grads[3] = sum_dy1_xhat1, sum_dy1
-            grads[0], grads[1] = k.mbconv_expand_backward(
-                grad_h, e, x, _matrix(expand_weight), bn1, sum_dy1, sum_dy1_xhat1, training,
-                residual_grad, [mask["x"], mask["expand_weight"]])
-        elif not expanded and mask["x"]:
-            grads[0] = grad_h if residual_grad is None else grad_h + residual_grad
-    inputs = (x, expand_weight, bn1_weight, bn1_bias, dw_weight, bn2_weight, bn2_bias,
-              fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, bn3_weight, bn3_bias)
-    return [_shaped_grad(g, t, m) for g, t, m in zip(grads, inputs, output_mask)]
+    return run_backward(_kernels(x.device), grad_out, x, e, d, expand_weight, bn1_weight,
+                        bn1_bias, mean1, var1, dw_weight, bn2_weight, bn2_bias, mean2, var2,
+                        fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gate_values,
+                        project_weight, bn3_weight, bn3_bias, mean3, var3, sample_scale, stride,
+                        training, eps, activation, se_activation, gate, residual, output_mask)
 
 
 def _shaped_grad(g: Optional[Tensor], t: Optional[Tensor], wanted: bool) -> Tensor:
@@ -239,16 +317,48 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_out, *_unused):
-    mask = [present and ctx.needs_input_grad[i]
-            for present, i in zip(ctx.present, _GRAD_POSITIONS)]
-    grads = torch.ops.fused_mbconv.mbconv_backward(grad_out, *ctx.saved_tensors, *ctx.options,
-                                                   mask)
+def _wanted(ctx, needs_input_grad) -> List[bool]:
+    return [present and needs_input_grad[i] for present, i in zip(ctx.present, _GRAD_POSITIONS)]
+
+
+def _input_grads(grads: List[Tensor], mask: List[bool]) -> Tuple[Optional[Tensor], ...]:
     result: List[Optional[Tensor]] = [None] * 29
     for g, i, m in zip(grads, _GRAD_POSITIONS, mask):
         result[i] = g if m else None
     return tuple(result)
 
 
+def _backward(ctx, grad_out, *_unused):
+    mask = _wanted(ctx, ctx.needs_input_grad)
+    grads = torch.ops.fused_mbconv.mbconv_backward(grad_out, *ctx.saved_tensors, *ctx.options,
+                                                   mask)
+    return _input_grads(grads, mask)
+
+
 mbconv.register_autograd(_backward, setup_context=_setup_context)
 
+
+
+class _SyncedMBConv(torch.autograd.Function):
+    """The op's forward and backward with a ``BatchStatsSync`` between kernels: outside
+    torch.library (a process group is no schema type), the same kernels and saved tensors."""
+
+    @staticmethod
+    def forward(ctx, sync, *inputs):
+        output = run_forward(_kernels(inputs[0].device), *inputs, sync=sync)
+        _setup_context(ctx, inputs, output)
+        ctx.sync = sync
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused):
+        mask = _wanted(ctx, ctx.needs_input_grad[1:])
+        grads = run_backward(_kernels(grad_out.device), grad_out, *ctx.saved_tensors,
+                             *ctx.options, mask, sync=ctx.sync)
+        return (None, *_input_grads(grads, mask))
+
+
+def mbconv_synced(sync: BatchStatsSync, *inputs) -> Tuple[Tensor, ...]:
+    """``fused_mbconv::mbconv(*inputs)`` in training with batch statistics and gradient sums
+    reduced through ``sync`` (synchronized BatchNorm across processes)."""
+    return _SyncedMBConv.apply(sync, *inputs)
