@@ -16,12 +16,18 @@ def _seed():
 # ---- background jobs (tests/background.py) --------------------------------------------------
 
 def pytest_collection_modifyitems(session, config, items):
+    """Start the background jobs and run their tests last, when they are most likely done."""
     import background
+    waiting = []
     for item in items:
         marker = item.get_closest_marker("background")
         if marker is not None:
-            params = getattr(item, "callspec", None)
-            background.start(item.nodeid, marker.args[0](**(params.params if params else {})))
+            if not config.option.collectonly:
+                params = getattr(item, "callspec", None)
+                job = marker.args[0](**(params.params if params else {}))
+                background.start(item.nodeid, job)
+            waiting.append(item)
+    items[:] = [item for item in items if item not in waiting] + waiting
 
 
 def pytest_sessionfinish(session, exitstatus):
