@@ -7,6 +7,9 @@ Environment switches:
   a CUDA build of torch is missing); unset builds it when both are present.
 - ``FUSED_MBCONV_CUDA_ARCHS``: ``;``-separated compute capabilities (default ``8.0;9.0``); no
   GPU is ever queried.
+- ``FUSED_MBCONV_CPU_ARCH``: ``-march`` of the CPU kernels (default ``native``: a source
+  install runs where it builds; e.g. ``x86-64-v3`` for a build used on other machines; empty
+  for the compiler's default).
 - ``MAX_JOBS``: parallel compile jobs (read by torch's ninja build).
 """
 
@@ -22,7 +25,19 @@ from typing import List, Optional, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]  # torch adds -std (C++20)
+
+
+def cpu_arch_flags() -> List[str]:
+    arch = os.environ.get("FUSED_MBCONV_CPU_ARCH", "native").strip()
+    return [f"-march={arch}"] if arch else []
+
+
+# The CPU kernels' channel loops are `omp simd` loops of math.h functions: -fno-trapping-math
+# lets the compiler if-convert the activations' clamps (a float compare may trap otherwise), and
+# -march sets the vector width. On a 2-core AVX-512 machine, one EfficientNet-B0 block's
+# forward+backward took 185 ms at the default SSE2 with libm's expf, 67 ms with these flags and
+# math.h's vectorizable exp. torch adds -std (C++20).
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + cpu_arch_flags()
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"

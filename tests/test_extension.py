@@ -116,7 +116,7 @@ def test_statistics_have_no_cancellation():
                                                        True, 1e-5, False)
     ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
-    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)  # a few fp32 ulps
 
 
 @needs_cpu_ext
