@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fused_mbconv as fm
 from fused_mbconv.convert import convert_sync_batchnorm
 from fused_mbconv.distributed import ProcessGroupStatsSync
-from tolerances import ATOL, compare
+from tolerances import assert_close_by_rule
 
 WORLD = 2
 PER_RANK = 2
@@ -136,28 +136,19 @@ def run_distributed(tmp_path, variants, drop_path):
     return [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
 
 
-def assert_close_after_steps(fused, eager, ref64, steps, what):
-    """The project's tolerance rule (fused error against float64 at most 2x eager float32's,
-    plus a floor) with its factor compounded over the SGD steps that led here: each step
-    starts from the last one's rounding, which momentum carries on. A fixed tolerance would
-    test the machine's rounding, not the kernels."""
-    c = compare(fused, eager, ref64, torch.float32)
-    bound = 2 ** steps * c.eager_error + ATOL[torch.float32] * max(1.0, c.reference_max)
-    assert c.fused_error <= bound, (f"{what}: fused error {c.fused_error:.3g} exceeds "
-                                    f"{bound:.3g} (eager float32 error {c.eager_error:.3g})")
-
-
 def assert_trained_by_rule(fused, eager, ref64, what):
-    """Outputs per step and final states of a fused run against eager float32 and float64."""
+    """Outputs per step and final states of a fused run against eager float32 and float64, by
+    the tolerance rule compounded over the SGD steps (a fixed tolerance would test the
+    machine's rounding, not the kernels)."""
     (f_out, f_state), (e_out, e_state), (r_out, r_state) = fused, eager, ref64
     for step, (a, b, r) in enumerate(zip(f_out, e_out, r_out)):
-        assert_close_after_steps(a, b, r, step + 1, f"{what} output step {step}")
+        assert_close_by_rule(a, b, r, torch.float32, f"{what} output step {step}", step + 1)
     assert f_state.keys() == e_state.keys() == r_state.keys(), what
     for k, r in r_state.items():
         if k.endswith("num_batches_tracked"):
             assert torch.equal(f_state[k], e_state[k]), f"{what}: {k}"
         else:
-            assert_close_after_steps(f_state[k], e_state[k], r, STEPS, f"{what}: {k}")
+            assert_close_by_rule(f_state[k], e_state[k], r, torch.float32, f"{what}: {k}", STEPS)
 
 
 def test_ddp_trains_converted_model_like_the_original(tmp_path):

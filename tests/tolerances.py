@@ -7,9 +7,11 @@ from fused_mbconv.tolerances import ATOL, compare  # noqa: F401  (ATOL re-export
 
 
 def assert_close_by_rule(fused: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor,
-                         dtype: torch.dtype, what: str = "") -> None:
+                         dtype: torch.dtype, what: str = "", rounds: int = 1) -> None:
+    """The rule. A value that ``rounds`` training steps led to (a step's forward starts from
+    the parameters the last step's rounding left) gets the rule's factor 2 once per step."""
     assert fused.shape == ref64.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(fused).all(), f"{what}: non-finite values"
-    result = compare(fused, eager, ref64, dtype)
+    result = compare(fused, eager, ref64, dtype, factor=2.0 ** rounds)
     assert result.passed, (f"{what}: fused error {result.fused_error:.3g} exceeds "
                            f"{result.bound:.3g} (eager {dtype} error {result.eager_error:.3g})")
