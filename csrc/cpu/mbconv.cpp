@@ -24,6 +24,7 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "fused_mbconv/block_checks.h"
@@ -747,6 +748,7 @@ std::tuple<Tensor, Tensor, Tensor> project_backward(
     });
   });
   Tensor grad_a2 = d_in.new_empty({0}), grad_gate = acc_empty(d_in), grad_weight = d_in.new_empty({0});
+  Tensor operand;  // act(BN2(d)) * gate, when the gate-gradient pass below builds it
   if (output_mask[0]) {
     const Tensor ga3 = pointwise_conv(gq, weight.t(), d.N, d.H, d.W);  // (rows, C)
     if (!given(gate)) {
@@ -754,33 +756,42 @@ std::tuple<Tensor, Tensor, Tensor> project_backward(
     } else {
       Tensor ga2 = empty_rows(d_in, d.rows(), C, d_in.scalar_type());
       grad_gate = acc_empty(d_in, {d.N, C});
+      // This pass recomputes a2 = act(BN2(d)) for the gate gradient: it also writes the weight
+      // gradient's operand a2 * gate, sparing project_operand a second pass over d.
+      if (output_mask[1]) operand = empty_rows(d_in, d.rows(), C, d_in.scalar_type());
       dispatch_dtype(d_in.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
+        using scalar_t = decltype(tag);
         using acc_t = at::opmath_type<scalar_t>;
         const Norm<acc_t> bn = norm_of<acc_t>(d_in, mean2, var2, w2, b2, eps2);
         const auto gv = acc_values<acc_t>(gate);
         const scalar_t* dp = d.data<scalar_t>();
         const scalar_t* gap = ga3.const_data_ptr<scalar_t>();
         scalar_t* out = ga2.mutable_data_ptr<scalar_t>();
+        scalar_t* opp = operand.defined() ? operand.mutable_data_ptr<scalar_t>() : nullptr;
         const Chunks ch = position_chunks(d.N, P, C);
         dispatch_activation(act, [&](auto A) {
-          const auto part = for_chunks<acc_t>(ch, C, [&](int64_t n, int64_t p0, int64_t p1,
-                                                         acc_t* sums) {
-            const acc_t *sc = bn.scale.data(), *sh = bn.shift.data(), *g = gv.data() + n * C;
-            for (int64_t r = n * P + p0; r < n * P + p1; ++r) {
-              const scalar_t* dr = dp + r * C;
-              const scalar_t* ga = gap + r * C;
-              scalar_t* dst = out + r * C;
+          auto pass = [&](auto keep_operand) {
+            return for_chunks<acc_t>(ch, C, [&](int64_t n, int64_t p0, int64_t p1, acc_t* sums) {
+              const acc_t *sc = bn.scale.data(), *sh = bn.shift.data(), *g = gv.data() + n * C;
+              for (int64_t r = n * P + p0; r < n * P + p1; ++r) {
+                const scalar_t* dr = dp + r * C;
+                const scalar_t* ga = gap + r * C;
+                scalar_t* dst = out + r * C;
 #pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t a2 =
-                    activate<decltype(A)::value>(static_cast<acc_t>(dr[c]) * sc[c] + sh[c]);
-                const acc_t v = static_cast<acc_t>(ga[c]);
-                dst[c] = static_cast<scalar_t>(v * g[c]);
-                sums[c] += v * a2;
+                for (int64_t c = 0; c < C; ++c) {
+                  const acc_t a2 =
+                      activate<decltype(A)::value>(static_cast<acc_t>(dr[c]) * sc[c] + sh[c]);
+                  const acc_t v = static_cast<acc_t>(ga[c]);
+                  dst[c] = static_cast<scalar_t>(v * g[c]);
+                  sums[c] += v * a2;
+                  if constexpr (decltype(keep_operand)::value) {
+                    opp[r * C + c] = static_cast<scalar_t>(a2 * g[c]);
+                  }
+                }
               }
-            }
-          });
+            });
+          };
+          const auto part = opp ? pass(std::true_type{}) : pass(std::false_type{});
           sum_chunks(part, ch, C, true, grad_gate.mutable_data_ptr<acc_t>());
         });
       });
@@ -788,7 +799,10 @@ std::tuple<Tensor, Tensor, Tensor> project_backward(
     }
   }
   if (output_mask[1]) {
-    grad_weight = at::mm(gq.t(), project_operand(d, d_in, mean2, var2, w2, b2, eps2, act, gate));
+    if (!operand.defined()) {
+      operand = project_operand(d, d_in, mean2, var2, w2, b2, eps2, act, gate);
+    }
+    grad_weight = at::mm(gq.t(), operand);
   }
   return {grad_a2, grad_gate, grad_weight};
 }
