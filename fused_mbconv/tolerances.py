@@ -41,7 +41,8 @@ def compare(fused: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor,
             dtype: torch.dtype, factor: float = 2.0) -> Comparison:
     """Errors of ``fused`` and ``eager`` against ``ref64`` and the rule's bound.
     A non-finite fused value is an infinite error. ``factor`` replaces the rule's 2 where
-    errors compound (the tests' multi-step training runs: 2 per step)."""
+    rounding differences compound (multi-step training, whole-network gradients: the tests'
+    ``rounds``)."""
     ref = ref64.detach().double()
     fused_diff = (fused.detach().double() - ref).abs()
     fused_error = fused_diff.max().item() if torch.isfinite(fused_diff).all() else float("inf")

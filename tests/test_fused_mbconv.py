@@ -418,13 +418,19 @@ def test_efficientnet_b0_training_step_matches_eager(backend):
     # The scalar loss follows from the logits; one rounded scalar is no basis for the
     # max-error rule (eager's own error on it is sometimes a single ulp, sometimes 100).
     torch.testing.assert_close(f[0][1], r[0][1].float(), rtol=1e-5, atol=1e-5)
+    # The worst of 213 gradients, each at the end of a chain through up to 16 blocks, against one
+    # eager sample: on 6 seeds the aten reference composite itself reached 2.3x eager's error
+    # (the cpu backend 2.4x). Gradients, and the parameters stepped with them, get the rule
+    # compounded once more; single blocks are held to the plain rule above.
     for name in r[1]:
-        assert_close_by_rule(f[1][name], e[1][name], r[1][name], torch.float32, f"grad {name}")
+        assert_close_by_rule(f[1][name], e[1][name], r[1][name], torch.float32, f"grad {name}",
+                             rounds=2)
     for name in r[2]:
         if name.endswith("num_batches_tracked"):
             assert torch.equal(f[2][name], e[2][name]), name
         else:
-            assert_close_by_rule(f[2][name], e[2][name], r[2][name], torch.float32, name)
+            assert_close_by_rule(f[2][name], e[2][name], r[2][name], torch.float32, name,
+                                 rounds=2)
 
 
 def test_momentum_none_is_cumulative_average():

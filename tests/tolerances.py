@@ -8,8 +8,9 @@ from fused_mbconv.tolerances import ATOL, compare  # noqa: F401  (ATOL re-export
 
 def assert_close_by_rule(fused: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor,
                          dtype: torch.dtype, what: str = "", rounds: int = 1) -> None:
-    """The rule. A value that ``rounds`` training steps led to (a step's forward starts from
-    the parameters the last step's rounding left) gets the rule's factor 2 once per step."""
+    """The rule, its factor 2 compounded ``rounds`` times where rounding differences compound:
+    once per training step that led to the value (a step starts from the parameters the last
+    one's rounding left), and for gradients at the end of a whole network's backward."""
     assert fused.shape == ref64.shape, f"{what}: shape {tuple(fused.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(fused).all(), f"{what}: non-finite values"
     result = compare(fused, eager, ref64, dtype, factor=2.0 ** rounds)
