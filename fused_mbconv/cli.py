@@ -97,8 +97,9 @@ def cmd_verify(args) -> int:
           f"{fm.backends.resolve_backend(device)}; "
           f"{len(verification.fused_modules(fused))} fused modules; dropout and stochastic "
           f"depth off")
-    print(f"rule: fused error <= 2 x eager {args.dtype} error + atol x max(1, |ref|), errors "
-          f"against a float64 eager copy")
+    print(f"rule: fused error <= F x eager {args.dtype} error + atol x max(1, |ref|), errors "
+          f"against a float64 eager copy; F = 2 for outputs and statistics, "
+          f"{verification.GRADIENT_FACTOR:g} for gradients through the whole network")
     rows = [[c.name, f"{c.fused_error:.2e}", f"{c.eager_error:.2e}", f"{c.bound:.2e}",
              f"{c.relative_error:.2e}", "pass" if c.passed else "FAIL", c.detail]
             for c in checks]

@@ -147,8 +147,15 @@ def _run(model: nn.Module, x: torch.Tensor, grad_out: Optional[torch.Tensor], tr
                {n: b.detach().clone() for n, b in model.named_buffers()})
 
 
+# Gradients at the end of a whole network's backward: the worst of ~200 tensors, each through up
+# to 16 blocks, against one eager sample. The aten reference composite itself (eager's math,
+# other op grouping) exceeds the plain rule's 2x on some seeds (2.3x measured), so gradients get
+# the rule compounded once (as the test suite's network-level tests do).
+GRADIENT_FACTOR = 4.0
+
+
 def _aggregate(name: str, fused: Dict[str, torch.Tensor], eager: Dict[str, torch.Tensor],
-               ref: Dict[str, torch.Tensor], dtype: torch.dtype) -> Check:
+               ref: Dict[str, torch.Tensor], dtype: torch.dtype, factor: float = 2.0) -> Check:
     """Each tensor against the rule; the row shows the tensor closest to (or past) its bound."""
     missing = sorted(set(ref) ^ set(fused))
     if missing:
@@ -156,7 +163,7 @@ def _aggregate(name: str, fused: Dict[str, torch.Tensor], eager: Dict[str, torch
                      f"names differ between eager and fused: {', '.join(missing[:3])}")
     worst, worst_name, failures = None, "", 0
     for key in ref:
-        result = compare(fused[key], eager[key], ref[key], dtype)
+        result = compare(fused[key], eager[key], ref[key], dtype, factor)
         failures += not result.passed
         if worst is None or result.fused_error / result.bound > worst.fused_error / worst.bound:
             worst, worst_name = result, key
@@ -189,12 +196,14 @@ def verify(name: str, batch: int = 2, resolution: int = 64, dtype: torch.dtype =
                 for model, model_dtype in ((fused, dtype), (eager, dtype), (ref, torch.float64))]
         mode = "train" if train else "eval"
         f, e, r = runs
-        for label, values in (("output", lambda run: run.output),
-                              ("input grad", lambda run: run.input_grad)):
-            result = compare(values(f), values(e), values(r), dtype)
+        for label, values, factor in (("output", lambda run: run.output, 2.0),
+                                      ("input grad", lambda run: run.input_grad,
+                                       GRADIENT_FACTOR)):
+            result = compare(values(f), values(e), values(r), dtype, factor)
             checks.append(Check(f"{mode} {label}", result.fused_error, result.eager_error,
                                 result.bound, result.relative_error, result.passed))
-        checks.append(_aggregate(f"{mode} parameter grads", f.grads, e.grads, r.grads, dtype))
+        checks.append(_aggregate(f"{mode} parameter grads", f.grads, e.grads, r.grads, dtype,
+                                 GRADIENT_FACTOR))
         if train:
             for stat in ("running_mean", "running_var"):
                 pick = [{k: v for k, v in run.buffers.items() if k.endswith(stat)}
