@@ -35,7 +35,6 @@ namespace fused_mbconv {
 namespace {
 
 using at::MemoryFormat;
-using OptTensor = c10::optional<Tensor>;
 constexpr auto kCPU = c10::DeviceType::CPU;
 constexpr int64_t kChunkElems = 16384;  // elements per chunk: L2-resident, shape-determined
 constexpr int64_t kBandRows = 4;        // output rows per depthwise work item
@@ -256,8 +255,6 @@ std::vector<acc_t> acc_values(const OptTensor& t) {
   return std::vector<acc_t>(c.const_data_ptr<acc_t>(), c.const_data_ptr<acc_t>() + c.numel());
 }
 
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 // ---- depthwise helpers ----------------------------------------------------------------------
 
 // The depthwise weight (C, 1, k, k) as taps x channels in the accumulate dtype.
@@ -334,9 +331,7 @@ void for_taps(const DwGeometry& g, int64_t ho0, int64_t ho1, int64_t r0, const F
 
 std::tuple<Tensor, Tensor, Tensor> expand_forward(const Tensor& x_in, const Tensor& weight,
                                                   bool need_stats) {
-  const char* op = "mbconv_expand_forward";
-  check_block_input(op, "x", x_in, kCPU);
-  check_matrix(op, "weight", weight, x_in, -1, x_in.size(1));
+  check_expand_forward(x_in, weight, kCPU);
   const Map x = nhwc(x_in);
   const Tensor e2 = pointwise_conv(x.rows2d(), weight, x.N, x.H, x.W);
   Tensor mean = acc_empty(x_in), var = acc_empty(x_in);
@@ -345,13 +340,6 @@ std::tuple<Tensor, Tensor, Tensor> expand_forward(const Tensor& x_in, const Tens
 }
 
 // ---- K2 depthwise forward -----------------------------------------------------------------
-
-void check_in_bn(const char* op, const Tensor& h, const OptTensor& mean, const OptTensor& var,
-                 const OptTensor& w, const OptTensor& b, double eps) {
-  TORCH_CHECK_VALUE(given(mean) == given(var), op,
-                    ": in_bn mean and var must be given together (or neither: no expansion)");
-  if (given(mean)) check_norm(op, "in_bn", *mean, *var, w, b, eps, h);
-}
 
 template <typename acc_t>
 std::unique_ptr<Norm<acc_t>> in_norm(const Tensor& h, const OptTensor& mean, const OptTensor& var,
@@ -364,11 +352,8 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
     const Tensor& h_in, const Tensor& weight, int64_t stride, const OptTensor& in_mean,
     const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
     c10::string_view activation, bool need_stats) {
-  const char* op = "mbconv_dwconv_forward";
-  check_block_input(op, "h", h_in, kCPU);
-  check_dw_weight(op, weight, h_in, stride);
-  check_in_bn(op, h_in, in_mean, in_var, in_weight, in_bias, in_eps);
-  const Act act = activation_of(op, std::string(activation));
+  const Act act = check_dwconv_forward(h_in, weight, stride, in_mean, in_var, in_weight, in_bias,
+                                       in_eps, activation, kCPU);
   const Map h = nhwc(h_in);
   const DwGeometry g = dw_geometry(h, weight, stride);
   Tensor d2 = empty_rows(h_in, g.N * g.Ho * g.Wo, g.C, h_in.scalar_type());
@@ -423,10 +408,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
 Tensor squeeze_forward(const Tensor& d_in, const Tensor& mean, const Tensor& var,
                        const OptTensor& bn_weight, const OptTensor& bn_bias, double eps,
                        c10::string_view activation) {
-  const char* op = "mbconv_squeeze_forward";
-  check_block_input(op, "d", d_in, kCPU);
-  check_norm(op, "bn2", mean, var, bn_weight, bn_bias, eps, d_in);
-  const Act act = activation_of(op, std::string(activation));
+  const Act act = check_squeeze_forward(d_in, mean, var, bn_weight, bn_bias, eps, activation, kCPU);
   const Map d = nhwc(d_in);
   Tensor pooled = acc_empty(d_in, {d.N, d.C});
   dispatch_dtype(d_in.scalar_type(), [&](auto tag) {
@@ -477,33 +459,10 @@ Tensor map_activation(const Tensor& t, Act a) {
   return out;
 }
 
-void check_excite(const char* op, const Tensor& pooled, const Tensor& w1, const Tensor& b1,
-                  const Tensor& w2, const Tensor& b2) {
-  TORCH_CHECK_VALUE(pooled.dim() == 2, op, ": pooled must be 2-D (N, C), got shape ",
-                    pooled.sizes());
-  TORCH_CHECK_TYPE(pooled.scalar_type() == at::kFloat || pooled.scalar_type() == at::kDouble, op,
-                   ": pooled must be float32 or float64 (the accumulate dtype), got ",
-                   pooled.scalar_type());
-  TORCH_CHECK_VALUE(pooled.device().type() == kCPU, op, ": this CPU kernel got pooled on ",
-                    pooled.device());
-  const int64_t C = pooled.size(1);
-  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C, op, ": fc1_weight must be (S, ", C,
-                    "), got shape ", w1.sizes());
-  const int64_t S = w1.size(0);
-  check_float(op, "fc1_weight", w1);
-  check_device(op, "fc1_weight", w1, pooled);
-  check_vector(op, "fc1_bias", b1, pooled, {S});
-  check_vector(op, "fc2_weight", w2, pooled, {C, S});
-  check_vector(op, "fc2_bias", b2, pooled, {C});
-}
-
 Tensor excite_forward(const Tensor& pooled, const Tensor& w1, const Tensor& b1,
                       const Tensor& w2, const Tensor& b2, c10::string_view se_activation,
                       c10::string_view gate) {
-  const char* op = "mbconv_excite_forward";
-  check_excite(op, pooled, w1, b1, w2, b2);
-  const Act se = activation_of(op, std::string(se_activation));
-  const Act gt = gate_of(op, std::string(gate));
+  const auto [se, gt] = check_excite_forward(pooled, w1, b1, w2, b2, se_activation, gate, kCPU);
   const auto acc = pooled.scalar_type();
   const Tensor p = pooled.contiguous();
   const Tensor s = map_activation<false>(at::addmm(b1.to(acc), p, w1.to(acc).t()), se);
@@ -513,11 +472,8 @@ Tensor excite_forward(const Tensor& pooled, const Tensor& w1, const Tensor& b1,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> excite_backward(
     const Tensor& grad_gate, const Tensor& pooled, const Tensor& w1, const Tensor& b1,
     const Tensor& w2, const Tensor& b2, c10::string_view se_activation, c10::string_view gate) {
-  const char* op = "mbconv_excite_backward";
-  check_excite(op, pooled, w1, b1, w2, b2);
-  check_vector(op, "grad_gate", grad_gate, pooled, pooled.sizes());
-  const Act se = activation_of(op, std::string(se_activation));
-  const Act gt = gate_of(op, std::string(gate));
+  const auto [se, gt] = check_excite_backward(grad_gate, pooled, w1, b1, w2, b2, se_activation,
+                                              gate, kCPU);
   const auto acc = pooled.scalar_type();
   const Tensor p = pooled.contiguous(), w1a = w1.to(acc), w2a = w2.to(acc);
   const Tensor z1 = at::addmm(b1.to(acc), p, w1a.t());
@@ -529,10 +485,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> excite_backward(
 }
 
 // ---- K5 project ---------------------------------------------------------------------------
-
-void check_gate_values(const char* op, const OptTensor& gate, const Tensor& d) {
-  if (given(gate)) check_vector(op, "gate_values", *gate, d, {d.size(0), d.size(1)});
-}
 
 // The projection's A operand a3 = act(BN2(d)) * gate[n, c] as (rows, C) in d's dtype, one pass.
 Tensor project_operand(const Map& d, const Tensor& d_in, const Tensor& mean, const Tensor& var,
@@ -580,12 +532,8 @@ std::tuple<Tensor, Tensor, Tensor> project_forward(
     const Tensor& d_in, const OptTensor& gate, const Tensor& weight, const Tensor& mean2,
     const Tensor& var2, const OptTensor& w2, const OptTensor& b2, double eps2,
     c10::string_view activation, bool need_stats) {
-  const char* op = "mbconv_project_forward";
-  check_block_input(op, "d", d_in, kCPU);
-  check_gate_values(op, gate, d_in);
-  check_matrix(op, "weight", weight, d_in, -1, d_in.size(1));
-  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d_in);
-  const Act act = activation_of(op, std::string(activation));
+  const Act act = check_project_forward(d_in, gate, weight, mean2, var2, w2, b2, eps2, activation,
+                                        kCPU);
   const Map d = nhwc(d_in);
   const Tensor q2 = pointwise_conv(
       project_operand(d, d_in, mean2, var2, w2, b2, eps2, act, gate), weight, d.N, d.H, d.W);
@@ -596,18 +544,10 @@ std::tuple<Tensor, Tensor, Tensor> project_forward(
 
 // ---- K6 output ----------------------------------------------------------------------------
 
-void check_sample_scale(const char* op, const OptTensor& s, const Tensor& x) {
-  if (given(s)) check_vector(op, "sample_scale", *s, x, {x.size(0)});
-}
-
 Tensor output_forward(const Tensor& q_in, const Tensor& mean3, const Tensor& var3,
                       const OptTensor& w3, const OptTensor& b3, double eps3,
                       const OptTensor& sample_scale, const OptTensor& residual) {
-  const char* op = "mbconv_output_forward";
-  check_block_input(op, "q", q_in, kCPU);
-  check_norm(op, "bn3", mean3, var3, w3, b3, eps3, q_in);
-  check_sample_scale(op, sample_scale, q_in);
-  if (given(residual)) check_activation(op, "residual", *residual, q_in, q_in.sizes());
+  check_output_forward(q_in, mean3, var3, w3, b3, eps3, sample_scale, residual, kCPU);
   const Map q = nhwc(q_in);
   const Map res = given(residual) ? nhwc(*residual) : Map{};
   Tensor out2 = empty_rows(q_in, q.rows(), q.C, q_in.scalar_type());
@@ -653,11 +593,7 @@ std::tuple<Tensor, Tensor> output_backward_stats(const Tensor& grad_out, const T
                                                  const Tensor& mean3, const Tensor& var3,
                                                  const OptTensor& w3, const OptTensor& b3,
                                                  double eps3, const OptTensor& sample_scale) {
-  const char* op = "mbconv_output_backward_stats";
-  check_block_input(op, "q", q_in, kCPU);
-  check_activation(op, "grad_out", grad_out, q_in, q_in.sizes());
-  check_norm(op, "bn3", mean3, var3, w3, b3, eps3, q_in);
-  check_sample_scale(op, sample_scale, q_in);
+  check_output_backward_stats(grad_out, q_in, mean3, var3, w3, b3, eps3, sample_scale, kCPU);
   const Map q = nhwc(q_in), go = nhwc(grad_out);
   const int64_t C = q.C, P = q.P();
   Tensor sum_dy = acc_empty(q_in, {C}), sum_dy_xhat = acc_empty(q_in, {C});
@@ -702,19 +638,10 @@ std::tuple<Tensor, Tensor, Tensor> project_backward(
     const Tensor& var3, const OptTensor& w3, const OptTensor& b3, double eps3,
     const Tensor& sum_dy3, const Tensor& sum_dy3_xhat3, const OptTensor& sample_scale,
     bool training, std::array<bool, 2> output_mask) {
-  const char* op = "mbconv_project_backward";
-  check_block_input(op, "d", d_in, kCPU);
-  check_gate_values(op, gate, d_in);
-  check_matrix(op, "weight", weight, d_in, -1, d_in.size(1));
+  const Act act = check_project_backward(grad_out, q_in, d_in, gate, weight, mean2, var2, w2, b2,
+                                         eps2, activation, mean3, var3, w3, b3, eps3, sum_dy3,
+                                         sum_dy3_xhat3, sample_scale, kCPU);
   const int64_t Cout = weight.size(0);
-  check_activation(op, "q", q_in, d_in, {d_in.size(0), Cout, d_in.size(2), d_in.size(3)});
-  check_activation(op, "grad_out", grad_out, d_in, q_in.sizes());
-  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d_in);
-  check_norm(op, "bn3", mean3, var3, w3, b3, eps3, q_in);
-  check_channel_vector(op, "sum_dy3", sum_dy3, q_in);
-  check_channel_vector(op, "sum_dy3_xhat3", sum_dy3_xhat3, q_in);
-  check_sample_scale(op, sample_scale, d_in);
-  const Act act = activation_of(op, std::string(activation));
   const Map d = nhwc(d_in), q = nhwc(q_in), go = nhwc(grad_out);
   const int64_t C = d.C, P = d.P();
   const auto format = memory_format_of(d_in);
@@ -839,21 +766,12 @@ std::vector<acc_t> pooled_share(const OptTensor& grad_pooled, int64_t P) {
   return v;
 }
 
-void check_grad_a2(const char* op, const Tensor& grad_a2, const OptTensor& grad_pooled,
-                   const Tensor& d) {
-  check_activation(op, "grad_a2", grad_a2, d, d.sizes());
-  if (given(grad_pooled)) check_vector(op, "grad_pooled", *grad_pooled, d, {d.size(0), d.size(1)});
-}
-
 std::tuple<Tensor, Tensor> dwconv_backward_stats(
     const Tensor& grad_a2, const OptTensor& grad_pooled, const Tensor& d_in, const Tensor& mean2,
     const Tensor& var2, const OptTensor& w2, const OptTensor& b2, double eps2,
     c10::string_view activation) {
-  const char* op = "mbconv_dwconv_backward_stats";
-  check_block_input(op, "d", d_in, kCPU);
-  check_grad_a2(op, grad_a2, grad_pooled, d_in);
-  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d_in);
-  const Act act = activation_of(op, std::string(activation));
+  const Act act = check_dwconv_backward_stats(grad_a2, grad_pooled, d_in, mean2, var2, w2, b2,
+                                              eps2, activation, kCPU);
   const Map d = nhwc(d_in), ga = nhwc(grad_a2);
   const int64_t C = d.C, P = d.P();
   Tensor sum_dy = acc_empty(d_in, {C}), sum_dy_xhat = acc_empty(d_in, {C});
@@ -893,19 +811,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
     const Tensor& sum_dy2, const Tensor& sum_dy2_xhat2, const OptTensor& in_mean,
     const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
     bool training, std::array<bool, 2> output_mask) {
-  const char* op = "mbconv_dwconv_backward";
-  check_block_input(op, "h", h_in, kCPU);
-  check_dw_weight(op, weight, h_in, stride);
-  check_in_bn(op, h_in, in_mean, in_var, in_weight, in_bias, in_eps);
-  const Act act = activation_of(op, std::string(activation));
+  const Act act = check_dwconv_backward(grad_a2, grad_pooled, d_in, h_in, weight, stride, mean2,
+                                        var2, w2, b2, eps2, activation, sum_dy2, sum_dy2_xhat2,
+                                        in_mean, in_var, in_weight, in_bias, in_eps, kCPU);
   const Map h = nhwc(h_in);
   const DwGeometry g = dw_geometry(h, weight, stride);
-  check_block_input(op, "d", d_in, kCPU);
-  check_activation(op, "d", d_in, h_in, {g.N, g.C, g.Ho, g.Wo});
-  check_grad_a2(op, grad_a2, grad_pooled, d_in);
-  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d_in);
-  check_channel_vector(op, "sum_dy2", sum_dy2, d_in);
-  check_channel_vector(op, "sum_dy2_xhat2", sum_dy2_xhat2, d_in);
   const Map d = nhwc(d_in), ga = nhwc(grad_a2);
   const int64_t C = g.C, Po = g.Ho * g.Wo, P = g.H * g.W;
   const bool with_bn1 = given(in_mean);
@@ -1030,18 +940,9 @@ std::tuple<Tensor, Tensor> expand_backward(
     const Tensor& mean1, const Tensor& var1, const OptTensor& w1, const OptTensor& b1,
     double eps1, const Tensor& sum_dy1, const Tensor& sum_dy1_xhat1, bool training,
     const OptTensor& grad_residual, std::array<bool, 2> output_mask) {
-  const char* op = "mbconv_expand_backward";
-  check_block_input(op, "x", x_in, kCPU);
-  check_matrix(op, "weight", weight, x_in, -1, x_in.size(1));
+  check_expand_backward(grad_y1, e_in, x_in, weight, mean1, var1, w1, b1, eps1, sum_dy1,
+                        sum_dy1_xhat1, grad_residual, kCPU);
   const int64_t Ce = weight.size(0);
-  check_activation(op, "e", e_in, x_in, {x_in.size(0), Ce, x_in.size(2), x_in.size(3)});
-  check_activation(op, "grad_y1", grad_y1, x_in, e_in.sizes());
-  check_norm(op, "bn1", mean1, var1, w1, b1, eps1, e_in);
-  check_channel_vector(op, "sum_dy1", sum_dy1, e_in);
-  check_channel_vector(op, "sum_dy1_xhat1", sum_dy1_xhat1, e_in);
-  if (given(grad_residual)) {
-    check_activation(op, "grad_residual", *grad_residual, x_in, x_in.sizes());
-  }
   const Map x = nhwc(x_in), e = nhwc(e_in), gy = nhwc(grad_y1);
   const int64_t P = x.P();
   Tensor ge = empty_rows(x_in, x.rows(), Ce, x_in.scalar_type());

@@ -4,6 +4,9 @@
 
 #include <string>
 #include <type_traits>
+#include <utility>
+
+#include <c10/util/string_view.h>
 
 #include "fused_mbconv/checks.h"
 
@@ -85,6 +88,211 @@ inline Act gate_of(const char* op, const std::string& name) {
   TORCH_CHECK_VALUE(name == "hardsigmoid", op, ": gate must be sigmoid or hardsigmoid, got '",
                     name, "'");
   return Act::kHardsigmoid;
+}
+
+inline bool given(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// ---- the checks of each entry point, in argument order: CPU and CUDA run the same ones ------
+
+using OptTensor = c10::optional<Tensor>;
+
+inline void check_expand_forward(const Tensor& x, const Tensor& weight, c10::DeviceType device) {
+  const char* op = "mbconv_expand_forward";
+  check_block_input(op, "x", x, device);
+  check_matrix(op, "weight", weight, x, -1, x.size(1));
+}
+
+inline void check_in_bn(const char* op, const Tensor& h, const OptTensor& mean,
+                        const OptTensor& var, const OptTensor& w, const OptTensor& b, double eps) {
+  TORCH_CHECK_VALUE(given(mean) == given(var), op,
+                    ": in_bn mean and var must be given together (or neither: no expansion)");
+  if (given(mean)) check_norm(op, "in_bn", *mean, *var, w, b, eps, h);
+}
+
+inline Act check_dwconv_forward(const Tensor& h, const Tensor& weight, int64_t stride,
+                                const OptTensor& in_mean, const OptTensor& in_var,
+                                const OptTensor& in_weight, const OptTensor& in_bias,
+                                double in_eps, c10::string_view activation,
+                                c10::DeviceType device) {
+  const char* op = "mbconv_dwconv_forward";
+  check_block_input(op, "h", h, device);
+  check_dw_weight(op, weight, h, stride);
+  check_in_bn(op, h, in_mean, in_var, in_weight, in_bias, in_eps);
+  return activation_of(op, std::string(activation));
+}
+
+inline Act check_squeeze_forward(const Tensor& d, const Tensor& mean, const Tensor& var,
+                                 const OptTensor& weight, const OptTensor& bias, double eps,
+                                 c10::string_view activation, c10::DeviceType device) {
+  const char* op = "mbconv_squeeze_forward";
+  check_block_input(op, "d", d, device);
+  check_norm(op, "bn2", mean, var, weight, bias, eps, d);
+  return activation_of(op, std::string(activation));
+}
+
+inline void check_excite(const char* op, const Tensor& pooled, const Tensor& w1, const Tensor& b1,
+                         const Tensor& w2, const Tensor& b2, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(pooled.dim() == 2, op, ": pooled must be 2-D (N, C), got shape ",
+                    pooled.sizes());
+  TORCH_CHECK_TYPE(pooled.scalar_type() == at::kFloat || pooled.scalar_type() == at::kDouble, op,
+                   ": pooled must be float32 or float64 (the accumulate dtype), got ",
+                   pooled.scalar_type());
+  TORCH_CHECK_VALUE(pooled.device().type() == device, op, ": this ", device,
+                    " kernel got pooled on ", pooled.device());
+  const int64_t C = pooled.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C, op, ": fc1_weight must be (S, ", C,
+                    "), got shape ", w1.sizes());
+  const int64_t S = w1.size(0);
+  check_float(op, "fc1_weight", w1);
+  check_device(op, "fc1_weight", w1, pooled);
+  check_vector(op, "fc1_bias", b1, pooled, {S});
+  check_vector(op, "fc2_weight", w2, pooled, {C, S});
+  check_vector(op, "fc2_bias", b2, pooled, {C});
+}
+
+// (SE activation, gate)
+inline std::pair<Act, Act> check_excite_forward(const Tensor& pooled, const Tensor& w1,
+                                                const Tensor& b1, const Tensor& w2,
+                                                const Tensor& b2, c10::string_view se_activation,
+                                                c10::string_view gate, c10::DeviceType device) {
+  const char* op = "mbconv_excite_forward";
+  check_excite(op, pooled, w1, b1, w2, b2, device);
+  return {activation_of(op, std::string(se_activation)), gate_of(op, std::string(gate))};
+}
+
+inline std::pair<Act, Act> check_excite_backward(const Tensor& grad_gate, const Tensor& pooled,
+                                                 const Tensor& w1, const Tensor& b1,
+                                                 const Tensor& w2, const Tensor& b2,
+                                                 c10::string_view se_activation,
+                                                 c10::string_view gate, c10::DeviceType device) {
+  const char* op = "mbconv_excite_backward";
+  check_excite(op, pooled, w1, b1, w2, b2, device);
+  check_vector(op, "grad_gate", grad_gate, pooled, pooled.sizes());
+  return {activation_of(op, std::string(se_activation)), gate_of(op, std::string(gate))};
+}
+
+inline void check_gate_values(const char* op, const OptTensor& gate, const Tensor& d) {
+  if (given(gate)) check_vector(op, "gate_values", *gate, d, {d.size(0), d.size(1)});
+}
+
+inline Act check_project_forward(const Tensor& d, const OptTensor& gate, const Tensor& weight,
+                                 const Tensor& mean2, const Tensor& var2, const OptTensor& w2,
+                                 const OptTensor& b2, double eps2, c10::string_view activation,
+                                 c10::DeviceType device) {
+  const char* op = "mbconv_project_forward";
+  check_block_input(op, "d", d, device);
+  check_gate_values(op, gate, d);
+  check_matrix(op, "weight", weight, d, -1, d.size(1));
+  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d);
+  return activation_of(op, std::string(activation));
+}
+
+inline void check_sample_scale(const char* op, const OptTensor& s, const Tensor& x) {
+  if (given(s)) check_vector(op, "sample_scale", *s, x, {x.size(0)});
+}
+
+inline void check_output_forward(const Tensor& q, const Tensor& mean3, const Tensor& var3,
+                                 const OptTensor& w3, const OptTensor& b3, double eps3,
+                                 const OptTensor& sample_scale, const OptTensor& residual,
+                                 c10::DeviceType device) {
+  const char* op = "mbconv_output_forward";
+  check_block_input(op, "q", q, device);
+  check_norm(op, "bn3", mean3, var3, w3, b3, eps3, q);
+  check_sample_scale(op, sample_scale, q);
+  if (given(residual)) check_activation(op, "residual", *residual, q, q.sizes());
+}
+
+inline void check_output_backward_stats(const Tensor& grad_out, const Tensor& q,
+                                        const Tensor& mean3, const Tensor& var3,
+                                        const OptTensor& w3, const OptTensor& b3, double eps3,
+                                        const OptTensor& sample_scale, c10::DeviceType device) {
+  const char* op = "mbconv_output_backward_stats";
+  check_block_input(op, "q", q, device);
+  check_activation(op, "grad_out", grad_out, q, q.sizes());
+  check_norm(op, "bn3", mean3, var3, w3, b3, eps3, q);
+  check_sample_scale(op, sample_scale, q);
+}
+
+inline Act check_project_backward(const Tensor& grad_out, const Tensor& q, const Tensor& d,
+                                  const OptTensor& gate, const Tensor& weight,
+                                  const Tensor& mean2, const Tensor& var2, const OptTensor& w2,
+                                  const OptTensor& b2, double eps2, c10::string_view activation,
+                                  const Tensor& mean3, const Tensor& var3, const OptTensor& w3,
+                                  const OptTensor& b3, double eps3, const Tensor& sum_dy3,
+                                  const Tensor& sum_dy3_xhat3, const OptTensor& sample_scale,
+                                  c10::DeviceType device) {
+  const char* op = "mbconv_project_backward";
+  check_block_input(op, "d", d, device);
+  check_gate_values(op, gate, d);
+  check_matrix(op, "weight", weight, d, -1, d.size(1));
+  check_activation(op, "q", q, d, {d.size(0), weight.size(0), d.size(2), d.size(3)});
+  check_activation(op, "grad_out", grad_out, d, q.sizes());
+  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d);
+  check_norm(op, "bn3", mean3, var3, w3, b3, eps3, q);
+  check_channel_vector(op, "sum_dy3", sum_dy3, q);
+  check_channel_vector(op, "sum_dy3_xhat3", sum_dy3_xhat3, q);
+  check_sample_scale(op, sample_scale, d);
+  return activation_of(op, std::string(activation));
+}
+
+inline void check_grad_a2(const char* op, const Tensor& grad_a2, const OptTensor& grad_pooled,
+                          const Tensor& d) {
+  check_activation(op, "grad_a2", grad_a2, d, d.sizes());
+  if (given(grad_pooled)) check_vector(op, "grad_pooled", *grad_pooled, d, {d.size(0), d.size(1)});
+}
+
+inline Act check_dwconv_backward_stats(const Tensor& grad_a2, const OptTensor& grad_pooled,
+                                       const Tensor& d, const Tensor& mean2, const Tensor& var2,
+                                       const OptTensor& w2, const OptTensor& b2, double eps2,
+                                       c10::string_view activation, c10::DeviceType device) {
+  const char* op = "mbconv_dwconv_backward_stats";
+  check_block_input(op, "d", d, device);
+  check_grad_a2(op, grad_a2, grad_pooled, d);
+  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d);
+  return activation_of(op, std::string(activation));
+}
+
+inline Act check_dwconv_backward(const Tensor& grad_a2, const OptTensor& grad_pooled,
+                                 const Tensor& d, const Tensor& h, const Tensor& weight,
+                                 int64_t stride, const Tensor& mean2, const Tensor& var2,
+                                 const OptTensor& w2, const OptTensor& b2, double eps2,
+                                 c10::string_view activation, const Tensor& sum_dy2,
+                                 const Tensor& sum_dy2_xhat2, const OptTensor& in_mean,
+                                 const OptTensor& in_var, const OptTensor& in_weight,
+                                 const OptTensor& in_bias, double in_eps,
+                                 c10::DeviceType device) {
+  const char* op = "mbconv_dwconv_backward";
+  check_block_input(op, "h", h, device);
+  check_dw_weight(op, weight, h, stride);
+  check_in_bn(op, h, in_mean, in_var, in_weight, in_bias, in_eps);
+  const Act act = activation_of(op, std::string(activation));
+  const int k = static_cast<int>(weight.size(2)), s = static_cast<int>(stride);
+  check_block_input(op, "d", d, device);
+  check_activation(op, "d", d, h, {h.size(0), h.size(1), conv_out_size(h.size(2), k, s),
+                                   conv_out_size(h.size(3), k, s)});
+  check_grad_a2(op, grad_a2, grad_pooled, d);
+  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d);
+  check_channel_vector(op, "sum_dy2", sum_dy2, d);
+  check_channel_vector(op, "sum_dy2_xhat2", sum_dy2_xhat2, d);
+  return act;
+}
+
+inline void check_expand_backward(const Tensor& grad_y1, const Tensor& e, const Tensor& x,
+                                  const Tensor& weight, const Tensor& mean1, const Tensor& var1,
+                                  const OptTensor& w1, const OptTensor& b1, double eps1,
+                                  const Tensor& sum_dy1, const Tensor& sum_dy1_xhat1,
+                                  const OptTensor& grad_residual, c10::DeviceType device) {
+  const char* op = "mbconv_expand_backward";
+  check_block_input(op, "x", x, device);
+  check_matrix(op, "weight", weight, x, -1, x.size(1));
+  check_activation(op, "e", e, x, {x.size(0), weight.size(0), x.size(2), x.size(3)});
+  check_activation(op, "grad_y1", grad_y1, x, e.sizes());
+  check_norm(op, "bn1", mean1, var1, w1, b1, eps1, e);
+  check_channel_vector(op, "sum_dy1", sum_dy1, e);
+  check_channel_vector(op, "sum_dy1_xhat1", sum_dy1_xhat1, e);
+  if (given(grad_residual)) {
+    check_activation(op, "grad_residual", *grad_residual, x, x.sizes());
+  }
 }
 
 // Calls f(std::integral_constant<Act, A>{}) for a block activation.
