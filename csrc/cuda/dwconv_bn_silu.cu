@@ -9,21 +9,21 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <array>
 #include <tuple>
 
 #include "fused_mbconv/checks.h"
+#include "fused_mbconv/cuda/reduce.cuh"
+#include "fused_mbconv/cuda/runtime.cuh"
 #include "fused_mbconv/host.h"
 #include "fused_mbconv/math.h"
 
 namespace fused_mbconv {
+namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kTapGroup = 9;  // weight-gradient taps accumulated per pass (a whole 3x3)
 
 struct Geometry {
@@ -44,53 +44,6 @@ Geometry geometry_of(const Tensor& x, int64_t k, int64_t stride) {
     g.ow = 1, g.oh = g.Wo, g.oc = g.Ho * g.Wo, g.on = g.C * g.Ho * g.Wo;
   }
   return g;
-}
-
-__device__ __forceinline__ float shfl_down(float v, int offset) {
-  return __shfl_down_sync(0xffffffffu, v, offset);
-}
-__device__ __forceinline__ double shfl_down(double v, int offset) {
-  return __shfl_down_sync(0xffffffffu, v, offset);
-}
-template <typename T>
-__device__ __forceinline__ Moments<T> shfl_down(Moments<T> m, int offset) {
-  return {shfl_down(m.count, offset), shfl_down(m.mean, offset), shfl_down(m.m2, offset)};
-}
-template <typename T, int M>
-struct Sums {
-  T v[M];
-};
-template <typename T, int M>
-__device__ __forceinline__ Sums<T, M> shfl_down(Sums<T, M> s, int offset) {
-#pragma unroll
-  for (int i = 0; i < M; ++i) s.v[i] = shfl_down(s.v[i], offset);
-  return s;
-}
-template <typename T, int M>
-__device__ __forceinline__ Sums<T, M> add(Sums<T, M> a, Sums<T, M> b) {
-#pragma unroll
-  for (int i = 0; i < M; ++i) a.v[i] += b.v[i];
-  return a;
-}
-
-// Tree reduction over the block in a fixed order; the result is valid in thread 0.
-template <typename V, typename Op>
-__device__ V block_reduce(V v, Op op) {
-  __shared__ V warp_results[kThreads / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v = op(v, shfl_down(v, offset));
-  if (lane == 0) warp_results[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = warp_results[lane < kThreads / 32 ? lane : 0];
-#pragma unroll
-    for (int offset = kThreads / 64; offset > 0; offset /= 2) {
-      const V other = shfl_down(v, offset);
-      if (lane + offset < kThreads / 32) v = op(v, other);
-    }
-  }
-  return v;
 }
 
 // Position p in [0, N * Ho * Wo) of channel c -> the output element offset.
@@ -132,7 +85,7 @@ __global__ void conv_forward_kernel(const scalar_t* __restrict__ x,
     }
   }
   if (kTrain) {
-    m = block_reduce(m, [](Moments<acc_t> a, Moments<acc_t> b) { return moments_merge(a, b); });
+    m = block_reduce(m);
     if (threadIdx.x == 0) partial[c * gridDim.y + blockIdx.y] = m;
   }
 }
@@ -151,7 +104,7 @@ __global__ void finalize_stats_kernel(const Moments<acc_t>* __restrict__ partial
     Moments<acc_t> m = partial[c * slices];
     for (int i = 1; i < slices; ++i) m = moments_merge(m, partial[c * slices + i]);
     mean[c] = m.mean;
-    var[c] = m.m2 / m.count;
+    var[c] = div_(m.m2, m.count);
   }
   const BnAffine<acc_t> a = bn_affine(mean[c], var[c], gamma[c], beta[c], eps);
   affine[2 * c] = a.scale;
@@ -193,7 +146,7 @@ __global__ void grad_reduce_kernel(const scalar_t* __restrict__ go,
     s.v[0] += gg;
     s.v[1] += gg * xh;
   }
-  s = block_reduce(s, [](Sums<acc_t, 2> a, Sums<acc_t, 2> b) { return add(a, b); });
+  s = block_reduce(s);
   if (threadIdx.x == 0) partial[c * gridDim.y + blockIdx.y] = s;
 }
 
@@ -215,8 +168,8 @@ __global__ void finalize_grad_kernel(const Sums<acc_t, 2>* __restrict__ partial,
   grad_beta[c] = sg;
   grad_gamma[c] = sgx;
   if (training) {
-    coef[c].mean_g = sg / count;
-    coef[c].mean_g_xhat = sgx / count;
+    coef[c].mean_g = div_(sg, count);
+    coef[c].mean_g_xhat = div_(sgx, count);
   }
 }
 
@@ -280,7 +233,7 @@ __global__ void weight_grad_kernel(const scalar_t* __restrict__ go,
       }
     }
   }
-  s = block_reduce(s, [](Sums<acc_t, kTapGroup> a, Sums<acc_t, kTapGroup> b) { return add(a, b); });
+  s = block_reduce(s);
   if (threadIdx.x == 0) partial[c * gridDim.y + blockIdx.y] = s;
 }
 
@@ -301,15 +254,9 @@ __global__ void finalize_weight_grad_kernel(const Sums<acc_t, kTapGroup>* __rest
 // Slices per channel: enough blocks to fill the GPU, at least one block's worth of positions each.
 int slices_for(const Geometry& g) {
   const int64_t positions = g.N * g.Ho * g.Wo;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want = std::max<int64_t>(1, (int64_t(sms) * 8 + g.C - 1) / g.C);
+  const int64_t want = std::max<int64_t>(1, (int64_t(multiprocessor_count()) * 8 + g.C - 1) / g.C);
   const int64_t most = (positions + kThreads - 1) / kThreads;
   return static_cast<int>(std::min<int64_t>({want, most, 65535}));
-}
-
-int blocks_for(int64_t n) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(sms) * 32));
 }
 
 Tensor bytes(int64_t n, const Tensor& like) {
@@ -322,11 +269,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     const c10::optional<Tensor>& running_var, int64_t stride, bool training, double eps,
     bool need_conv_out) {
   check_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, training, eps,
-                c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(x.device());
+                kDeviceType);
+  const DeviceGuard guard(x.device());
   const Geometry g = geometry_of(x, weight.size(2), stride);
   const auto acc = accumulate_type(x.scalar_type());
-  const auto stream = at::cuda::getCurrentCUDAStream();
   Tensor out = empty_like_input(x, {g.N, g.C, g.Ho, g.Wo});
   Tensor conv_out = need_conv_out ? at::empty_like(out) : x.new_empty({0});
   Tensor mean = training ? at::empty({g.C}, x.options().dtype(acc))
@@ -336,38 +282,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   const Tensor gamma = channel_param(bn_weight, x, 1.0), beta = channel_param(bn_bias, x, 0.0);
   Tensor affine = at::empty({2 * g.C}, x.options().dtype(acc));
   const int slices = slices_for(g);
-  const int channel_blocks = static_cast<int>((g.C + kThreads - 1) / kThreads);
+  const dim3 channel_blocks(blocks_covering(g.C)), block(kThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_silu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(g.C), slices);
     scalar_t* d = need_conv_out ? conv_out.mutable_data_ptr<scalar_t>() : nullptr;
     auto finalize = [&](const Moments<acc_t>* partial) {
-      finalize_stats_kernel<acc_t><<<channel_blocks, kThreads, 0, stream>>>(
-          partial, slices, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
-          gamma.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(), static_cast<acc_t>(eps),
-          affine.mutable_data_ptr<acc_t>(), g.C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch("dwconv_bn_silu_finalize_stats", &finalize_stats_kernel<acc_t>, channel_blocks,
+             block, 0, partial, slices, mean.mutable_data_ptr<acc_t>(),
+             var.mutable_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(),
+             beta.const_data_ptr<acc_t>(), static_cast<acc_t>(eps),
+             affine.mutable_data_ptr<acc_t>(), g.C);
     };
     if (!training) {
       finalize(nullptr);
-      conv_forward_kernel<false, scalar_t><<<grid, kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), d,
-          out.mutable_data_ptr<scalar_t>(), affine.const_data_ptr<acc_t>(), nullptr, g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch("dwconv_bn_silu", &conv_forward_kernel<false, scalar_t>, grid, block, 0,
+             x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), d,
+             out.mutable_data_ptr<scalar_t>(), affine.const_data_ptr<acc_t>(),
+             static_cast<Moments<acc_t>*>(nullptr), g);
       return;
     }
     // Without need_conv_out, d lives in `out` and the apply runs in place.
     scalar_t* dst = d != nullptr ? d : out.mutable_data_ptr<scalar_t>();
     Tensor partial = bytes(g.C * slices * int64_t(sizeof(Moments<acc_t>)), x);
     auto* pp = reinterpret_cast<Moments<acc_t>*>(partial.mutable_data_ptr());
-    conv_forward_kernel<true, scalar_t><<<grid, kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), dst, nullptr, nullptr,
-        pp, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch("dwconv_stats", &conv_forward_kernel<true, scalar_t>, grid, block, 0,
+           x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), dst,
+           static_cast<scalar_t*>(nullptr), static_cast<const acc_t*>(nullptr), pp, g);
     finalize(pp);
-    bn_silu_apply_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
-        dst, out.mutable_data_ptr<scalar_t>(), affine.const_data_ptr<acc_t>(), g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch("bn_silu_apply", &bn_silu_apply_kernel<scalar_t>, dim3(blocks_for(out.numel())),
+           block, 0, static_cast<const scalar_t*>(dst), out.mutable_data_ptr<scalar_t>(),
+           affine.const_data_ptr<acc_t>(), g);
   });
   return {out, conv_out, mean, var};
 }
@@ -378,11 +323,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
     const Tensor& mean, const Tensor& var, int64_t stride, bool training, double eps,
     std::array<bool, 4> output_mask) {
   check_backward(grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride, eps,
-                 c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(x.device());
+                 kDeviceType);
+  const DeviceGuard guard(x.device());
   const Geometry g = geometry_of(x, weight.size(2), stride);
   const auto acc = accumulate_type(x.scalar_type());
-  const auto stream = at::cuda::getCurrentCUDAStream();
   const Tensor gamma = channel_param(bn_weight, x, 1.0), beta = channel_param(bn_bias, x, 0.0);
   const Tensor mean_c = mean.to(acc).contiguous(), invstd = (var.to(acc) + eps).rsqrt();
   Tensor ggamma = at::empty({g.C}, x.options().dtype(acc));
@@ -390,7 +334,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
   Tensor gx = output_mask[0] ? at::empty_like(x) : x.new_empty({0});
   Tensor gw_acc = output_mask[1] ? at::empty({g.C * g.k * g.k}, x.options().dtype(acc)) : Tensor();
   const int slices = slices_for(g);
-  const int channel_blocks = static_cast<int>((g.C + kThreads - 1) / kThreads);
+  const dim3 channel_blocks(blocks_covering(g.C)), block(kThreads);
   const int kk = g.k * g.k;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_silu_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -404,29 +348,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
     const scalar_t* dp = conv_out.const_data_ptr<scalar_t>();
     Tensor partial = bytes(g.C * slices * int64_t(sizeof(Sums<acc_t, kTapGroup>)), x);
     auto* sums2 = reinterpret_cast<Sums<acc_t, 2>*>(partial.mutable_data_ptr());
-    grad_reduce_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(gop, dp, cf, sums2, g);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finalize_grad_kernel<acc_t><<<channel_blocks, kThreads, 0, stream>>>(
-        sums2, slices, cf, ggamma.mutable_data_ptr<acc_t>(), gbeta.mutable_data_ptr<acc_t>(),
-        static_cast<acc_t>(g.N * g.Ho * g.Wo), training, g.C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch("bn_silu_grad_reduce", &grad_reduce_kernel<scalar_t>, grid, block, 0, gop, dp,
+           static_cast<const BnSiluGrad<acc_t>*>(cf), sums2, g);
+    launch("bn_silu_grad_finalize", &finalize_grad_kernel<acc_t>, channel_blocks, block, 0,
+           static_cast<const Sums<acc_t, 2>*>(sums2), slices, cf,
+           ggamma.mutable_data_ptr<acc_t>(), gbeta.mutable_data_ptr<acc_t>(),
+           static_cast<acc_t>(g.N * g.Ho * g.Wo), training, g.C);
     if (output_mask[0]) {
-      input_grad_kernel<scalar_t><<<blocks_for(x.numel()), kThreads, 0, stream>>>(
-          gop, dp, weight.const_data_ptr<scalar_t>(), cf, gx.mutable_data_ptr<scalar_t>(),
-          is_channels_last(x), g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch("dwconv_input_grad", &input_grad_kernel<scalar_t>, dim3(blocks_for(x.numel())),
+             block, 0, gop, dp, weight.const_data_ptr<scalar_t>(),
+             static_cast<const BnSiluGrad<acc_t>*>(cf), gx.mutable_data_ptr<scalar_t>(),
+             is_channels_last(x), g);
     }
     if (output_mask[1]) {
       auto* sums = reinterpret_cast<Sums<acc_t, kTapGroup>*>(partial.mutable_data_ptr());
       for (int tap0 = 0; tap0 < kk; tap0 += kTapGroup) {
-        weight_grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-            gop, dp, x.const_data_ptr<scalar_t>(), cf, sums, tap0, g);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        finalize_weight_grad_kernel<acc_t>
-            <<<static_cast<int>((g.C * kTapGroup + kThreads - 1) / kThreads), kThreads, 0,
-               stream>>>(
-                sums, slices, tap0, kk, gw_acc.mutable_data_ptr<acc_t>(), g.C);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch("dwconv_weight_grad", &weight_grad_kernel<scalar_t>, grid, block, 0, gop, dp,
+               x.const_data_ptr<scalar_t>(), static_cast<const BnSiluGrad<acc_t>*>(cf), sums,
+               tap0, g);
+        launch("dwconv_weight_grad_finalize", &finalize_weight_grad_kernel<acc_t>,
+               dim3(blocks_covering(g.C * kTapGroup)), block, 0,
+               static_cast<const Sums<acc_t, kTapGroup>*>(sums), slices, tap0, kk,
+               gw_acc.mutable_data_ptr<acc_t>(), g.C);
       }
     }
   });
@@ -436,9 +379,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
 }
 
 }  // namespace
+}  // namespace cuda
 }  // namespace fused_mbconv
 
-TORCH_LIBRARY_IMPL(fused_mbconv_ext, CUDA, m) {
-  m.impl("dwconv_bn_silu_forward", &fused_mbconv::forward_cuda);
-  m.impl("dwconv_bn_silu_backward", &fused_mbconv::backward_cuda);
+TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
+  m.impl("dwconv_bn_silu_forward", &fused_mbconv::cuda::forward_cuda);
+  m.impl("dwconv_bn_silu_backward", &fused_mbconv::cuda::backward_cuda);
 }
