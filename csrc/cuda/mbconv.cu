@@ -1,0 +1,1010 @@
+// CUDA kernels of the MBConv block's kernel interface (mbconv_*; fused_mbconv/reference.py
+// specifies each function, FUSION.md gives the plan): the block on the "cuda" backend.
+//
+// The memory-bound work runs as fused passes of two kinds, one kernel source each: an
+// elementwise map over an activation in memory order (map_kernel), and a per-channel or
+// per-(image, channel) reduction that may also write elementwise outputs
+// (channel_reduce_kernel, reduce.cuh). What a pass computes is a functor below; activations
+// are template flags. The 1x1 convolutions run on cuDNN / cuBLAS through ATen with the passes
+// placed around them: K5 builds its operand act(BN2(d)) * gate in one pass, convolves, then
+// takes BN3's statistics in one pass; the backward likewise. The squeeze-excite vectors are
+// one block per sample. NCHW and channels_last are addressed in place (Plane). Reductions are
+// deterministic: fixed-order trees and merges, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "fused_mbconv/block_checks.h"
+#include "fused_mbconv/cuda/reduce.cuh"
+#include "fused_mbconv/cuda/runtime.cuh"
+#include "fused_mbconv/host.h"
+#include "fused_mbconv/math.h"
+
+namespace fused_mbconv {
+namespace cuda {
+namespace {
+
+constexpr int kTapGroup = 9;  // depthwise weight-gradient taps per pass (a whole 3x3)
+
+// An activation (N, C, H, W) addressed by (image n, channel c, position p = h * W + w), NCHW
+// or channels_last. A tensor contiguous in both formats (C == 1 or H * W == 1) has the same
+// addresses under both, so a tensor's own layout is always a valid reading of it, and tensors
+// of one shape that the entry checks found in the same format share memory offsets. Indices
+// within an image are 32-bit (64-bit integer division is a called subroutine on the GPU, and
+// its calls spill registers); offsets are 64-bit.
+struct Plane {
+  int N, C, P;
+  bool channels_last;
+
+  FM_HOST_DEVICE int64_t at(int n, int c, int p) const {
+    return channels_last ? (int64_t(n) * P + p) * C + c : (int64_t(n) * C + c) * P + p;
+  }
+};
+
+Plane plane_of(const Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1), P = t.size(2) * t.size(3);
+  TORCH_CHECK_VALUE(C * P <= 0x7fffffff && N <= 65535, "fused_mbconv: an activation of shape ",
+                    t.sizes(), " exceeds the CUDA kernels' 32-bit per-image indexing");
+  return {static_cast<int>(N), static_cast<int>(C), static_cast<int>(P), is_channels_last(t)};
+}
+
+ChannelTiling tiling_of(const Plane& p) { return channel_tiling(p.N, p.C, p.P, p.channels_last); }
+
+Tensor acc_empty(const Tensor& x, at::IntArrayRef shape = {0}) {
+  return at::empty(shape, x.options().dtype(accumulate_type(x.scalar_type())));
+}
+
+// An optional vector in the accumulate dtype of x, or undefined.
+Tensor acc_vector(const OptTensor& t, const Tensor& x) {
+  return given(t) ? t->to(accumulate_type(x.scalar_type())).contiguous() : Tensor();
+}
+
+template <typename T>
+const T* maybe_ptr(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// ---- the two pass kernels' launchers -------------------------------------------------------
+
+// f(i, n, c) for every element of the activation `pl` describes, i its memory offset.
+// grid (blocks per image, N).
+template <typename F>
+__global__ void map_kernel(Plane pl, F f) {
+  const int n = blockIdx.y;
+  const int64_t per_image = int64_t(pl.C) * pl.P;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < per_image;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const int within = static_cast<int>(j);
+    f(n * per_image + j, n, pl.channels_last ? within % pl.C : within / pl.P);
+  }
+}
+
+template <typename F>
+void map(const char* name, const Plane& pl, const F& f) {
+  const int64_t per_image = int64_t(pl.C) * pl.P;
+  const int64_t blocks = std::max<int64_t>(1, int64_t(blocks_for(per_image * pl.N)) / pl.N);
+  const int64_t covering = (per_image + kThreads - 1) / kThreads;
+  launch(name, &map_kernel<F>,
+         dim3(static_cast<unsigned>(std::min(blocks, covering)), static_cast<unsigned>(pl.N)),
+         dim3(kThreads), 0, pl, f);
+}
+
+// ---- per-channel BatchNorm constants -------------------------------------------------------
+
+// One BatchNorm as the passes apply it: y = v * scale + shift, x_hat = (v - mean) * invstd;
+// its input gradient is (dy - a - x_hat * b) * scale, where a, b are the means of dy and
+// dy * x_hat in training (the batch statistics' own gradient) and 0 in eval. Device pointers
+// into one (6, C) tensor.
+template <typename T>
+struct Norm {
+  const T *mean, *invstd, *scale, *shift, *a, *b;
+};
+
+template <typename T>
+__global__ void norm_kernel(int64_t C, const T* __restrict__ mean, const T* __restrict__ var,
+                            const T* __restrict__ gamma, const T* __restrict__ beta, T eps,
+                            const T* __restrict__ sum_dy, const T* __restrict__ sum_dy_xhat,
+                            T count, T* __restrict__ out) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const BnAffine<T> af = bn_affine(mean[c], var[c], gamma ? gamma[c] : T(1),
+                                   beta ? beta[c] : T(0), eps);
+  out[c] = mean[c];
+  out[C + c] = rsqrt_(var[c] + eps);
+  out[2 * C + c] = af.scale;
+  out[3 * C + c] = af.shift;
+  out[4 * C + c] = sum_dy ? div_(sum_dy[c], count) : T(0);
+  out[5 * C + c] = sum_dy_xhat ? div_(sum_dy_xhat[c], count) : T(0);
+}
+
+template <typename T>
+struct NormBuffer {
+  Tensor values;  // (6, C)
+  Norm<T> view() const {
+    const T* p = values.const_data_ptr<T>();
+    const int64_t C = values.size(1);
+    return {p, p + C, p + 2 * C, p + 3 * C, p + 4 * C, p + 5 * C};
+  }
+};
+
+// The constants of a BN over x's channels; with the gradient sums (training backward), also
+// a and b over `count` values.
+template <typename T>
+NormBuffer<T> norm_of(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& w,
+                      const OptTensor& b, double eps, const Tensor* sum_dy = nullptr,
+                      const Tensor* sum_dy_xhat = nullptr, int64_t count = 1) {
+  const auto acc = c10::CppTypeToScalarType<T>::value;
+  const int64_t C = x.size(1);
+  const Tensor m = mean.to(acc).contiguous(), v = var.to(acc).contiguous();
+  const Tensor g = acc_vector(w, x), be = acc_vector(b, x);
+  const Tensor s = sum_dy ? sum_dy->to(acc).contiguous() : Tensor();
+  const Tensor sx = sum_dy_xhat ? sum_dy_xhat->to(acc).contiguous() : Tensor();
+  Tensor out = at::empty({6, C}, x.options().dtype(acc));
+  launch("norm", &norm_kernel<T>, dim3(blocks_covering(C)), dim3(kThreads), 0, C,
+         m.const_data_ptr<T>(), v.const_data_ptr<T>(), maybe_ptr<T>(g), maybe_ptr<T>(be),
+         static_cast<T>(eps), maybe_ptr<T>(s), maybe_ptr<T>(sx), static_cast<T>(count),
+         out.mutable_data_ptr<T>());
+  return {out};
+}
+
+// ---- results of the reductions -------------------------------------------------------------
+
+template <typename T>
+struct MomentsOut {  // BN's batch mean and biased variance
+  T *mean, *var;
+  __device__ void operator()(int, int c, const Moments<T>& m) const {
+    mean[c] = m.mean;
+    var[c] = div_(m.m2, m.count);
+  }
+};
+
+template <typename T>
+struct SumsOut {  // (sum dy, sum dy * x_hat), one per channel
+  T *first, *second;
+  __device__ void operator()(int i, int, const Sums<T, 2>& s) const {
+    first[i] = s.v[0];
+    second[i] = s.v[1];
+  }
+};
+
+template <typename T>
+struct ScaledOut {  // one per (image, channel): the squeeze's mean, the gate gradient
+  T* out;
+  T divisor;
+  __device__ void operator()(int i, int, const Sums<T, 1>& s) const {
+    out[i] = div_(s.v[0], divisor);
+  }
+};
+
+template <typename T>
+struct TapsOut {  // taps [tap0, tap0 + kTapGroup) of the depthwise weight gradient
+  T* grad;
+  int tap0, taps;
+  __device__ void operator()(int, int c, const Sums<T, kTapGroup>& s) const {
+    for (int j = 0; j < kTapGroup && tap0 + j < taps; ++j) {
+      grad[int64_t(c) * taps + tap0 + j] = s.v[j];
+    }
+  }
+};
+
+template <typename scalar_t>
+struct MomentsOf {
+  const scalar_t* t;
+  Plane tp;
+  __device__ void operator()(int n, int c, int p,
+                             Moments<at::opmath_type<scalar_t>>& m) const {
+    push(m, static_cast<at::opmath_type<scalar_t>>(t[tp.at(n, c, p)]));
+  }
+};
+
+// BN batch statistics of an activation, one pass.
+std::tuple<Tensor, Tensor> moments_of(const Tensor& t) {
+  const Plane p = plane_of(t);
+  Tensor mean = acc_empty(t, {p.C}), var = acc_empty(t, {p.C});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "moments", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    reduce_channels<Moments<acc_t>>(
+        "moments", tiling_of(p), MomentsOf<scalar_t>{t.const_data_ptr<scalar_t>(), p}, false,
+        MomentsOut<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()}, t);
+  });
+  return {mean, var};
+}
+
+// ---- the 1x1 convolutions (cuDNN / cuBLAS through ATen) -------------------------------------
+
+// t (N, in, H, W) convolved with matrix (out, in), in `format`.
+Tensor pointwise_conv(const Tensor& t, const Tensor& matrix, at::MemoryFormat format) {
+  return at::conv2d(t, matrix.reshape({matrix.size(0), matrix.size(1), 1, 1})).contiguous(format);
+}
+
+// An activation as (N * H * W, C) rows: a view for channels_last, a copy for NCHW.
+Tensor rows(const Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
+// The 1x1 convolution's weight gradient, (out, in): the sum over images and positions of
+// grad_out[n, o, p] * input[n, c, p].
+Tensor pointwise_weight_grad(const Tensor& grad_out, const Tensor& input) {
+  return at::mm(rows(grad_out).t(), rows(input));
+}
+
+// ---- K1 expand -----------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor> expand_forward(const Tensor& x, const Tensor& weight,
+                                                  bool need_stats) {
+  check_expand_forward(x, weight, kDeviceType);
+  const DeviceGuard guard(x.device());
+  const Tensor e = pointwise_conv(x, weight, memory_format_of(x));
+  Tensor mean = acc_empty(x), var = acc_empty(x);
+  if (need_stats) std::tie(mean, var) = moments_of(e);
+  return {e, mean, var};
+}
+
+// ---- K2 depthwise forward ------------------------------------------------------------------
+
+// d = depthwise conv of a1 = act(BN1(h)) (h itself without BN1), and d's moments.
+template <Act A, typename scalar_t>
+struct DwForward {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* h;
+  Plane hp;
+  int H, W, Wo;
+  const scalar_t* weight;
+  int k, s;
+  Norm<acc_t> bn1;
+  bool with_bn1;
+  scalar_t* d;
+  Plane dp;
+
+  template <typename Acc>
+  __device__ void operator()(int n, int c, int p, Acc& acc) const {
+    const int ho = p / Wo, wo = p % Wo;
+    const int pad = k / 2;
+    const acc_t scale = with_bn1 ? bn1.scale[c] : acc_t(1);
+    const acc_t shift = with_bn1 ? bn1.shift[c] : acc_t(0);
+    const scalar_t* wc = weight + int64_t(c) * k * k;
+    acc_t sum = 0;
+    for (int kh = 0; kh < k; ++kh) {
+      const int hi = ho * s - pad + kh;
+      if (hi < 0 || hi >= H) continue;
+      for (int kw = 0; kw < k; ++kw) {
+        const int wi = wo * s - pad + kw;
+        if (wi < 0 || wi >= W) continue;
+        acc_t a = static_cast<acc_t>(h[hp.at(n, c, hi * W + wi)]);
+        if (with_bn1) a = activate<A>(a * scale + shift);
+        sum += a * static_cast<acc_t>(wc[kh * k + kw]);
+      }
+    }
+    const scalar_t v = static_cast<scalar_t>(sum);
+    d[dp.at(n, c, p)] = v;
+    push(acc, static_cast<acc_t>(v));
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
+    const Tensor& h, const Tensor& weight_in, int64_t stride, const OptTensor& in_mean,
+    const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
+    c10::string_view activation, bool need_stats) {
+  const Act act = check_dwconv_forward(h, weight_in, stride, in_mean, in_var, in_weight, in_bias,
+                                       in_eps, activation, kDeviceType);
+  const DeviceGuard guard(h.device());
+  const Tensor weight = weight_in.contiguous();
+  const int k = static_cast<int>(weight.size(2)), s = static_cast<int>(stride);
+  const int64_t N = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3);
+  const int64_t Ho = conv_out_size(H, k, s), Wo = conv_out_size(W, k, s);
+  Tensor d = empty_like_input(h, {N, C, Ho, Wo});
+  Tensor mean = need_stats ? acc_empty(h, {C}) : acc_empty(h);
+  Tensor var = need_stats ? acc_empty(h, {C}) : acc_empty(h);
+  const Plane hp = plane_of(h), dp = plane_of(d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mbconv_dwconv", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool with_bn1 = given(in_mean);
+    const auto bn1 = with_bn1 ? norm_of<acc_t>(h, *in_mean, *in_var, in_weight, in_bias, in_eps)
+                              : NormBuffer<acc_t>{};
+    dispatch_activation(act, [&](auto A) {
+      const DwForward<decltype(A)::value, scalar_t> f{
+          h.const_data_ptr<scalar_t>(), hp, static_cast<int>(H), static_cast<int>(W),
+          static_cast<int>(Wo), weight.const_data_ptr<scalar_t>(), k, s,
+          with_bn1 ? bn1.view() : Norm<acc_t>{}, with_bn1, d.mutable_data_ptr<scalar_t>(), dp};
+      if (need_stats) {
+        reduce_channels<Moments<acc_t>>(
+            "mbconv_dwconv", tiling_of(dp), f, false,
+            MomentsOut<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()}, h);
+      } else {
+        reduce_channels<NoStats>("mbconv_dwconv", tiling_of(dp), f, false, NoStats{}, h);
+      }
+    });
+  });
+  return {d, mean, var};
+}
+
+// ---- K3 squeeze ----------------------------------------------------------------------------
+
+template <Act A, typename scalar_t>
+struct Squeeze {  // sums of a2 = act(BN2(d)) per (image, channel)
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* d;
+  Plane dp;
+  Norm<acc_t> bn2;
+  __device__ void operator()(int n, int c, int p, Sums<acc_t, 1>& acc) const {
+    push(acc, activate<A>(static_cast<acc_t>(d[dp.at(n, c, p)]) * bn2.scale[c] + bn2.shift[c]));
+  }
+};
+
+Tensor squeeze_forward(const Tensor& d, const Tensor& mean, const Tensor& var,
+                       const OptTensor& bn_weight, const OptTensor& bn_bias, double eps,
+                       c10::string_view activation) {
+  const Act act = check_squeeze_forward(d, mean, var, bn_weight, bn_bias, eps, activation,
+                                        kDeviceType);
+  const DeviceGuard guard(d.device());
+  const Plane dp = plane_of(d);
+  Tensor pooled = acc_empty(d, {dp.N, dp.C});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_squeeze", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto bn2 = norm_of<acc_t>(d, mean, var, bn_weight, bn_bias, eps);
+    dispatch_activation(act, [&](auto A) {
+      reduce_channels<Sums<acc_t, 1>>(
+          "mbconv_squeeze", tiling_of(dp),
+          Squeeze<decltype(A)::value, scalar_t>{d.const_data_ptr<scalar_t>(), dp, bn2.view()},
+          true, ScaledOut<acc_t>{pooled.mutable_data_ptr<acc_t>(), static_cast<acc_t>(dp.P)}, d);
+    });
+  });
+  return pooled;
+}
+
+// ---- K4 / B4 excite: one block per sample --------------------------------------------------
+
+// gate = gate_act(fc2(se_act(fc1(pooled)))): fc1 one warp per hidden unit, fc2 one thread per
+// channel. Dynamic shared memory: the S hidden values.
+template <Act kSe, Act kGate, typename T>
+__global__ void excite_forward_kernel(const T* __restrict__ pooled, const T* __restrict__ w1,
+                                      const T* __restrict__ b1, const T* __restrict__ w2,
+                                      const T* __restrict__ b2, int C, int S,
+                                      T* __restrict__ gate) {
+  T* hidden = dynamic_shared<T>();
+  const int64_t n = blockIdx.x;
+  const T* p = pooled + n * C;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  for (int j = warp; j < S; j += kThreads / kWarpSize) {
+    T acc = 0;
+    for (int c = lane; c < C; c += kWarpSize) acc += w1[int64_t(j) * C + c] * p[c];
+    acc = warp_sum(acc);
+    if (lane == 0) hidden[j] = activate<kSe>(acc + b1[j]);
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    T acc = b2[c];
+    for (int j = 0; j < S; ++j) acc += w2[int64_t(c) * S + j] * hidden[j];
+    gate[n * C + c] = activate<kGate>(acc);
+  }
+}
+
+// Per sample: the hidden values, the gradients of both FC outputs and of pooled. gz2 goes
+// through global memory (C values), read back by the same block after a barrier. Dynamic
+// shared memory: z1, hidden, gz1 (3 S values).
+template <Act kSe, Act kGate, typename T>
+__global__ void excite_backward_kernel(const T* __restrict__ grad_gate,
+                                       const T* __restrict__ pooled, const T* __restrict__ w1,
+                                       const T* __restrict__ b1, const T* __restrict__ w2,
+                                       const T* __restrict__ b2, int C, int S,
+                                       T* __restrict__ grad_pooled, T* __restrict__ hidden_out,
+                                       T* gz2, T* __restrict__ gz1_out) {
+  T* z1 = dynamic_shared<T>();
+  T* hidden = z1 + S;
+  T* gz1 = z1 + 2 * S;
+  const int64_t n = blockIdx.x;
+  const T* p = pooled + n * C;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  constexpr int kWarps = kThreads / kWarpSize;
+  for (int j = warp; j < S; j += kWarps) {
+    T acc = 0;
+    for (int c = lane; c < C; c += kWarpSize) acc += w1[int64_t(j) * C + c] * p[c];
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      z1[j] = acc + b1[j];
+      hidden[j] = activate<kSe>(z1[j]);
+      hidden_out[n * S + j] = hidden[j];
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    T z2 = b2[c];
+    for (int j = 0; j < S; ++j) z2 += w2[int64_t(c) * S + j] * hidden[j];
+    gz2[n * C + c] = grad_gate[n * C + c] * activate_grad<kGate>(z2);
+  }
+  __syncthreads();
+  for (int j = warp; j < S; j += kWarps) {
+    T acc = 0;
+    for (int c = lane; c < C; c += kWarpSize) acc += gz2[n * C + c] * w2[int64_t(c) * S + j];
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      gz1[j] = acc * activate_grad<kSe>(z1[j]);
+      gz1_out[n * S + j] = gz1[j];
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += kThreads) {
+    T acc = 0;
+    for (int j = 0; j < S; ++j) acc += gz1[j] * w1[int64_t(j) * C + c];
+    grad_pooled[n * C + c] = acc;
+  }
+}
+
+// The excite kernels' dynamic shared memory, checked against the 48 KiB every GPU allows.
+size_t excite_shared_bytes(int64_t S, const Tensor& pooled, int vectors) {
+  const size_t bytes = size_t(vectors) * size_t(S) * pooled.element_size();
+  TORCH_CHECK_VALUE(bytes <= 48 * 1024, "fused_mbconv: squeeze-excite width ", S,
+                    " is too large for the CUDA excite kernel");
+  return bytes;
+}
+
+Tensor excite_forward(const Tensor& pooled_in, const Tensor& w1, const Tensor& b1,
+                      const Tensor& w2, const Tensor& b2, c10::string_view se_activation,
+                      c10::string_view gate) {
+  const auto [se, gt] = check_excite_forward(pooled_in, w1, b1, w2, b2, se_activation, gate,
+                                             kDeviceType);
+  const DeviceGuard guard(pooled_in.device());
+  const auto acc = pooled_in.scalar_type();
+  const Tensor p = pooled_in.contiguous(), w1a = w1.to(acc).contiguous(),
+               b1a = b1.to(acc).contiguous(), w2a = w2.to(acc).contiguous(),
+               b2a = b2.to(acc).contiguous();
+  const int64_t N = p.size(0);
+  const int C = static_cast<int>(p.size(1)), S = static_cast<int>(w1.size(0));
+  Tensor out = at::empty_like(p);
+  const size_t shared = excite_shared_bytes(S, p, 1);
+  AT_DISPATCH_FLOATING_TYPES(acc, "mbconv_excite", [&] {
+    dispatch_activation(se, [&](auto SE) {
+      dispatch_gate(gt, [&](auto G) {
+        launch("mbconv_excite", &excite_forward_kernel<decltype(SE)::value, decltype(G)::value,
+                                                       scalar_t>,
+               dim3(static_cast<unsigned>(N)), dim3(kThreads), shared,
+               p.const_data_ptr<scalar_t>(), w1a.const_data_ptr<scalar_t>(),
+               b1a.const_data_ptr<scalar_t>(), w2a.const_data_ptr<scalar_t>(),
+               b2a.const_data_ptr<scalar_t>(), C, S, out.mutable_data_ptr<scalar_t>());
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> excite_backward(
+    const Tensor& grad_gate, const Tensor& pooled_in, const Tensor& w1, const Tensor& b1,
+    const Tensor& w2, const Tensor& b2, c10::string_view se_activation, c10::string_view gate) {
+  const auto [se, gt] = check_excite_backward(grad_gate, pooled_in, w1, b1, w2, b2,
+                                              se_activation, gate, kDeviceType);
+  const DeviceGuard guard(pooled_in.device());
+  const auto acc = pooled_in.scalar_type();
+  const Tensor p = pooled_in.contiguous(), gg = grad_gate.to(acc).contiguous(),
+               w1a = w1.to(acc).contiguous(), b1a = b1.to(acc).contiguous(),
+               w2a = w2.to(acc).contiguous(), b2a = b2.to(acc).contiguous();
+  const int64_t N = p.size(0);
+  const int C = static_cast<int>(p.size(1)), S = static_cast<int>(w1.size(0));
+  Tensor grad_pooled = at::empty_like(p), hidden = at::empty({N, S}, p.options()),
+         gz2 = at::empty_like(p), gz1 = at::empty({N, S}, p.options());
+  const size_t shared = excite_shared_bytes(S, p, 3);
+  AT_DISPATCH_FLOATING_TYPES(acc, "mbconv_excite_backward", [&] {
+    dispatch_activation(se, [&](auto SE) {
+      dispatch_gate(gt, [&](auto G) {
+        launch("mbconv_excite_backward",
+               &excite_backward_kernel<decltype(SE)::value, decltype(G)::value, scalar_t>,
+               dim3(static_cast<unsigned>(N)), dim3(kThreads), shared,
+               gg.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
+               w1a.const_data_ptr<scalar_t>(), b1a.const_data_ptr<scalar_t>(),
+               w2a.const_data_ptr<scalar_t>(), b2a.const_data_ptr<scalar_t>(), C, S,
+               grad_pooled.mutable_data_ptr<scalar_t>(), hidden.mutable_data_ptr<scalar_t>(),
+               gz2.mutable_data_ptr<scalar_t>(), gz1.mutable_data_ptr<scalar_t>());
+      });
+    });
+  });
+  // The FC weight gradients sum over the batch: GEMMs.
+  return {grad_pooled, at::mm(gz1.t(), p), gz1.sum(0), at::mm(gz2.t(), hidden), gz2.sum(0)};
+}
+
+// ---- K5 project ----------------------------------------------------------------------------
+
+template <Act A, typename scalar_t>
+struct ProjectOperand {  // a3 = act(BN2(d)) * gate[n, c], in d's dtype and layout
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* d;
+  Plane dp;
+  Norm<acc_t> bn2;
+  const acc_t* gate;  // (N, C), or null: no SE
+  scalar_t* a3;
+  __device__ void operator()(int64_t i, int n, int c) const {
+    acc_t v = activate<A>(static_cast<acc_t>(d[i]) * bn2.scale[c] + bn2.shift[c]);
+    if (gate) v *= gate[n * dp.C + c];
+    a3[i] = static_cast<scalar_t>(v);
+  }
+};
+
+Tensor project_operand(const Tensor& d, const OptTensor& gate, const Tensor& mean2,
+                       const Tensor& var2, const OptTensor& w2, const OptTensor& b2, double eps2,
+                       Act act) {
+  Tensor a3 = at::empty_like(d);
+  const Tensor g = acc_vector(gate, d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_project", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto bn2 = norm_of<acc_t>(d, mean2, var2, w2, b2, eps2);
+    dispatch_activation(act, [&](auto A) {
+      map("mbconv_project_operand", plane_of(d),
+          ProjectOperand<decltype(A)::value, scalar_t>{d.const_data_ptr<scalar_t>(), plane_of(d),
+                                                       bn2.view(), maybe_ptr<acc_t>(g),
+                                                       a3.mutable_data_ptr<scalar_t>()});
+    });
+  });
+  return a3;
+}
+
+std::tuple<Tensor, Tensor, Tensor> project_forward(
+    const Tensor& d, const OptTensor& gate, const Tensor& weight, const Tensor& mean2,
+    const Tensor& var2, const OptTensor& w2, const OptTensor& b2, double eps2,
+    c10::string_view activation, bool need_stats) {
+  const Act act = check_project_forward(d, gate, weight, mean2, var2, w2, b2, eps2, activation,
+                                        kDeviceType);
+  const DeviceGuard guard(d.device());
+  const Tensor q = pointwise_conv(project_operand(d, gate, mean2, var2, w2, b2, eps2, act),
+                                  weight, memory_format_of(d));
+  Tensor mean = acc_empty(d), var = acc_empty(d);
+  if (need_stats) std::tie(mean, var) = moments_of(q);
+  return {q, mean, var};
+}
+
+// ---- K6 output -----------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct Output {  // out = BN3(q) * sample_scale[n] + residual
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* q;
+  Norm<acc_t> bn3;
+  const acc_t* sample_scale;   // or null
+  const scalar_t* residual;    // like q, or null
+  scalar_t* out;
+  __device__ void operator()(int64_t i, int n, int c) const {
+    acc_t y = static_cast<acc_t>(q[i]) * bn3.scale[c] + bn3.shift[c];
+    if (sample_scale) y *= sample_scale[n];
+    if (residual) y += static_cast<acc_t>(residual[i]);
+    out[i] = static_cast<scalar_t>(y);
+  }
+};
+
+Tensor output_forward(const Tensor& q, const Tensor& mean3, const Tensor& var3,
+                      const OptTensor& w3, const OptTensor& b3, double eps3,
+                      const OptTensor& sample_scale, const OptTensor& residual) {
+  check_output_forward(q, mean3, var3, w3, b3, eps3, sample_scale, residual, kDeviceType);
+  const DeviceGuard guard(q.device());
+  Tensor out = at::empty_like(q);
+  const Tensor ss = acc_vector(sample_scale, q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mbconv_output", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto bn3 = norm_of<acc_t>(q, mean3, var3, w3, b3, eps3);
+    map("mbconv_output", plane_of(q),
+        Output<scalar_t>{q.const_data_ptr<scalar_t>(), bn3.view(),
+                         maybe_ptr<acc_t>(ss),
+                         given(residual) ? residual->const_data_ptr<scalar_t>() : nullptr,
+                         out.mutable_data_ptr<scalar_t>()});
+  });
+  return out;
+}
+
+// ---- B6 output backward statistics ---------------------------------------------------------
+
+template <typename scalar_t>
+struct OutputGradSums {  // dy3 = grad_out * sample_scale[n]: sum dy3, sum dy3 * x_hat3
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_out;
+  const scalar_t* q;
+  Plane qp;
+  Norm<acc_t> bn3;
+  const acc_t* sample_scale;
+  __device__ void operator()(int n, int c, int p, Sums<acc_t, 2>& acc) const {
+    const int64_t i = qp.at(n, c, p);
+    const acc_t dy = static_cast<acc_t>(grad_out[i]) * (sample_scale ? sample_scale[n] : acc_t(1));
+    push(acc, dy, dy * (static_cast<acc_t>(q[i]) - bn3.mean[c]) * bn3.invstd[c]);
+  }
+};
+
+std::tuple<Tensor, Tensor> output_backward_stats(const Tensor& grad_out, const Tensor& q,
+                                                 const Tensor& mean3, const Tensor& var3,
+                                                 const OptTensor& w3, const OptTensor& b3,
+                                                 double eps3, const OptTensor& sample_scale) {
+  check_output_backward_stats(grad_out, q, mean3, var3, w3, b3, eps3, sample_scale, kDeviceType);
+  const DeviceGuard guard(q.device());
+  const Plane qp = plane_of(q);
+  Tensor sum_dy = acc_empty(q, {qp.C}), sum_dy_xhat = acc_empty(q, {qp.C});
+  const Tensor ss = acc_vector(sample_scale, q);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "mbconv_output_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto bn3 = norm_of<acc_t>(q, mean3, var3, w3, b3, eps3);
+    reduce_channels<Sums<acc_t, 2>>(
+        "mbconv_output_grad_reduce", tiling_of(qp),
+        OutputGradSums<scalar_t>{grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                                 qp, bn3.view(), maybe_ptr<acc_t>(ss)},
+        false,
+        SumsOut<acc_t>{sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xhat.mutable_data_ptr<acc_t>()},
+        q);
+  });
+  return {sum_dy, sum_dy_xhat};
+}
+
+// ---- B5 project backward -------------------------------------------------------------------
+
+template <typename scalar_t>
+struct ProjectGradOut {  // gq = BN3 backward of dy3 = grad_out * sample_scale[n]
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_out;
+  const scalar_t* q;
+  Norm<acc_t> bn3;
+  const acc_t* sample_scale;
+  scalar_t* gq;
+  __device__ void operator()(int64_t i, int n, int c) const {
+    const acc_t s = sample_scale ? sample_scale[n] : acc_t(1);
+    const acc_t xh = (static_cast<acc_t>(q[i]) - bn3.mean[c]) * bn3.invstd[c];
+    gq[i] = static_cast<scalar_t>(
+        (static_cast<acc_t>(grad_out[i]) * s - bn3.a[c] - xh * bn3.b[c]) * bn3.scale[c]);
+  }
+};
+
+// With SE: grad_a2 = grad_a3 * gate[n, c], the gate gradient sum_p grad_a3 * a2 per (image,
+// channel), and (for the weight gradient) the operand a3 = a2 * gate, in one pass over d.
+template <Act A, typename scalar_t>
+struct GateGrad {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_a3;
+  const scalar_t* d;
+  Plane dp;
+  Norm<acc_t> bn2;
+  const acc_t* gate;
+  scalar_t* grad_a2;
+  scalar_t* operand;  // or null
+  __device__ void operator()(int n, int c, int p, Sums<acc_t, 1>& acc) const {
+    const int64_t i = dp.at(n, c, p);
+    const acc_t a2 = activate<A>(static_cast<acc_t>(d[i]) * bn2.scale[c] + bn2.shift[c]);
+    const acc_t v = static_cast<acc_t>(grad_a3[i]), g = gate[n * dp.C + c];
+    grad_a2[i] = static_cast<scalar_t>(v * g);
+    push(acc, v * a2);
+    if (operand) operand[i] = static_cast<scalar_t>(a2 * g);
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> project_backward(
+    const Tensor& grad_out, const Tensor& q, const Tensor& d, const OptTensor& gate,
+    const Tensor& weight, const Tensor& mean2, const Tensor& var2, const OptTensor& w2,
+    const OptTensor& b2, double eps2, c10::string_view activation, const Tensor& mean3,
+    const Tensor& var3, const OptTensor& w3, const OptTensor& b3, double eps3,
+    const Tensor& sum_dy3, const Tensor& sum_dy3_xhat3, const OptTensor& sample_scale,
+    bool training, std::array<bool, 2> output_mask) {
+  const Act act = check_project_backward(grad_out, q, d, gate, weight, mean2, var2, w2, b2, eps2,
+                                         activation, mean3, var3, w3, b3, eps3, sum_dy3,
+                                         sum_dy3_xhat3, sample_scale, kDeviceType);
+  const DeviceGuard guard(d.device());
+  const auto format = memory_format_of(d);
+  const Plane dp = plane_of(d);
+  const Tensor ss = acc_vector(sample_scale, d), g = acc_vector(gate, d);
+  Tensor gq = at::empty_like(q);
+  Tensor grad_a2 = d.new_empty({0}), grad_gate = acc_empty(d), grad_weight = d.new_empty({0});
+  Tensor operand;  // a3, when the gate-gradient pass writes it
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_project_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto bn3 = norm_of<acc_t>(q, mean3, var3, w3, b3, eps3, training ? &sum_dy3 : nullptr,
+                                    training ? &sum_dy3_xhat3 : nullptr, dp.N * dp.P);
+    map("mbconv_project_grad_out", plane_of(q),
+        ProjectGradOut<scalar_t>{grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                                 bn3.view(), maybe_ptr<acc_t>(ss),
+                                 gq.mutable_data_ptr<scalar_t>()});
+    if (!output_mask[0]) return;
+    const Tensor grad_a3 = pointwise_conv(gq, weight.t(), format);
+    if (!g.defined()) {
+      grad_a2 = grad_a3;
+      return;
+    }
+    grad_a2 = at::empty_like(d);
+    grad_gate = acc_empty(d, {dp.N, dp.C});
+    if (output_mask[1]) operand = at::empty_like(d);
+    const auto bn2 = norm_of<acc_t>(d, mean2, var2, w2, b2, eps2);
+    dispatch_activation(act, [&](auto A) {
+      reduce_channels<Sums<acc_t, 1>>(
+          "mbconv_project_gate_grad", tiling_of(dp),
+          GateGrad<decltype(A)::value, scalar_t>{
+              grad_a3.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), dp, bn2.view(),
+              g.const_data_ptr<acc_t>(), grad_a2.mutable_data_ptr<scalar_t>(),
+              operand.defined() ? operand.mutable_data_ptr<scalar_t>() : nullptr},
+          true, ScaledOut<acc_t>{grad_gate.mutable_data_ptr<acc_t>(), acc_t(1)}, d);
+    });
+  });
+  if (output_mask[1]) {
+    if (!operand.defined()) operand = project_operand(d, gate, mean2, var2, w2, b2, eps2, act);
+    grad_weight = pointwise_weight_grad(gq, operand);
+  }
+  return {grad_a2, grad_gate, grad_weight};
+}
+
+// ---- B3 / B2 depthwise backward ------------------------------------------------------------
+
+// dy2 = (grad_a2 + grad_pooled[n, c] / P) * act'(BN2(d)) and x_hat2 at element i.
+template <Act A, typename scalar_t>
+struct Dy2 {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_a2;
+  const acc_t* grad_pooled;  // (N, C), or null: no SE
+  const scalar_t* d;
+  Plane dp;
+  Norm<acc_t> bn2;
+
+  __device__ void at(int64_t i, int n, int c, acc_t* dy, acc_t* x_hat) const {
+    const acc_t v = static_cast<acc_t>(d[i]);
+    acc_t upstream = static_cast<acc_t>(grad_a2[i]);
+    if (grad_pooled) upstream += div_(grad_pooled[n * dp.C + c], static_cast<acc_t>(dp.P));
+    *dy = upstream * activate_grad<A>(v * bn2.scale[c] + bn2.shift[c]);
+    *x_hat = (v - bn2.mean[c]) * bn2.invstd[c];
+  }
+};
+
+template <Act A, typename scalar_t>
+struct Dy2Sums {
+  using acc_t = at::opmath_type<scalar_t>;
+  Dy2<A, scalar_t> dy2;
+  __device__ void operator()(int n, int c, int p, Sums<acc_t, 2>& acc) const {
+    acc_t dy, xh;
+    dy2.at(dy2.dp.at(n, c, p), n, c, &dy, &xh);
+    push(acc, dy, dy * xh);
+  }
+};
+
+template <Act A, typename scalar_t>
+Dy2<A, scalar_t> dy2_of(const Tensor& grad_a2, const Tensor& grad_pooled, const Tensor& d,
+                        const NormBuffer<at::opmath_type<scalar_t>>& bn2) {
+  return {grad_a2.const_data_ptr<scalar_t>(), maybe_ptr<at::opmath_type<scalar_t>>(grad_pooled),
+          d.const_data_ptr<scalar_t>(), plane_of(d), bn2.view()};
+}
+
+std::tuple<Tensor, Tensor> dwconv_backward_stats(
+    const Tensor& grad_a2, const OptTensor& grad_pooled, const Tensor& d, const Tensor& mean2,
+    const Tensor& var2, const OptTensor& w2, const OptTensor& b2, double eps2,
+    c10::string_view activation) {
+  const Act act = check_dwconv_backward_stats(grad_a2, grad_pooled, d, mean2, var2, w2, b2, eps2,
+                                              activation, kDeviceType);
+  const DeviceGuard guard(d.device());
+  const Plane dp = plane_of(d);
+  Tensor sum_dy = acc_empty(d, {dp.C}), sum_dy_xhat = acc_empty(d, {dp.C});
+  const Tensor gp = acc_vector(grad_pooled, d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_dwconv_grad_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto bn2 = norm_of<acc_t>(d, mean2, var2, w2, b2, eps2);
+    dispatch_activation(act, [&](auto A) {
+      constexpr Act kA = decltype(A)::value;
+      reduce_channels<Sums<acc_t, 2>>(
+          "mbconv_dwconv_grad_reduce", tiling_of(dp),
+          Dy2Sums<kA, scalar_t>{dy2_of<kA, scalar_t>(grad_a2, gp, d, bn2)}, false,
+          SumsOut<acc_t>{sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xhat.mutable_data_ptr<acc_t>()},
+          d);
+    });
+  });
+  return {sum_dy, sum_dy_xhat};
+}
+
+// gd = BN2 backward of dy2, in the accumulate dtype: the stencils read each value k * k times.
+template <Act A, typename scalar_t>
+struct GradD {
+  using acc_t = at::opmath_type<scalar_t>;
+  Dy2<A, scalar_t> dy2;
+  acc_t* gd;
+  __device__ void operator()(int64_t i, int n, int c) const {
+    acc_t dy, xh;
+    dy2.at(i, n, c, &dy, &xh);
+    const Norm<acc_t>& bn = dy2.bn2;
+    gd[i] = (dy - bn.a[c] - xh * bn.b[c]) * bn.scale[c];
+  }
+};
+
+// The input gradient at each position of h: the transposed stencil over gd; with BN1,
+// dy1 = grad_a1 * act'(BN1(h)) and BN1's gradient sums.
+template <Act A, typename scalar_t>
+struct DwInputGrad {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* gd;
+  Plane dp;
+  int Ho, Wo, W;
+  const scalar_t* weight;
+  int k, s;
+  const scalar_t* h;
+  Plane hp;
+  Norm<acc_t> bn1;
+  bool with_bn1;
+  scalar_t* grad_h;
+
+  template <typename Acc>
+  __device__ void operator()(int n, int c, int p, Acc& acc) const {
+    const int hi = p / W, wi = p % W;
+    const int pad = k / 2;
+    const scalar_t* wc = weight + int64_t(c) * k * k;
+    acc_t sum = 0;
+    for (int kh = 0; kh < k; ++kh) {
+      const int th = hi + pad - kh;
+      if (th < 0 || th % s != 0 || th / s >= Ho) continue;
+      for (int kw = 0; kw < k; ++kw) {
+        const int tw = wi + pad - kw;
+        if (tw < 0 || tw % s != 0 || tw / s >= Wo) continue;
+        sum += gd[dp.at(n, c, (th / s) * Wo + tw / s)] * static_cast<acc_t>(wc[kh * k + kw]);
+      }
+    }
+    const int64_t i = hp.at(n, c, p);
+    if (with_bn1) {
+      const acc_t v = static_cast<acc_t>(h[i]);
+      const acc_t dy1 = sum * activate_grad<A>(v * bn1.scale[c] + bn1.shift[c]);
+      grad_h[i] = static_cast<scalar_t>(dy1);
+      push(acc, dy1, dy1 * (v - bn1.mean[c]) * bn1.invstd[c]);
+    } else {
+      grad_h[i] = static_cast<scalar_t>(sum);
+    }
+  }
+};
+
+// Taps [tap0, tap0 + kTapGroup) of the weight gradient at one output position: gd * a1, with
+// a1 = act(BN1(h)) recomputed at each tap.
+template <Act A, typename scalar_t>
+struct DwWeightGrad {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* gd;
+  Plane dp;
+  int Wo, H, W;
+  int k, s, tap0;
+  const scalar_t* h;
+  Plane hp;
+  Norm<acc_t> bn1;
+  bool with_bn1;
+
+  __device__ void operator()(int n, int c, int p,
+                             Sums<acc_t, kTapGroup>& acc) const {
+    const int ho = p / Wo, wo = p % Wo;
+    const int pad = k / 2;
+    const acc_t g = gd[dp.at(n, c, p)];
+    const acc_t scale = with_bn1 ? bn1.scale[c] : acc_t(1);
+    const acc_t shift = with_bn1 ? bn1.shift[c] : acc_t(0);
+#pragma unroll
+    for (int j = 0; j < kTapGroup; ++j) {
+      const int tap = tap0 + j;
+      if (tap >= k * k) break;
+      const int hi = ho * s - pad + tap / k, wi = wo * s - pad + tap % k;
+      if (hi < 0 || hi >= H || wi < 0 || wi >= W) continue;
+      acc_t a = static_cast<acc_t>(h[hp.at(n, c, hi * W + wi)]);
+      if (with_bn1) a = activate<A>(a * scale + shift);
+      acc.v[j] += g * a;
+    }
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
+    const Tensor& grad_a2, const OptTensor& grad_pooled, const Tensor& d, const Tensor& h,
+    const Tensor& weight_in, int64_t stride, const Tensor& mean2, const Tensor& var2,
+    const OptTensor& w2, const OptTensor& b2, double eps2, c10::string_view activation,
+    const Tensor& sum_dy2, const Tensor& sum_dy2_xhat2, const OptTensor& in_mean,
+    const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
+    bool training, std::array<bool, 2> output_mask) {
+  const Act act = check_dwconv_backward(grad_a2, grad_pooled, d, h, weight_in, stride, mean2,
+                                        var2, w2, b2, eps2, activation, sum_dy2, sum_dy2_xhat2,
+                                        in_mean, in_var, in_weight, in_bias, in_eps, kDeviceType);
+  const DeviceGuard guard(h.device());
+  const Tensor weight = weight_in.contiguous();
+  const int k = static_cast<int>(weight.size(2)), s = static_cast<int>(stride), taps = k * k;
+  const Plane hp = plane_of(h), dp = plane_of(d);
+  const int H = static_cast<int>(h.size(2)), W = static_cast<int>(h.size(3));
+  const int Ho = static_cast<int>(d.size(2)), Wo = static_cast<int>(d.size(3));
+  const bool with_bn1 = given(in_mean);
+  Tensor grad_h = h.new_empty({0}), grad_w = h.new_empty({0});
+  Tensor sum_dy1 = acc_empty(h), sum_dy1_xhat1 = acc_empty(h);
+  if (!output_mask[0] && !output_mask[1]) return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
+  const Tensor gp = acc_vector(grad_pooled, d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "mbconv_dwconv_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto bn2 = norm_of<acc_t>(d, mean2, var2, w2, b2, eps2, training ? &sum_dy2 : nullptr,
+                                    training ? &sum_dy2_xhat2 : nullptr, dp.N * dp.P);
+    const auto bn1 = with_bn1 ? norm_of<acc_t>(h, *in_mean, *in_var, in_weight, in_bias, in_eps)
+                              : NormBuffer<acc_t>{};
+    const Norm<acc_t> bn1v = with_bn1 ? bn1.view() : Norm<acc_t>{};
+    Tensor gd = at::empty_like(d, d.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    acc_t* gdp = gd.mutable_data_ptr<acc_t>();
+    dispatch_activation(act, [&](auto A) {
+      constexpr Act kA = decltype(A)::value;
+      map("mbconv_dwconv_grad_d", dp,
+          GradD<kA, scalar_t>{dy2_of<kA, scalar_t>(grad_a2, gp, d, bn2), gdp});
+      if (output_mask[0]) {
+        grad_h = at::empty_like(h);
+        const DwInputGrad<kA, scalar_t> f{gdp, dp, Ho, Wo, W, weight.const_data_ptr<scalar_t>(),
+                                          k, s, h.const_data_ptr<scalar_t>(), hp, bn1v, with_bn1,
+                                          grad_h.mutable_data_ptr<scalar_t>()};
+        if (with_bn1) {
+          sum_dy1 = acc_empty(h, {hp.C});
+          sum_dy1_xhat1 = acc_empty(h, {hp.C});
+          reduce_channels<Sums<acc_t, 2>>(
+              "mbconv_dwconv_dgrad", tiling_of(hp), f, false,
+              SumsOut<acc_t>{sum_dy1.mutable_data_ptr<acc_t>(),
+                             sum_dy1_xhat1.mutable_data_ptr<acc_t>()},
+              h);
+        } else {
+          reduce_channels<NoStats>("mbconv_dwconv_dgrad", tiling_of(hp), f, false, NoStats{}, h);
+        }
+      }
+      if (output_mask[1]) {
+        Tensor grad_acc = acc_empty(h, {hp.C * taps});
+        for (int tap0 = 0; tap0 < taps; tap0 += kTapGroup) {
+          reduce_channels<Sums<acc_t, kTapGroup>>(
+              "mbconv_dwconv_wgrad", tiling_of(dp),
+              DwWeightGrad<kA, scalar_t>{gdp, dp, Wo, H, W, k, s, tap0,
+                                         h.const_data_ptr<scalar_t>(), hp, bn1v, with_bn1},
+              false, TapsOut<acc_t>{grad_acc.mutable_data_ptr<acc_t>(), tap0, taps}, h);
+        }
+        grad_w = grad_acc.view(weight.sizes()).to(h.scalar_type());
+      }
+    });
+  });
+  return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
+}
+
+// ---- B1 expand backward --------------------------------------------------------------------
+
+template <typename scalar_t>
+struct ExpandGrad {  // ge = BN1 backward of grad_y1
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_y1;
+  const scalar_t* e;
+  Norm<acc_t> bn1;
+  scalar_t* ge;
+  __device__ void operator()(int64_t i, int, int c) const {
+    const acc_t xh = (static_cast<acc_t>(e[i]) - bn1.mean[c]) * bn1.invstd[c];
+    ge[i] = static_cast<scalar_t>((static_cast<acc_t>(grad_y1[i]) - bn1.a[c] - xh * bn1.b[c]) *
+                                  bn1.scale[c]);
+  }
+};
+
+std::tuple<Tensor, Tensor> expand_backward(
+    const Tensor& grad_y1, const Tensor& e, const Tensor& x, const Tensor& weight,
+    const Tensor& mean1, const Tensor& var1, const OptTensor& w1, const OptTensor& b1,
+    double eps1, const Tensor& sum_dy1, const Tensor& sum_dy1_xhat1, bool training,
+    const OptTensor& grad_residual, std::array<bool, 2> output_mask) {
+  check_expand_backward(grad_y1, e, x, weight, mean1, var1, w1, b1, eps1, sum_dy1, sum_dy1_xhat1,
+                        grad_residual, kDeviceType);
+  const DeviceGuard guard(x.device());
+  const Plane ep = plane_of(e);
+  Tensor ge = at::empty_like(e);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "mbconv_expand_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto bn1 = norm_of<acc_t>(e, mean1, var1, w1, b1, eps1, training ? &sum_dy1 : nullptr,
+                                    training ? &sum_dy1_xhat1 : nullptr, ep.N * ep.P);
+    map("mbconv_expand_grad", ep,
+        ExpandGrad<scalar_t>{grad_y1.const_data_ptr<scalar_t>(), e.const_data_ptr<scalar_t>(),
+                             bn1.view(), ge.mutable_data_ptr<scalar_t>()});
+  });
+  Tensor grad_x = x.new_empty({0}), grad_w = x.new_empty({0});
+  if (output_mask[0]) {
+    grad_x = pointwise_conv(ge, weight.t(), memory_format_of(x));
+    if (given(grad_residual)) grad_x.add_(*grad_residual);
+  }
+  if (output_mask[1]) grad_w = pointwise_weight_grad(ge, x);
+  return {grad_x, grad_w};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fused_mbconv
+
+TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
+  m.impl("mbconv_expand_forward", &fused_mbconv::cuda::expand_forward);
+  m.impl("mbconv_dwconv_forward", &fused_mbconv::cuda::dwconv_forward);
+  m.impl("mbconv_squeeze_forward", &fused_mbconv::cuda::squeeze_forward);
+  m.impl("mbconv_excite_forward", &fused_mbconv::cuda::excite_forward);
+  m.impl("mbconv_project_forward", &fused_mbconv::cuda::project_forward);
+  m.impl("mbconv_output_forward", &fused_mbconv::cuda::output_forward);
+  m.impl("mbconv_output_backward_stats", &fused_mbconv::cuda::output_backward_stats);
+  m.impl("mbconv_project_backward", &fused_mbconv::cuda::project_backward);
+  m.impl("mbconv_excite_backward", &fused_mbconv::cuda::excite_backward);
+  m.impl("mbconv_dwconv_backward_stats", &fused_mbconv::cuda::dwconv_backward_stats);
+  m.impl("mbconv_dwconv_backward", &fused_mbconv::cuda::dwconv_backward);
+  m.impl("mbconv_expand_backward", &fused_mbconv::cuda::expand_backward);
+}
