@@ -157,3 +157,43 @@ def nvcc_compile_command(source: str, output: str, archs: Optional[List[str]] = 
            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-Xcompiler", "-fPIC", *NVCC_FLAGS,
            *gencode_flags(archs), *[f"-I{d}" for d in includes], *cuda_extra_include_flags()]
     return cmd + (["-Xptxas", "-v"] if ptxas_verbose else [])
+
+
+def emulation_command(output: str, sanitize: bool = False) -> List[str]:
+    """A g++ build of the op schemas and csrc/cuda/ as C++ for the CPU (-DFM_CUDA_EMULATION:
+    csrc/include/fused_mbconv/cuda/emulation.h runs each block's threads as fibers), into one
+    library that registers the CUDA kernels for CPU tensors. Loaded instead of fused_mbconv._C
+    (``FUSED_MBCONV_LIBRARY``), it lets the CPU test suite run the CUDA kernels. With
+    ``sanitize``, AddressSanitizer checks their every memory access (the process then needs
+    ``asan_preload()``)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    includes = include_dirs() + cpp_extension.include_paths()
+    libs = cpp_extension.library_paths()
+    cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-fPIC", "-shared",
+           "-DFM_CUDA_EMULATION", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           *[f"-I{d}" for d in includes], "-x", "c++", str(CSRC / "ops.cpp"), *cuda_sources(),
+           "-x", "none", *[f"-L{d}" for d in libs], *[f"-Wl,-rpath,{d}" for d in libs],
+           "-lc10", "-ltorch_cpu", "-ltorch", "-o", output]
+    if sanitize:
+        cmd[1:1] = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    return cmd
+
+
+def asan_preload() -> Optional[List[str]]:
+    """What LD_PRELOAD needs for a library built with ``sanitize``: the compiler's
+    AddressSanitizer runtime, and libstdc++ (the sanitizer must find the real __cxa_throw when
+    it starts, and python does not link libstdc++). None without a runtime."""
+    paths = []
+    for lib in ("libasan.so", "libstdc++.so"):
+        try:
+            path = subprocess.run([os.environ.get("CXX", "g++"), f"-print-file-name={lib}"],
+                                  capture_output=True, text=True, timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if not (path and os.path.isabs(path) and os.path.exists(path)):
+            return None
+        paths.append(path)
+    return paths

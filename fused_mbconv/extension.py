@@ -3,6 +3,9 @@ extension (ops ``torch.ops.fused_mbconv_ext.*``, CPU and CUDA kernels registered
 key).
 
 Where the compiled code comes from, in order:
+0. ``$FUSED_MBCONV_LIBRARY``, when set: a library to load instead of ``fused_mbconv._C`` (the
+   op schemas and CPU kernels). The test suite points it at csrc/cuda/ compiled for the CPU
+   (``_build.emulation_command``), so the CUDA kernels run as the "cpu" backend;
 1. ``fused_mbconv._C`` / ``fused_mbconv._C_cuda``, built by setup.py (``pip install
    --no-build-isolation [-e] .``);
 2. a JIT build from a source checkout, made only when asked: ``fused_mbconv.extension.build()``
@@ -43,7 +46,11 @@ def build_dir() -> Path:
 
 
 def _built_library(module: str) -> Optional[str]:
-    """The setup.py build of fused_mbconv.<module>, else a JIT build in build_dir()."""
+    """$FUSED_MBCONV_LIBRARY for _C, else the setup.py build of fused_mbconv.<module>, else a
+    JIT build in build_dir()."""
+    override = os.environ.get("FUSED_MBCONV_LIBRARY")
+    if module == "_C" and override:
+        return override
     try:
         spec = importlib.util.find_spec(f"fused_mbconv.{module}")
     except (ImportError, ValueError):
