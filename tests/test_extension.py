@@ -425,17 +425,40 @@ def _flat(results):
             yield f"{name}[{i}]", t
 
 
+def _to(c, device):
+    def move(v):
+        if isinstance(v, NormArgs):
+            return NormArgs(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in v))
+        if isinstance(v, tuple):
+            return tuple(t.to(device) for t in v)
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+    return {k: move(v) for k, v in c.items()}
+
+
+BLOCK_MASKS = pytest.mark.parametrize("mask", [(True, True), (True, False), (False, True)],
+                                      ids=["both", "dgrad", "wgrad"])
+BLOCK_ACTIVATIONS = pytest.mark.parametrize(
+    "act, gate", [("silu", "sigmoid"), ("relu6", "hardsigmoid"), ("hardswish", "sigmoid"),
+                  ("relu", "hardsigmoid")])
+BLOCK_MODES = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+BLOCK_LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+BLOCK_SHAPES = pytest.mark.parametrize("geometry", BLOCK_GEOMETRIES.values(),
+                                       ids=BLOCK_GEOMETRIES.keys())
+
+
 @needs_cpu_ext
-@pytest.mark.parametrize("mask", [(True, True), (True, False), (False, True)],
-                         ids=["both", "dgrad", "wgrad"])
-@pytest.mark.parametrize("act, gate", [("silu", "sigmoid"), ("relu6", "hardsigmoid"),
-                                       ("hardswish", "sigmoid"), ("relu", "hardsigmoid")])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("geometry", BLOCK_GEOMETRIES.values(), ids=BLOCK_GEOMETRIES.keys())
+@BLOCK_MASKS
+@BLOCK_ACTIVATIONS
+@BLOCK_MODES
+@BLOCK_LAYOUTS
+@BLOCK_SHAPES
 def test_block_functions_match_reference_float64(geometry, channels_last, training, act, gate,
                                                  mask):
-    c = _block_case(geometry, channels_last)
+    check_block_functions_float64(geometry, channels_last, training, act, gate, mask, "cpu")
+
+
+def check_block_functions_float64(geometry, channels_last, training, act, gate, mask, device):
+    c = _to(_block_case(geometry, channels_last), device)
     got = dict(_flat(_block_calls(extension, c, act, gate, training, mask)))
     want = dict(_flat(_block_calls(reference, c, act, gate, training, mask)))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -453,9 +476,13 @@ def test_block_functions_match_reference_float64(geometry, channels_last, traini
 
 @needs_cpu_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@BLOCK_LAYOUTS
 def test_block_functions_low_precision_by_the_tolerance_rule(dtype, channels_last):
-    c64 = _block_case(BLOCK_GEOMETRIES["k5-s2-odd"], channels_last, seed=1)
+    check_block_functions_low_precision(dtype, channels_last, "cpu")
+
+
+def check_block_functions_low_precision(dtype, channels_last, device):
+    c64 = _to(_block_case(BLOCK_GEOMETRIES["k5-s2-odd"], channels_last, seed=1), device)
     ct = _cast(c64, dtype)
     ref64 = dict(_flat(_block_calls(reference, c64)))
     eager = dict(_flat(_block_calls(reference, ct)))
@@ -564,3 +591,37 @@ def test_block_entry_points_reject(case):
     call, error, message = _block_bad_calls()[case]
     with pytest.raises(error, match=message):
         call()
+
+
+# ---- the block functions on the GPU (the "cuda" backend; emulated on the CPU by
+# test_cuda_emulation.py) ----------------------------------------------------------------------
+
+needs_cuda_ext = pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or CUDA extension not "
+                                    "built: GPU parity runs only on a GPU machine")
+
+
+@needs_cuda_ext
+@BLOCK_MASKS
+@BLOCK_ACTIVATIONS
+@BLOCK_MODES
+@BLOCK_LAYOUTS
+@BLOCK_SHAPES
+def test_cuda_block_functions_match_reference_float64(geometry, channels_last, training, act,
+                                                      gate, mask):
+    check_block_functions_float64(geometry, channels_last, training, act, gate, mask, "cuda")
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@BLOCK_LAYOUTS
+def test_cuda_block_functions_low_precision_by_the_tolerance_rule(dtype, channels_last):
+    check_block_functions_low_precision(dtype, channels_last, "cuda")
+
+
+@needs_cuda_ext
+def test_cuda_block_entry_point_rejects_mixed_devices():
+    e = torch.randn(2, 8, 5, 5, device="cuda")
+    v8 = torch.ones(8, device="cuda")
+    with pytest.raises(ValueError, match="bn2 mean is on cpu"):
+        torch.ops.fused_mbconv_ext.mbconv_squeeze_forward(e, v8.cpu(), v8, None, None, 1e-5,
+                                                          "silu")

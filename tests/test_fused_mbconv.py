@@ -18,6 +18,8 @@ from fused_mbconv.ops.mbconv import GRAD_INPUTS, KERNELS
 from tolerances import assert_close_by_rule
 
 BACKENDS = [b for b in fm.available_backends("cpu") if implements(b, KERNELS)]
+GPU_BACKENDS = ([b for b in fm.available_backends("cuda") if b != "torch" and implements(b, KERNELS)]
+                if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # Every distinct EfficientNet-B0 block configuration, few channels, same structure:
@@ -65,17 +67,18 @@ def make_block(config, drop_path=0.0, **kwargs):
 
 
 def run(block, x, dtype, training, grad_out, fused, backend="torch", seed=11):
-    """Forward + backward of a copy of ``block`` in ``dtype``; returns (out, grads, bn state).
-    The seed fixes the stochastic-depth draw: eager and fused must drop the same samples."""
+    """Forward + backward of a copy of ``block`` in ``dtype`` on x's device; returns (out,
+    grads, bn state). The seed fixes the stochastic-depth draw: eager and fused must drop the
+    same samples."""
     model = copy.deepcopy(block)
     if fused:
         model = fm.FusedMBConv.from_module(model)
-    model.to(dtype).train(training)
+    model.to(x.device, dtype).train(training)
     xi = x.detach().to(dtype).clone().requires_grad_()  # a fresh leaf for every run
     with fm.use_backend(backend):
         torch.manual_seed(seed)
         out = model(xi)
-        out.backward(grad_out.to(dtype))
+        out.backward(grad_out.to(x.device, dtype))
     grads = {"input": xi.grad}
     grads.update({name: p.grad for name, p in model.named_parameters()})
     state = {name: b for name, b in model.named_buffers()}
@@ -84,8 +87,8 @@ def run(block, x, dtype, training, grad_out, fused, backend="torch", seed=11):
 
 def check_parity(block, x, dtype, training, backend, what=""):
     with torch.no_grad():
-        shape = copy.deepcopy(block).train(training)(x).shape
-    grad_out = torch.randn(shape)
+        shape = copy.deepcopy(block).to(x.device).train(training)(x).shape
+    grad_out = torch.randn(shape, device=x.device)
     ref = run(block, x, torch.float64, training, grad_out, fused=False)
     eager = run(block, x, dtype, training, grad_out, fused=False)
     fused = run(block, x, dtype, training, grad_out, fused=True, backend=backend)
@@ -137,6 +140,21 @@ def test_block_matches_eager(config, dtype, channels_last, training, backend):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     check_parity(block, x, dtype, training, backend)
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device: GPU block parity runs only where "
+                    "one is present")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", B0_CONFIGS.values(), ids=B0_CONFIGS.keys())
+def test_block_matches_eager_on_gpu(config, dtype, channels_last, training, backend):
+    block = make_block(config, drop_path=0.5)
+    x = torch.randn(8, config[0], 15, 17) * 2 + 0.3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    check_parity(block, x.cuda(), dtype, training, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
