@@ -244,37 +244,66 @@ std::tuple<Tensor, Tensor, Tensor> expand_forward(const Tensor& x, const Tensor&
 
 // ---- K2 depthwise forward ------------------------------------------------------------------
 
-// d = depthwise conv of a1 = act(BN1(h)) (h itself without BN1), and d's moments.
+// What the depthwise passes share: the input h, the k x k weight and stride, the output's size,
+// and BN1 (absent without expansion: the conv's input a1 is then h itself).
 template <Act A, typename scalar_t>
-struct DwForward {
+struct DwInput {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* h;
   Plane hp;
-  int H, W, Wo;
-  const scalar_t* weight;
+  int H, W, Ho, Wo;
+  const scalar_t* weight;  // (C, 1, k, k), contiguous
   int k, s;
   Norm<acc_t> bn1;
   bool with_bn1;
+
+  // a1 = act(BN1(h)) at input row hi, column wi.
+  __device__ acc_t a1(int n, int c, int hi, int wi) const {
+    const acc_t v = static_cast<acc_t>(h[hp.at(n, c, hi * W + wi)]);
+    return with_bn1 ? activate<A>(v * bn1.scale[c] + bn1.shift[c]) : v;
+  }
+  __device__ acc_t tap(int c, int kh, int kw) const {
+    return static_cast<acc_t>(weight[(int64_t(c) * k + kh) * k + kw]);
+  }
+};
+
+// BN1's constants when the block expands (in_bn given), else empty.
+template <typename acc_t>
+NormBuffer<acc_t> in_norm(const Tensor& h, const OptTensor& mean, const OptTensor& var,
+                          const OptTensor& w, const OptTensor& b, double eps) {
+  return given(mean) ? norm_of<acc_t>(h, *mean, *var, w, b, eps) : NormBuffer<acc_t>{};
+}
+
+template <Act A, typename scalar_t>
+DwInput<A, scalar_t> dw_input(const Tensor& h, const Tensor& weight, int64_t stride,
+                              const Tensor& d, const NormBuffer<at::opmath_type<scalar_t>>& bn1) {
+  const bool with_bn1 = bn1.values.defined();
+  return {h.const_data_ptr<scalar_t>(), plane_of(h), static_cast<int>(h.size(2)),
+          static_cast<int>(h.size(3)), static_cast<int>(d.size(2)), static_cast<int>(d.size(3)),
+          weight.const_data_ptr<scalar_t>(), static_cast<int>(weight.size(2)),
+          static_cast<int>(stride), with_bn1 ? bn1.view() : Norm<at::opmath_type<scalar_t>>{},
+          with_bn1};
+}
+
+// d = the depthwise conv of a1, and d's moments.
+template <Act A, typename scalar_t>
+struct DwForward {
+  DwInput<A, scalar_t> in;
   scalar_t* d;
   Plane dp;
 
   template <typename Acc>
   __device__ void operator()(int n, int c, int p, Acc& acc) const {
-    const int ho = p / Wo, wo = p % Wo;
-    const int pad = k / 2;
-    const acc_t scale = with_bn1 ? bn1.scale[c] : acc_t(1);
-    const acc_t shift = with_bn1 ? bn1.shift[c] : acc_t(0);
-    const scalar_t* wc = weight + int64_t(c) * k * k;
+    using acc_t = at::opmath_type<scalar_t>;
+    const int ho = p / in.Wo, wo = p % in.Wo, pad = in.k / 2;
     acc_t sum = 0;
-    for (int kh = 0; kh < k; ++kh) {
-      const int hi = ho * s - pad + kh;
-      if (hi < 0 || hi >= H) continue;
-      for (int kw = 0; kw < k; ++kw) {
-        const int wi = wo * s - pad + kw;
-        if (wi < 0 || wi >= W) continue;
-        acc_t a = static_cast<acc_t>(h[hp.at(n, c, hi * W + wi)]);
-        if (with_bn1) a = activate<A>(a * scale + shift);
-        sum += a * static_cast<acc_t>(wc[kh * k + kw]);
+    for (int kh = 0; kh < in.k; ++kh) {
+      const int hi = ho * in.s - pad + kh;
+      if (hi < 0 || hi >= in.H) continue;
+      for (int kw = 0; kw < in.k; ++kw) {
+        const int wi = wo * in.s - pad + kw;
+        if (wi < 0 || wi >= in.W) continue;
+        sum += in.a1(n, c, hi, wi) * in.tap(c, kh, kw);
       }
     }
     const scalar_t v = static_cast<scalar_t>(sum);
@@ -292,22 +321,19 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
   const DeviceGuard guard(h.device());
   const Tensor weight = weight_in.contiguous();
   const int k = static_cast<int>(weight.size(2)), s = static_cast<int>(stride);
-  const int64_t N = h.size(0), C = h.size(1), H = h.size(2), W = h.size(3);
-  const int64_t Ho = conv_out_size(H, k, s), Wo = conv_out_size(W, k, s);
-  Tensor d = empty_like_input(h, {N, C, Ho, Wo});
+  const int64_t C = h.size(1);
+  Tensor d = empty_like_input(
+      h, {h.size(0), C, conv_out_size(h.size(2), k, s), conv_out_size(h.size(3), k, s)});
   Tensor mean = need_stats ? acc_empty(h, {C}) : acc_empty(h);
   Tensor var = need_stats ? acc_empty(h, {C}) : acc_empty(h);
-  const Plane hp = plane_of(h), dp = plane_of(d);
+  const Plane dp = plane_of(d);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mbconv_dwconv", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool with_bn1 = given(in_mean);
-    const auto bn1 = with_bn1 ? norm_of<acc_t>(h, *in_mean, *in_var, in_weight, in_bias, in_eps)
-                              : NormBuffer<acc_t>{};
+    const auto bn1 = in_norm<acc_t>(h, in_mean, in_var, in_weight, in_bias, in_eps);
     dispatch_activation(act, [&](auto A) {
       const DwForward<decltype(A)::value, scalar_t> f{
-          h.const_data_ptr<scalar_t>(), hp, static_cast<int>(H), static_cast<int>(W),
-          static_cast<int>(Wo), weight.const_data_ptr<scalar_t>(), k, s,
-          with_bn1 ? bn1.view() : Norm<acc_t>{}, with_bn1, d.mutable_data_ptr<scalar_t>(), dp};
+          dw_input<decltype(A)::value, scalar_t>(h, weight, stride, d, bn1),
+          d.mutable_data_ptr<scalar_t>(), dp};
       if (need_stats) {
         reduce_channels<Moments<acc_t>>(
             "mbconv_dwconv", tiling_of(dp), f, false,
@@ -614,8 +640,7 @@ std::tuple<Tensor, Tensor> output_backward_stats(const Tensor& grad_out, const T
   const Plane qp = plane_of(q);
   Tensor sum_dy = acc_empty(q, {qp.C}), sum_dy_xhat = acc_empty(q, {qp.C});
   const Tensor ss = acc_vector(sample_scale, q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, q.scalar_type(), "mbconv_output_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mbconv_output_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto bn3 = norm_of<acc_t>(q, mean3, var3, w3, b3, eps3);
     reduce_channels<Sums<acc_t, 2>>(
@@ -686,8 +711,7 @@ std::tuple<Tensor, Tensor, Tensor> project_backward(
   Tensor gq = at::empty_like(q);
   Tensor grad_a2 = d.new_empty({0}), grad_gate = acc_empty(d), grad_weight = d.new_empty({0});
   Tensor operand;  // a3, when the gate-gradient pass writes it
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_project_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_project_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto bn3 = norm_of<acc_t>(q, mean3, var3, w3, b3, eps3, training ? &sum_dy3 : nullptr,
                                     training ? &sum_dy3_xhat3 : nullptr, dp.N * dp.P);
@@ -771,8 +795,7 @@ std::tuple<Tensor, Tensor> dwconv_backward_stats(
   const Plane dp = plane_of(d);
   Tensor sum_dy = acc_empty(d, {dp.C}), sum_dy_xhat = acc_empty(d, {dp.C});
   const Tensor gp = acc_vector(grad_pooled, d);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_dwconv_grad_reduce", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_dwconv_grad_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto bn2 = norm_of<acc_t>(d, mean2, var2, w2, b2, eps2);
     dispatch_activation(act, [&](auto A) {
@@ -806,35 +829,28 @@ struct GradD {
 template <Act A, typename scalar_t>
 struct DwInputGrad {
   using acc_t = at::opmath_type<scalar_t>;
+  DwInput<A, scalar_t> in;
   const acc_t* gd;
   Plane dp;
-  int Ho, Wo, W;
-  const scalar_t* weight;
-  int k, s;
-  const scalar_t* h;
-  Plane hp;
-  Norm<acc_t> bn1;
-  bool with_bn1;
   scalar_t* grad_h;
 
   template <typename Acc>
   __device__ void operator()(int n, int c, int p, Acc& acc) const {
-    const int hi = p / W, wi = p % W;
-    const int pad = k / 2;
-    const scalar_t* wc = weight + int64_t(c) * k * k;
+    const int hi = p / in.W, wi = p % in.W, pad = in.k / 2;
     acc_t sum = 0;
-    for (int kh = 0; kh < k; ++kh) {
+    for (int kh = 0; kh < in.k; ++kh) {
       const int th = hi + pad - kh;
-      if (th < 0 || th % s != 0 || th / s >= Ho) continue;
-      for (int kw = 0; kw < k; ++kw) {
+      if (th < 0 || th % in.s != 0 || th / in.s >= in.Ho) continue;
+      for (int kw = 0; kw < in.k; ++kw) {
         const int tw = wi + pad - kw;
-        if (tw < 0 || tw % s != 0 || tw / s >= Wo) continue;
-        sum += gd[dp.at(n, c, (th / s) * Wo + tw / s)] * static_cast<acc_t>(wc[kh * k + kw]);
+        if (tw < 0 || tw % in.s != 0 || tw / in.s >= in.Wo) continue;
+        sum += gd[dp.at(n, c, (th / in.s) * in.Wo + tw / in.s)] * in.tap(c, kh, kw);
       }
     }
-    const int64_t i = hp.at(n, c, p);
-    if (with_bn1) {
-      const acc_t v = static_cast<acc_t>(h[i]);
+    const int64_t i = in.hp.at(n, c, p);
+    if (in.with_bn1) {
+      const Norm<acc_t>& bn1 = in.bn1;
+      const acc_t v = static_cast<acc_t>(in.h[i]);
       const acc_t dy1 = sum * activate_grad<A>(v * bn1.scale[c] + bn1.shift[c]);
       grad_h[i] = static_cast<scalar_t>(dy1);
       push(acc, dy1, dy1 * (v - bn1.mean[c]) * bn1.invstd[c]);
@@ -844,36 +860,25 @@ struct DwInputGrad {
   }
 };
 
-// Taps [tap0, tap0 + kTapGroup) of the weight gradient at one output position: gd * a1, with
-// a1 = act(BN1(h)) recomputed at each tap.
+// Taps [tap0, tap0 + kTapGroup) of the weight gradient at one output position: gd * a1.
 template <Act A, typename scalar_t>
 struct DwWeightGrad {
   using acc_t = at::opmath_type<scalar_t>;
+  DwInput<A, scalar_t> in;
   const acc_t* gd;
   Plane dp;
-  int Wo, H, W;
-  int k, s, tap0;
-  const scalar_t* h;
-  Plane hp;
-  Norm<acc_t> bn1;
-  bool with_bn1;
+  int tap0;
 
-  __device__ void operator()(int n, int c, int p,
-                             Sums<acc_t, kTapGroup>& acc) const {
-    const int ho = p / Wo, wo = p % Wo;
-    const int pad = k / 2;
+  __device__ void operator()(int n, int c, int p, Sums<acc_t, kTapGroup>& acc) const {
+    const int ho = p / in.Wo, wo = p % in.Wo, pad = in.k / 2;
     const acc_t g = gd[dp.at(n, c, p)];
-    const acc_t scale = with_bn1 ? bn1.scale[c] : acc_t(1);
-    const acc_t shift = with_bn1 ? bn1.shift[c] : acc_t(0);
 #pragma unroll
     for (int j = 0; j < kTapGroup; ++j) {
       const int tap = tap0 + j;
-      if (tap >= k * k) break;
-      const int hi = ho * s - pad + tap / k, wi = wo * s - pad + tap % k;
-      if (hi < 0 || hi >= H || wi < 0 || wi >= W) continue;
-      acc_t a = static_cast<acc_t>(h[hp.at(n, c, hi * W + wi)]);
-      if (with_bn1) a = activate<A>(a * scale + shift);
-      acc.v[j] += g * a;
+      if (tap >= in.k * in.k) break;
+      const int hi = ho * in.s - pad + tap / in.k, wi = wo * in.s - pad + tap % in.k;
+      if (hi < 0 || hi >= in.H || wi < 0 || wi >= in.W) continue;
+      acc.v[j] += g * in.a1(n, c, hi, wi);
     }
   }
 };
@@ -890,34 +895,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
                                         in_mean, in_var, in_weight, in_bias, in_eps, kDeviceType);
   const DeviceGuard guard(h.device());
   const Tensor weight = weight_in.contiguous();
-  const int k = static_cast<int>(weight.size(2)), s = static_cast<int>(stride), taps = k * k;
+  const int taps = static_cast<int>(weight.size(2) * weight.size(3));
   const Plane hp = plane_of(h), dp = plane_of(d);
-  const int H = static_cast<int>(h.size(2)), W = static_cast<int>(h.size(3));
-  const int Ho = static_cast<int>(d.size(2)), Wo = static_cast<int>(d.size(3));
   const bool with_bn1 = given(in_mean);
   Tensor grad_h = h.new_empty({0}), grad_w = h.new_empty({0});
   Tensor sum_dy1 = acc_empty(h), sum_dy1_xhat1 = acc_empty(h);
   if (!output_mask[0] && !output_mask[1]) return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
   const Tensor gp = acc_vector(grad_pooled, d);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, h.scalar_type(), "mbconv_dwconv_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mbconv_dwconv_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto bn2 = norm_of<acc_t>(d, mean2, var2, w2, b2, eps2, training ? &sum_dy2 : nullptr,
                                     training ? &sum_dy2_xhat2 : nullptr, dp.N * dp.P);
-    const auto bn1 = with_bn1 ? norm_of<acc_t>(h, *in_mean, *in_var, in_weight, in_bias, in_eps)
-                              : NormBuffer<acc_t>{};
-    const Norm<acc_t> bn1v = with_bn1 ? bn1.view() : Norm<acc_t>{};
+    const auto bn1 = in_norm<acc_t>(h, in_mean, in_var, in_weight, in_bias, in_eps);
     Tensor gd = at::empty_like(d, d.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     acc_t* gdp = gd.mutable_data_ptr<acc_t>();
     dispatch_activation(act, [&](auto A) {
       constexpr Act kA = decltype(A)::value;
+      const auto in = dw_input<kA, scalar_t>(h, weight, stride, d, bn1);
       map("mbconv_dwconv_grad_d", dp,
           GradD<kA, scalar_t>{dy2_of<kA, scalar_t>(grad_a2, gp, d, bn2), gdp});
       if (output_mask[0]) {
         grad_h = at::empty_like(h);
-        const DwInputGrad<kA, scalar_t> f{gdp, dp, Ho, Wo, W, weight.const_data_ptr<scalar_t>(),
-                                          k, s, h.const_data_ptr<scalar_t>(), hp, bn1v, with_bn1,
-                                          grad_h.mutable_data_ptr<scalar_t>()};
+        const DwInputGrad<kA, scalar_t> f{in, gdp, dp, grad_h.mutable_data_ptr<scalar_t>()};
         if (with_bn1) {
           sum_dy1 = acc_empty(h, {hp.C});
           sum_dy1_xhat1 = acc_empty(h, {hp.C});
@@ -935,9 +934,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
         for (int tap0 = 0; tap0 < taps; tap0 += kTapGroup) {
           reduce_channels<Sums<acc_t, kTapGroup>>(
               "mbconv_dwconv_wgrad", tiling_of(dp),
-              DwWeightGrad<kA, scalar_t>{gdp, dp, Wo, H, W, k, s, tap0,
-                                         h.const_data_ptr<scalar_t>(), hp, bn1v, with_bn1},
-              false, TapsOut<acc_t>{grad_acc.mutable_data_ptr<acc_t>(), tap0, taps}, h);
+              DwWeightGrad<kA, scalar_t>{in, gdp, dp, tap0}, false, TapsOut<acc_t>{grad_acc.mutable_data_ptr<acc_t>(), tap0, taps}, h);
         }
         grad_w = grad_acc.view(weight.sizes()).to(h.scalar_type());
       }
@@ -972,8 +969,7 @@ std::tuple<Tensor, Tensor> expand_backward(
   const DeviceGuard guard(x.device());
   const Plane ep = plane_of(e);
   Tensor ge = at::empty_like(e);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "mbconv_expand_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mbconv_expand_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto bn1 = norm_of<acc_t>(e, mean1, var1, w1, b1, eps1, training ? &sum_dy1 : nullptr,
                                     training ? &sum_dy1_xhat1 : nullptr, ep.N * ep.P);
