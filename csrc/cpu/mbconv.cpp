@@ -42,7 +42,6 @@ using at::MemoryFormat;
 using OptTensor = c10::optional<Tensor>;
 constexpr auto kCPU = c10::DeviceType::CPU;
 constexpr int64_t kChunkElems = 16384;  // elements per chunk: L2-resident, shape-determined
-constexpr int64_t kBandRows = 4;        // output rows per depthwise work item
 // Elements of the widest operand per GEMM chunk (512 KB in fp32): rows enough for BLAS to run at
 // its full-size speed (B0 stage 2: 784 rows), buffers that stay in a 2 MB L2.
 constexpr int64_t kGemmChunkElems = 131072;
@@ -464,23 +463,84 @@ DwGeometry dw_geometry(const Map& h, const Tensor& weight, int64_t stride) {
   return {h.N, h.C, h.H, h.W, conv_out_size(h.H, k, s), conv_out_size(h.W, k, s), k, s};
 }
 
-// For each output (ho, wo) of rows [ho0, ho1): f(out position, tap index, input position in a),
-// over the taps inside the input. `a` holds input rows from r0.
-template <typename F>
-void for_taps(const DwGeometry& g, int64_t ho0, int64_t ho1, int64_t r0, const F& f) {
-  for (int64_t ho = ho0; ho < ho1; ++ho) {
-    for (int64_t wo = 0; wo < g.Wo; ++wo) {
-      const int64_t out = ho * g.Wo + wo;
-      for (int kh = 0; kh < g.k; ++kh) {
-        const int64_t hi = ho * g.s - g.p() + kh;
-        if (hi < 0 || hi >= g.H) continue;
-        for (int kw = 0; kw < g.k; ++kw) {
-          const int64_t wi = wo * g.s - g.p() + kw;
-          if (wi < 0 || wi >= g.W) continue;
-          f(out, kh * g.k + kw, (hi - r0) * g.W + wi);
-        }
-      }
+// Bands of output rows, the depthwise kernels' work chunks: as tall as keeps a band's input rows
+// (with the k - 1 halo rows recomputed per band) within kGemmChunkElems values, equal per image.
+Chunks band_chunks(const DwGeometry& g) {
+  const int64_t fit = std::max<int64_t>(1, (kGemmChunkElems / (g.W * g.C) - (g.k - 1)) / g.s);
+  const int64_t bands = (g.Ho + fit - 1) / fit;
+  return Chunks(g.N, g.Ho * g.Wo, (g.Ho + bands - 1) / bands * g.Wo);
+}
+
+// Channels per register block of the depthwise weight gradient (4 vectors of 16 floats).
+constexpr int64_t kChannelBlock = 64;
+
+// dst[c] = sum over taps i < n (in order) of src[i][c] * w[i][c], c < C: one output of the
+// depthwise stencil or of its transpose, accumulated in registers per block of channels (the
+// taps' operands come from L1 / L2; a memory accumulator would cost a load and a store per tap).
+template <typename acc_t>
+void tap_sum(const acc_t* const* src, const acc_t* const* w, int n, int64_t C, acc_t* dst) {
+  using V = typename Simd<acc_t>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) {
+    V a0{}, a1{}, a2{}, a3{};
+    for (int i = 0; i < n; ++i) {
+      const acc_t* x = src[i] + c;
+      const acc_t* y = w[i] + c;
+      a0 += load<V>(x) * load<V>(y);
+      a1 += load<V>(x + L) * load<V>(y + L);
+      a2 += load<V>(x + 2 * L) * load<V>(y + 2 * L);
+      a3 += load<V>(x + 3 * L) * load<V>(y + 3 * L);
     }
+    store(dst + c, a0);
+    store(dst + c + L, a1);
+    store(dst + c + 2 * L, a2);
+    store(dst + c + 3 * L, a3);
+  }
+  for (; c + L <= C; c += L) {
+    V a{};
+    for (int i = 0; i < n; ++i) a += load<V>(src[i] + c) * load<V>(w[i] + c);
+    store(dst + c, a);
+  }
+  for (; c < C; ++c) {
+    acc_t a = 0;
+    for (int i = 0; i < n; ++i) a += src[i][c] * w[i][c];
+    dst[c] = a;
+  }
+}
+
+// dst[c] += sum over j < n (in order) of x[j * sx + c] * y[j * sy + c], c < C: one tap's share
+// of the depthwise weight gradient along a row of outputs, in registers per block of channels.
+template <typename acc_t>
+void row_dot(const acc_t* x, int64_t sx, const acc_t* y, int64_t sy, int64_t n, int64_t C,
+             acc_t* dst) {
+  using V = typename Simd<acc_t>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) {
+    V a0{}, a1{}, a2{}, a3{};
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t* u = x + j * sx + c;
+      const acc_t* v = y + j * sy + c;
+      a0 += load<V>(u) * load<V>(v);
+      a1 += load<V>(u + L) * load<V>(v + L);
+      a2 += load<V>(u + 2 * L) * load<V>(v + 2 * L);
+      a3 += load<V>(u + 3 * L) * load<V>(v + 3 * L);
+    }
+    store(dst + c, load<V>(dst + c) + a0);
+    store(dst + c + L, load<V>(dst + c + L) + a1);
+    store(dst + c + 2 * L, load<V>(dst + c + 2 * L) + a2);
+    store(dst + c + 3 * L, load<V>(dst + c + 3 * L) + a3);
+  }
+  for (; c + L <= C; c += L) {
+    V a{};
+    for (int64_t j = 0; j < n; ++j) a += load<V>(x + j * sx + c) * load<V>(y + j * sy + c);
+    store(dst + c, load<V>(dst + c) + a);
+  }
+  for (; c < C; ++c) {
+    acc_t a = 0;
+    for (int64_t j = 0; j < n; ++j) a += x[j * sx + c] * y[j * sy + c];
+    dst[c] += a;
   }
 }
 
@@ -559,37 +619,51 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
     const auto taps = taps_of<acc_t, scalar_t>(weight);
     const scalar_t* hp = h.data<scalar_t>();
     scalar_t* dp = d2.mutable_data_ptr<scalar_t>();
-    const int64_t C = g.C;
-    const Chunks ch(g.N, g.Ho * g.Wo, kBandRows * g.Wo);
+    const int64_t C = g.C, kk = int64_t(g.k) * g.k;
+    const Chunks ch = band_chunks(g);
+    const int64_t band_rows = ch.len / g.Wo;
+    struct Scratch {
+      std::unique_ptr<acc_t[]> a, sum;
+      std::vector<const acc_t*> src, w;
+    };
     dispatch_activation(act, [&](auto A) {
-      const auto part = for_chunks<acc_t>(ch, need_stats ? 2 * C : 0, [&](int64_t n, int64_t p0,
-                                                                        int64_t p1, acc_t* out) {
-        const int64_t ho0 = p0 / g.Wo, ho1 = p1 / g.Wo;
-        const int64_t r0 = g.first_row(ho0), r1 = g.end_row(ho1);
-        std::vector<acc_t> a((r1 - r0) * g.W * C), sum(C);
-        activated_rows<decltype(A)::value>(hp + n * g.H * g.W * C, r0, r1, g.W, C, bn.get(),
-                                           a.data());
-        scalar_t* image = dp + n * g.Ho * g.Wo * C;
-        int64_t current = p0;
-        auto flush = [&]() {
-          scalar_t* dst = image + current * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(sum[c]);
-          std::fill(sum.begin(), sum.end(), acc_t(0));
-        };
-        for_taps(g, ho0, ho1, r0, [&](int64_t o, int t, int64_t i) {
-          if (o != current) {
-            flush();
-            current = o;
-          }
-          const acc_t* src = a.data() + i * C;
-          const acc_t* w = taps.data() + t * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) sum[c] += src[c] * w[c];
-        });
-        flush();
-        if (need_stats) block_moments(image + p0 * C, p1 - p0, C, out);
-      });
+      // Per band of output rows: its input rows activated once into cache, then the stencil
+      // with the taps' sums in registers, then BN2's moments of the band.
+      const auto part = for_chunks<acc_t>(
+          ch, need_stats ? 2 * C : 0,
+          [&] {
+            return Scratch{buffer<acc_t>(((band_rows - 1) * g.s + g.k) * g.W * C),
+                           buffer<acc_t>(C), std::vector<const acc_t*>(kk),
+                           std::vector<const acc_t*>(kk)};
+          },
+          [&](int64_t n, int64_t p0, int64_t p1, acc_t* out, Scratch& s) {
+            const int64_t ho0 = p0 / g.Wo, ho1 = p1 / g.Wo;
+            const int64_t r0 = g.first_row(ho0), r1 = g.end_row(ho1);
+            const acc_t* a = s.a.get();
+            activated_rows<decltype(A)::value>(hp + n * g.H * g.W * C, r0, r1, g.W, C, bn.get(),
+                                               s.a.get());
+            scalar_t* image = dp + n * g.Ho * g.Wo * C;
+            for (int64_t ho = ho0; ho < ho1; ++ho) {
+              for (int64_t wo = 0; wo < g.Wo; ++wo) {
+                int n_taps = 0;
+                for (int kh = 0; kh < g.k; ++kh) {
+                  const int64_t hi = ho * g.s - g.p() + kh;
+                  if (hi < 0 || hi >= g.H) continue;
+                  for (int kw = 0; kw < g.k; ++kw) {
+                    const int64_t wi = wo * g.s - g.p() + kw;
+                    if (wi < 0 || wi >= g.W) continue;
+                    s.src[n_taps] = a + ((hi - r0) * g.W + wi) * C;
+                    s.w[n_taps++] = taps.data() + (kh * g.k + kw) * C;
+                  }
+                }
+                scalar_t* dst = image + (ho * g.Wo + wo) * C;
+                acc_t* sum = acc_target<acc_t>(dst, s.sum.get());
+                tap_sum(s.src.data(), s.w.data(), n_taps, C, sum);
+                store_rows(sum, C, dst);
+              }
+            }
+            if (need_stats) block_moments(image + p0 * C, p1 - p0, C, out);
+          });
       if (need_stats) merge_moments(part, ch, C, mean, var);
     });
   });
@@ -1097,11 +1171,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
   check_channel_vector(op, "sum_dy2", sum_dy2, d_in);
   check_channel_vector(op, "sum_dy2_xhat2", sum_dy2_xhat2, d_in);
   const Map d = nhwc(d_in), ga = nhwc(grad_a2);
-  const int64_t C = g.C, Po = g.Ho * g.Wo, P = g.H * g.W;
-  const bool with_bn1 = given(in_mean);
+  const int64_t C = g.C, Po = g.Ho * g.Wo, P = g.H * g.W, kk = int64_t(g.k) * g.k;
+  const bool dgrad = output_mask[0], wgrad = output_mask[1], with_bn1 = given(in_mean);
   Tensor grad_h = h_in.new_empty({0}), grad_w = h_in.new_empty({0});
   Tensor sum_dy1 = acc_empty(h_in), sum_dy1_xhat1 = acc_empty(h_in);
-  if (!output_mask[0] && !output_mask[1]) return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
+  if (!dgrad && !wgrad) return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
+  Tensor gh2 = dgrad ? empty_rows(h_in, h.rows(), C, h_in.scalar_type()) : Tensor();
   dispatch_dtype(h_in.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -1113,103 +1188,139 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
     const scalar_t* dp = d.data<scalar_t>();
     const scalar_t* gap = ga.data<scalar_t>();
     const scalar_t* hp = h.data<scalar_t>();
+    scalar_t* ghp = dgrad ? gh2.mutable_data_ptr<scalar_t>() : nullptr;
+    const Chunks ch = band_chunks(g);
+    const int64_t band_rows = ch.len / g.Wo, p = g.p();
+    // Per chunk: [BN1's two reductions (with BN1 and dgrad)][the k * k taps' weight gradient].
+    const int64_t sums_width = dgrad && with_bn1 ? 2 * C : 0;
+    struct Scratch {
+      std::unique_ptr<acc_t[]> gd, a, row;
+      std::vector<const acc_t*> src, w;
+    };
     dispatch_activation(act, [&](auto A) {
       constexpr Act kA = decltype(A)::value;
-      // gd = BN2 backward of dy2 (accumulate dtype; each value is read k * k times).
-      std::vector<acc_t> gd(g.N * Po * C);
-      for_chunks<acc_t>(position_chunks(g.N, Po, C), 0, [&](int64_t n, int64_t p0, int64_t p1,
-                                                            acc_t*) {
-        const acc_t* sh = share.empty() ? nullptr : share.data() + n * C;
-        const acc_t *a = ng.a.data(), *b = ng.b.data(), *gi = ng.gi.data();
-        for (int64_t r = n * Po + p0; r < n * Po + p1; ++r) {
-          acc_t* dst = gd.data() + r * C;
-          dy2_row<kA>(gap + r * C, dp + r * C, sh, bn2, C, [&](int64_t c, acc_t dy, acc_t xh) {
-            dst[c] = (dy - a[c] - xh * b[c]) * gi[c];
+      // One pass per band of output rows [ho0, ho1), all in cache: gd = BN2 backward of dy2 for
+      // the output rows the band's input rows [hi0, hi1) read back (halo included); the input
+      // gradient of those rows, with BN1's backward terms and, sharing its sigmoid, a1 =
+      // act(BN1(h)); a1's halo rows; the weight gradient of the band's outputs.
+      const auto part = for_chunks<acc_t>(
+          ch, sums_width + (wgrad ? kk * C : 0),
+          [&] {
+            return Scratch{buffer<acc_t>((band_rows + g.k + 1) * g.Wo * C),
+                           buffer<acc_t>((band_rows * g.s + g.k + 1) * g.W * C),
+                           buffer<acc_t>(g.W * C), std::vector<const acc_t*>(kk),
+                           std::vector<const acc_t*>(kk)};
+          },
+          [&](int64_t n, int64_t p0, int64_t p1, acc_t* out, Scratch& s) {
+            const int64_t ho0 = p0 / g.Wo, ho1 = p1 / g.Wo;
+            const int64_t hi0 = ho0 * g.s, hi1 = ho1 == g.Ho ? g.H : ho1 * g.s;
+            const int64_t first = hi0 + p - (g.k - 1);  // output rows [g0, g1) feed [hi0, hi1)
+            const int64_t g0 = first <= 0 ? 0 : (first + g.s - 1) / g.s;
+            const int64_t g1 = std::min<int64_t>(g.Ho, (hi1 - 1 + p) / g.s + 1);
+            const int64_t a0 = g.first_row(ho0), a1 = std::max(g.end_row(ho1), hi1);
+            const acc_t* sh = share.empty() ? nullptr : share.data() + n * C;
+            const acc_t *ma = ng.a.data(), *mb = ng.b.data(), *gi = ng.gi.data();
+            acc_t* gd = s.gd.get();
+            for (int64_t r = g0 * g.Wo; r < g1 * g.Wo; ++r) {
+              acc_t* dst = gd + (r - g0 * g.Wo) * C;
+              const int64_t pos = n * Po + r;
+              dy2_row<kA>(gap + pos * C, dp + pos * C, sh, bn2, C,
+                          [&](int64_t c, acc_t dy, acc_t xh) {
+                            dst[c] = (dy - ma[c] - xh * mb[c]) * gi[c];
+                          });
+            }
+            acc_t* a = s.a.get();  // a1 of input rows from a0
+            const scalar_t* image = hp + n * P * C;
+            if (dgrad) {
+              acc_t* row = s.row.get();
+              for (int64_t hi = hi0; hi < hi1; ++hi) {
+                for (int64_t wi = 0; wi < g.W; ++wi) {
+                  int n_taps = 0;
+                  for (int kh = 0; kh < g.k; ++kh) {
+                    const int64_t th = hi + p - kh;
+                    if (th < 0 || th % g.s != 0 || th / g.s >= g.Ho) continue;
+                    for (int kw = 0; kw < g.k; ++kw) {
+                      const int64_t tw = wi + p - kw;
+                      if (tw < 0 || tw % g.s != 0 || tw / g.s >= g.Wo) continue;
+                      s.src[n_taps] = gd + ((th / g.s - g0) * g.Wo + tw / g.s) * C;
+                      s.w[n_taps++] = taps.data() + (kh * g.k + kw) * C;
+                    }
+                  }
+                  tap_sum(s.src.data(), s.w.data(), n_taps, C, row + wi * C);
+                }
+                const scalar_t* hr = image + hi * g.W * C;
+                scalar_t* dst = ghp + (n * P + hi * g.W) * C;
+                acc_t* ar = a + (hi - a0) * g.W * C;
+                if (bn1) {
+                  const acc_t *sc = bn1->scale.data(), *sf = bn1->shift.data();
+                  const acc_t *m = bn1->mean.data(), *inv = bn1->invstd.data();
+                  for (int64_t wi = 0; wi < g.W; ++wi) {
+                    const int64_t o = wi * C;
+#pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) {
+                      const acc_t v = static_cast<acc_t>(hr[o + c]);
+                      const acc_t y = v * sc[c] + sf[c];
+                      const acc_t dy1 = row[o + c] * activate_grad<kA>(y);
+                      dst[o + c] = static_cast<scalar_t>(dy1);
+                      out[c] += dy1;
+                      out[C + c] += dy1 * (v - m[c]) * inv[c];
+                      if (wgrad) ar[o + c] = activate<kA>(y);
+                    }
+                  }
+                } else {
+#pragma omp simd
+                  for (int64_t i = 0; i < g.W * C; ++i) {
+                    dst[i] = static_cast<scalar_t>(row[i]);
+                    if (wgrad) ar[i] = static_cast<acc_t>(hr[i]);
+                  }
+                }
+              }
+            }
+            if (wgrad) {
+              if (dgrad) {
+                activated_rows<kA>(image, a0, hi0, g.W, C, bn1.get(), a);
+                activated_rows<kA>(image, hi1, a1, g.W, C, bn1.get(), a + (hi1 - a0) * g.W * C);
+              } else {
+                activated_rows<kA>(image, a0, a1, g.W, C, bn1.get(), a);
+              }
+              // Per output row and block of channels, so that block of the gd row and of the k
+              // input rows it meets stays in L1 across the k * k taps.
+              acc_t* wout = out + sums_width;
+              for (int64_t ho = ho0; ho < ho1; ++ho) {
+                for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+                  const int64_t width = std::min(kChannelBlock, C - c0);
+                  for (int kh = 0; kh < g.k; ++kh) {
+                    const int64_t hi = ho * g.s - p + kh;
+                    if (hi < 0 || hi >= g.H) continue;
+                    for (int kw = 0; kw < g.k; ++kw) {
+                      int64_t lo, hi_end;
+                      tap_range(g.W, g.Wo, g.s, kw - p, &lo, &hi_end);
+                      if (lo == hi_end) continue;
+                      row_dot(gd + ((ho - g0) * g.Wo + lo) * C + c0, C,
+                              a + ((hi - a0) * g.W + lo * g.s + kw - p) * C + c0, g.s * C,
+                              hi_end - lo, width, wout + (kh * g.k + kw) * C + c0);
+                    }
+                  }
+                }
+              }
+            }
           });
-        }
-      });
-      if (output_mask[0]) {
-        // Input gradient: the transposed stencil gathered per input position, then (with BN1)
-        // dy1 = grad_a1 * act'(BN1(h)) and BN1's reductions, one input row per chunk.
-        Tensor gh2 = empty_rows(h_in, h.rows(), C, h_in.scalar_type());
-        scalar_t* ghp = gh2.mutable_data_ptr<scalar_t>();
-        const Chunks ch(g.N, P, g.W);
-        const auto part = for_chunks<acc_t>(ch, with_bn1 ? 2 * C : 0, [&](int64_t n, int64_t p0,
-                                                                         int64_t, acc_t* out) {
-          const int64_t hi = p0 / g.W;
-          const int p = g.p();
-          std::vector<acc_t> sum(C);
-          for (int64_t wi = 0; wi < g.W; ++wi) {
-            std::fill(sum.begin(), sum.end(), acc_t(0));
-            for (int kh = 0; kh < g.k; ++kh) {
-              const int64_t th = hi + p - kh;
-              if (th < 0 || th % g.s != 0 || th / g.s >= g.Ho) continue;
-              for (int kw = 0; kw < g.k; ++kw) {
-                const int64_t tw = wi + p - kw;
-                if (tw < 0 || tw % g.s != 0 || tw / g.s >= g.Wo) continue;
-                const acc_t* src = gd.data() + ((n * g.Ho + th / g.s) * g.Wo + tw / g.s) * C;
-                const acc_t* w = taps.data() + (kh * g.k + kw) * C;
-                acc_t* s = sum.data();
-#pragma omp simd
-                for (int64_t c = 0; c < C; ++c) s[c] += src[c] * w[c];
-              }
-            }
-            const int64_t pos = (n * g.H + hi) * g.W + wi;
-            scalar_t* dst = ghp + pos * C;
-            const acc_t* s = sum.data();
-            if (bn1) {
-              const scalar_t* hr = hp + pos * C;
-              const acc_t *sc = bn1->scale.data(), *sf = bn1->shift.data();
-              const acc_t *m = bn1->mean.data(), *inv = bn1->invstd.data();
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t v = static_cast<acc_t>(hr[c]);
-                const acc_t dy1 = s[c] * activate_grad<kA>(v * sc[c] + sf[c]);
-                dst[c] = static_cast<scalar_t>(dy1);
-                out[c] += dy1;
-                out[C + c] += dy1 * (v - m[c]) * inv[c];
-              }
-            } else {
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(s[c]);
-            }
-          }
-        });
-        if (with_bn1) {
-          std::vector<acc_t> total(2 * C);
-          sum_chunks(part, ch, 2 * C, false, total.data());
-          sum_dy1 = acc_vector(h_in, total.data(), {C});
-          sum_dy1_xhat1 = acc_vector(h_in, total.data() + C, {C});
-        }
-        grad_h = as_map(gh2, g.N, g.H, g.W).contiguous(memory_format_of(h_in));
+      std::vector<acc_t> total(sums_width + (wgrad ? kk * C : 0));
+      sum_chunks(part, ch, static_cast<int64_t>(total.size()), false, total.data());
+      if (sums_width) {
+        sum_dy1 = acc_vector(h_in, total.data(), {C});
+        sum_dy1_xhat1 = acc_vector(h_in, total.data() + C, {C});
       }
-      if (output_mask[1]) {
-        // Weight gradient: per band, a1 recomputed once, then per-tap sums of gd * a1.
-        const int64_t kk = int64_t(g.k) * g.k;
-        const Chunks ch(g.N, Po, kBandRows * g.Wo);
-        const auto part = for_chunks<acc_t>(ch, kk * C, [&](int64_t n, int64_t p0, int64_t p1,
-                                                           acc_t* out) {
-          const int64_t ho0 = p0 / g.Wo, ho1 = p1 / g.Wo;
-          const int64_t r0 = g.first_row(ho0), r1 = g.end_row(ho1);
-          std::vector<acc_t> a((r1 - r0) * g.W * C);
-          activated_rows<kA>(hp + n * P * C, r0, r1, g.W, C, bn1.get(), a.data());
-          for_taps(g, ho0, ho1, r0, [&](int64_t o, int t, int64_t i) {
-            const acc_t* src = gd.data() + (n * Po + o) * C;
-            const acc_t* x = a.data() + i * C;
-            acc_t* dst = out + t * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) dst[c] += src[c] * x[c];
-          });
-        });
-        std::vector<acc_t> total(kk * C);
-        sum_chunks(part, ch, kk * C, false, total.data());
+      if (wgrad) {
         grad_w = at::empty(weight.sizes(), weight.options());
         scalar_t* wp = grad_w.mutable_data_ptr<scalar_t>();
+        const acc_t* tw = total.data() + sums_width;
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t t = 0; t < kk; ++t) wp[c * kk + t] = static_cast<scalar_t>(total[t * C + c]);
+          for (int64_t i = 0; i < kk; ++i) wp[c * kk + i] = static_cast<scalar_t>(tw[i * C + c]);
       }
     });
   });
+  if (dgrad) grad_h = as_map(gh2, g.N, g.H, g.W).contiguous(memory_format_of(h_in));
   return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
 }
 
