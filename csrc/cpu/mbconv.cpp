@@ -16,6 +16,14 @@
 // (statistics, the gate gradient, the next operand) while the result is still in cache, so the
 // expanded-size operands (a3, the gradients of q and e) are never written to memory.
 
+// 512-bit vectors where the target has them. GCC's tuning for AVX-512 CPUs prefers 256-bit ones;
+// the activation passes, bound by exp's polynomial, run ~1.4x faster at 512 on a Sapphire Rapids
+// core (a 3.6M-value SiLU reduction: 2.35 -> 1.65 ms). Set before the includes: the loop bodies
+// are inlined into ATen's parallel_for, whose OpenMP outlined functions the headers define.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
