@@ -454,11 +454,12 @@ BLOCK_SHAPES = pytest.mark.parametrize("geometry", BLOCK_GEOMETRIES.values(),
 @BLOCK_SHAPES
 def test_block_functions_match_reference_float64(geometry, channels_last, training, act, gate,
                                                  mask):
-    check_block_functions_float64(geometry, channels_last, training, act, gate, mask, "cpu")
+    _assert_block_functions_match_float64(_block_case(geometry, channels_last), channels_last,
+                                          training, act, gate, mask)
 
 
-def check_block_functions_float64(geometry, channels_last, training, act, gate, mask, device):
-    c = _to(_block_case(geometry, channels_last), device)
+def _assert_block_functions_match_float64(c, channels_last, training=True, act="silu",
+                                          gate="sigmoid", mask=(True, True)):
     got = dict(_flat(_block_calls(extension, c, act, gate, training, mask)))
     want = dict(_flat(_block_calls(reference, c, act, gate, training, mask)))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -472,6 +473,26 @@ def check_block_functions_float64(geometry, channels_last, training, act, gate, 
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11 * scale, msg=name)
         if r.dim() == 4:
             assert g.is_contiguous(memory_format=fmt), f"{name}: layout"
+
+
+# Images spanning several work chunks of the CPU kernels: GEMM row blocks (H * W * Ce > 131072)
+# and depthwise bands with halo rows (odd H: a last band that owns the extra input row), with
+# channel counts that use every vector width of the stencils (108 = 3 * 32 + 8 + 4 doubles,
+# 64 + 2 * 16 + 12 floats).
+CHUNKED_GEOMETRIES = {  # (N, Cin, Ce, Cout, H, W, k, stride)
+    "k3-s1-banded": (2, 8, 108, 12, 40, 40, 3, 1),
+    "k5-s2-banded": (2, 8, 108, 12, 41, 39, 5, 2),
+}
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("mask", [(True, True), (True, False), (False, True)],
+                         ids=["both", "dgrad", "wgrad"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("geometry", CHUNKED_GEOMETRIES.values(), ids=CHUNKED_GEOMETRIES.keys())
+def test_block_functions_match_reference_on_chunked_shapes(geometry, channels_last, mask):
+    _assert_block_functions_match_float64(_block_case(geometry, channels_last, seed=3),
+                                          channels_last, mask=mask)
 
 
 @needs_cpu_ext
@@ -494,14 +515,19 @@ def check_block_functions_low_precision(dtype, channels_last, device):
         assert_close_by_rule(g, eager[name], ref64[name], dtype, name)
 
 
-# Functions with a 1x1 convolution (oneDNN's, like eager Conv2d's: its summation order may
-# follow the thread count) and what they derive from it; every other kernel splits by shape only.
+# Functions with a 1x1 convolution and what they derive from it. On the CPU backend these are
+# BLAS products of fixed row chunks, single-threaded inside the parallel chunk loop; a call with
+# a single chunk runs BLAS on the caller's threads, whose summation order may follow their
+# count. Every other kernel splits by shape only.
 GEMM_FUNCTIONS = ("K1", "K5", "B5", "B1")
 
 
 @needs_cpu_ext
-def test_block_functions_are_deterministic_and_only_gemms_follow_the_thread_count():
-    c = _cast(_block_case((4, 6, 24, 8, 20, 18, 3, 1), True, seed=2), torch.float32)
+@pytest.mark.parametrize("geometry", [(4, 6, 24, 8, 20, 18, 3, 1),
+                                      CHUNKED_GEOMETRIES["k3-s1-banded"]],
+                         ids=["small", "banded"])
+def test_block_functions_are_deterministic_and_only_gemms_follow_the_thread_count(geometry):
+    c = _cast(_block_case(geometry, True, seed=2), torch.float32)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -608,7 +634,8 @@ needs_cuda_ext = pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or CUDA 
 @BLOCK_SHAPES
 def test_cuda_block_functions_match_reference_float64(geometry, channels_last, training, act,
                                                       gate, mask):
-    check_block_functions_float64(geometry, channels_last, training, act, gate, mask, "cuda")
+    _assert_block_functions_match_float64(_to(_block_case(geometry, channels_last), "cuda"),
+                                          channels_last, training, act, gate, mask)
 
 
 @needs_cuda_ext

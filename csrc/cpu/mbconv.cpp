@@ -3,16 +3,27 @@
 //
 // Everything runs on NHWC rows: an activation is (N * H * W, C), channels fastest, so the
 // per-channel BN / activation constants are vectors the inner `omp simd` loops stream alongside
-// the data, and the 1x1 convolutions are plain GEMMs (ATen's at::mm) on (rows, C) views.
+// the data, and the 1x1 convolutions are GEMMs on (rows, C) blocks.
 // channels_last inputs are used in place; NCHW inputs go through one channels_last copy and
-// outputs come back NCHW. The elementwise work around each GEMM is one fused pass: K5 builds its
-// A operand act(BN2(d)) * gate in one pass into a buffer, then one GEMM, then BN3's statistics
-// in one pass over the GEMM output; the backward likewise.
+// outputs come back NCHW.
 //
 // Work is split into fixed chunks of positions (never straddling an image; sizes depend on the
 // shape only), each writing its own partial sums / moments, merged in chunk order (Chan's
-// formula for moments): results do not depend on the thread count, except the 1x1
-// convolutions' (oneDNN's, as eager Conv2d's), which are reproducible at a given thread count.
+// formula for moments): results do not depend on the thread count. The 1x1 convolutions run
+// per chunk too, a few hundred rows at a time: each chunk builds its GEMM operand in an
+// L2-resident buffer, multiplies (BLAS inside the chunk loop; the weight gradients' row
+// reductions with gemm_tn, per chunk, summed in chunk order), and applies the epilogue
+// (statistics, the gate gradient, the next operand) while the result is still in cache, so the
+// expanded-size operands (a3, the gradients of q and e) are never written to memory.
+
+// 512-bit vectors where the target has them. GCC's tuning for AVX-512 CPUs prefers 256-bit ones;
+// the activation passes, bound by exp's polynomial, run ~1.4x faster at 512 on a Sapphire Rapids
+// core (a 3.6M-value SiLU reduction: 2.35 -> 1.65 ms). Set before the includes: the loop bodies
+// are inlined into ATen's parallel_for, whose OpenMP outlined functions the headers define.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,6 +32,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -37,7 +49,9 @@ namespace {
 using at::MemoryFormat;
 constexpr auto kCPU = c10::DeviceType::CPU;
 constexpr int64_t kChunkElems = 16384;  // elements per chunk: L2-resident, shape-determined
-constexpr int64_t kBandRows = 4;        // output rows per depthwise work item
+// Elements of the widest operand per GEMM chunk (512 KB in fp32): rows enough for BLAS to run at
+// its full-size speed (B0 stage 2: 784 rows), buffers that stay in a 2 MB L2.
+constexpr int64_t kGemmChunkElems = 131072;
 
 // f(scalar_t{}) for the activation dtype (a function, not AT_DISPATCH: the kernels' bodies hold
 // pragmas, which macro arguments cannot).
@@ -58,7 +72,6 @@ struct Map {
   int64_t N, C, H, W;
   int64_t P() const { return H * W; }
   int64_t rows() const { return N * H * W; }
-  Tensor rows2d() const { return t.permute({0, 2, 3, 1}).reshape({rows(), C}); }
   template <typename T>
   const T* data() const { return t.const_data_ptr<T>(); }
 };
@@ -70,16 +83,6 @@ Map nhwc(const Tensor& x) {
 // (N, C, H, W) with channels_last storage, from an (N * H * W, C) row matrix.
 Tensor as_map(const Tensor& rows2d, int64_t N, int64_t H, int64_t W) {
   return rows2d.view({N, H, W, rows2d.size(1)}).permute({0, 3, 1, 2});
-}
-
-// rows2d (N * H * W, Cin) times matrix^T, matrix (Cout, Cin): the 1x1 convolution, as rows. It
-// runs as at::conv2d on the channels_last view (no copy), which oneDNN serves ~2x faster than
-// at::mm's sgemm for these tall-skinny shapes (B0 stage 2, 2 AVX-512 cores: 2.3 vs 5.2 ms).
-Tensor pointwise_conv(const Tensor& rows2d, const Tensor& matrix, int64_t N, int64_t H,
-                      int64_t W) {
-  const Tensor out = at::conv2d(as_map(rows2d, N, H, W),
-                                matrix.reshape({matrix.size(0), matrix.size(1), 1, 1}));
-  return out.permute({0, 2, 3, 1}).reshape({N * H * W, matrix.size(0)});
 }
 
 Tensor empty_rows(const Tensor& like, int64_t rows, int64_t C, at::ScalarType dtype) {
@@ -157,17 +160,29 @@ struct Chunks {
 
 Chunks position_chunks(int64_t N, int64_t P, int64_t C) { return Chunks(N, P, kChunkElems / C); }
 
-// f(n, p0, p1, partial) for every chunk, in parallel; partial: `width` zeroed values per chunk.
-template <typename acc_t, typename F>
-std::vector<acc_t> for_chunks(const Chunks& ch, int64_t width, const F& f) {
+// f(n, p0, p1, partial, scratch) for every chunk, in parallel; partial: `width` zeroed values per
+// chunk; scratch: one make_scratch() per thread, reused by its chunks (their buffers).
+template <typename acc_t, typename MakeScratch, typename F>
+std::vector<acc_t> for_chunks(const Chunks& ch, int64_t width, const MakeScratch& make_scratch,
+                              const F& f) {
   std::vector<acc_t> partial(ch.count() * width, acc_t(0));
   at::parallel_for(0, ch.count(), 1, [&](int64_t begin, int64_t end) {
+    auto scratch = make_scratch();
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / ch.per_image, p0 = (i % ch.per_image) * ch.len;
-      f(n, p0, std::min(p0 + ch.len, ch.P), partial.data() + i * width);
+      f(n, p0, std::min(p0 + ch.len, ch.P), partial.data() + i * width, scratch);
     }
   });
   return partial;
+}
+
+// f(n, p0, p1, partial) for every chunk, in parallel.
+template <typename acc_t, typename F>
+std::vector<acc_t> for_chunks(const Chunks& ch, int64_t width, const F& f) {
+  return for_chunks<acc_t>(ch, width, [] { return 0; },
+                           [&](int64_t n, int64_t p0, int64_t p1, acc_t* out, int) {
+                             f(n, p0, p1, out);
+                           });
 }
 
 // Chunk partials summed in chunk order, per image ((N, width) into `out`) or over all (width).
@@ -222,22 +237,168 @@ void merge_moments(const std::vector<acc_t>& partial, const Chunks& ch, int64_t 
   }
 }
 
-// BN batch statistics of an (N * P, C) row matrix, one pass of per-chunk exact moments.
-std::tuple<Tensor, Tensor> row_moments(const Tensor& rows2d, int64_t N, int64_t P) {
-  const int64_t C = rows2d.size(1);
-  Tensor mean = acc_empty(rows2d, {C}), var = acc_empty(rows2d, {C});
-  dispatch_dtype(rows2d.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* p = rows2d.const_data_ptr<scalar_t>();
-    const Chunks ch = position_chunks(N, P, C);
-    const auto part = for_chunks<acc_t>(ch, 2 * C, [&](int64_t n, int64_t p0, int64_t p1,
-                                                       acc_t* out) {
-      block_moments(p + (n * P + p0) * C, p1 - p0, C, out);
-    });
-    merge_moments(part, ch, C, mean, var);
-  });
-  return {mean, var};
+// ---- vectors ------------------------------------------------------------------------------
+
+// 64-byte vectors of the accumulate dtype (GCC / Clang vector extensions: the compiler splits
+// them where the target's registers are narrower).
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(64)));
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(64)));
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// ---- 1x1 convolutions as GEMMs on chunks of rows -----------------------------------------
+
+// Chunks for the row-blocked GEMMs: at most kGemmChunkElems / C rows, equal within an image (a
+// short remainder chunk runs BLAS at a worse shape: 406 rows of B0 stage 2 took 2x 784's time).
+Chunks gemm_chunks(int64_t N, int64_t P, int64_t C) {
+  const int64_t per_image = (P * C + kGemmChunkElems - 1) / kGemmChunkElems;
+  return Chunks(N, P, (P + per_image - 1) / per_image);
+}
+
+// Uninitialized buffer of n values (a chunk's operand or result).
+template <typename T>
+std::unique_ptr<T[]> buffer(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
+}
+
+// A row-major (rows, C) block as a tensor for BLAS: no copy, no autograd history.
+template <typename T>
+Tensor block(const T* p, int64_t rows, int64_t C) {
+  return at::from_blob(const_cast<T*>(p), {rows, C},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// out = a * b through BLAS (at::mm_out): the products with a weight matrix, reductions over
+// channels. Called from the chunk loop's worker threads.
+void gemm(Tensor out, const Tensor& a, const Tensor& b) {
+  at::AutoDispatchBelowADInplaceOrView guard;  // worker threads: straight to the CPU kernel
+  at::mm_out(out, a, b);
+}
+
+// out (M, N) = A^T B for row-major A (R, M) and B (R, N), summed over r in order: the weight
+// gradients, reductions over a chunk's rows. BLAS blocks a long reduction by its thread count
+// (1 and 2 threads differed in the last bits); this depends on the shape only, and runs at
+// BLAS speed here (B0 stage 2 shapes, one core: ~100 GFLOPS, BLAS ~75). B must stay readable one
+// vector past its last row (a padded buffer): a partial vector of columns is loaded whole.
+template <int MB, int NV, typename acc_t>
+inline void gemm_tn_block(const acc_t* A, int64_t lda, const acc_t* B, int64_t ldb, int64_t R,
+                          int64_t last_lanes, acc_t* out, int64_t ldo) {
+  using V = typename Simd<acc_t>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  V acc[MB][NV] = {};
+  for (int64_t r = 0; r < R; ++r) {
+    V b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = load<V>(B + r * ldb + j * L);
+    for (int i = 0; i < MB; ++i) {
+      const acc_t a = A[r * lda + i];
+      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j + 1 < NV; ++j) store(out + i * ldo + j * L, acc[i][j]);
+    std::memcpy(out + i * ldo + (NV - 1) * L, &acc[i][NV - 1], last_lanes * sizeof(acc_t));
+  }
+}
+
+// Columns [c, c + (NV - 1) * L + last_lanes) of gemm_tn, in blocks of 8, 4, 1 rows of out.
+template <int NV, typename acc_t>
+void gemm_tn_columns(const acc_t* A, const acc_t* B, int64_t R, int64_t M, int64_t N, int64_t c,
+                     int64_t last_lanes, acc_t* out) {
+  int64_t o = 0;
+  const acc_t* b = B + c;
+  acc_t* dst = out + c;
+  for (; o + 8 <= M; o += 8) gemm_tn_block<8, NV>(A + o, M, b, N, R, last_lanes, dst + o * N, N);
+  for (; o + 4 <= M; o += 4) gemm_tn_block<4, NV>(A + o, M, b, N, R, last_lanes, dst + o * N, N);
+  for (; o < M; ++o) gemm_tn_block<1, NV>(A + o, M, b, N, R, last_lanes, dst + o * N, N);
+}
+
+template <typename acc_t>
+void gemm_tn(const acc_t* A, const acc_t* B, int64_t R, int64_t M, int64_t N, acc_t* out) {
+  constexpr int64_t L = sizeof(typename Simd<acc_t>::V) / sizeof(acc_t);
+  int64_t c = 0;
+  for (; c + 3 * L <= N; c += 3 * L) gemm_tn_columns<3>(A, B, R, M, N, c, L, out);
+  for (; c + L <= N; c += L) gemm_tn_columns<1>(A, B, R, M, N, c, L, out);
+  if (c < N) gemm_tn_columns<1>(A, B, R, M, N, c, N - c, out);
+}
+
+// A chunk's (rows, C) operand buffer for gemm_tn's B: one zeroed vector of padding.
+template <typename acc_t>
+std::unique_ptr<acc_t[]> padded_buffer(int64_t rows, int64_t C) {
+  constexpr int64_t L = sizeof(typename Simd<acc_t>::V) / sizeof(acc_t);
+  auto b = buffer<acc_t>(rows * C + L);
+  std::fill(b.get() + rows * C, b.get() + rows * C + L, acc_t(0));
+  return b;
+}
+
+// A weight matrix in the accumulate dtype (the GEMMs run in it whatever the activations' dtype).
+template <typename acc_t>
+Tensor acc_matrix(const Tensor& w) {
+  return w.detach().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+}
+
+// Rows [r0, r0 + rows) of an (., C) scalar_t matrix as acc_t: in place when the types agree,
+// else converted into `scratch`.
+template <typename acc_t, typename scalar_t>
+const acc_t* acc_rows(const scalar_t* src, int64_t rows, int64_t C, acc_t* scratch) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return src;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < rows * C; ++i) scratch[i] = static_cast<acc_t>(src[i]);
+    return scratch;
+  }
+}
+
+// Where an acc_t result for rows of a scalar_t matrix goes: the rows themselves when the types
+// agree, else `scratch` (store_rows then rounds it into place).
+template <typename acc_t, typename scalar_t>
+acc_t* acc_target(scalar_t* dst, acc_t* scratch) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) return dst;
+  else return scratch;
+}
+
+template <typename acc_t, typename scalar_t>
+void store_rows(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+// Per-chunk (rows, cols) GEMM partials (weight gradients) summed in chunk order, rounded to
+// scalar_t; transposed: returned as (cols, rows).
+template <typename scalar_t, typename acc_t>
+Tensor summed_matrix(const std::vector<acc_t>& partial, const Chunks& ch, int64_t rows,
+                     int64_t cols, bool transposed, const Tensor& like) {
+  std::vector<acc_t> total(rows * cols);
+  sum_chunks(partial, ch, rows * cols, false, total.data());
+  Tensor out = at::empty(transposed ? at::IntArrayRef{cols, rows} : at::IntArrayRef{rows, cols},
+                         like.options());
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      o[transposed ? c * rows + r : r * cols + c] = static_cast<scalar_t>(total[r * cols + c]);
+    }
+  }
+  return out;
 }
 
 template <typename acc_t>
@@ -307,23 +468,84 @@ DwGeometry dw_geometry(const Map& h, const Tensor& weight, int64_t stride) {
   return {h.N, h.C, h.H, h.W, conv_out_size(h.H, k, s), conv_out_size(h.W, k, s), k, s};
 }
 
-// For each output (ho, wo) of rows [ho0, ho1): f(out position, tap index, input position in a),
-// over the taps inside the input. `a` holds input rows from r0.
-template <typename F>
-void for_taps(const DwGeometry& g, int64_t ho0, int64_t ho1, int64_t r0, const F& f) {
-  for (int64_t ho = ho0; ho < ho1; ++ho) {
-    for (int64_t wo = 0; wo < g.Wo; ++wo) {
-      const int64_t out = ho * g.Wo + wo;
-      for (int kh = 0; kh < g.k; ++kh) {
-        const int64_t hi = ho * g.s - g.p() + kh;
-        if (hi < 0 || hi >= g.H) continue;
-        for (int kw = 0; kw < g.k; ++kw) {
-          const int64_t wi = wo * g.s - g.p() + kw;
-          if (wi < 0 || wi >= g.W) continue;
-          f(out, kh * g.k + kw, (hi - r0) * g.W + wi);
-        }
-      }
+// Bands of output rows, the depthwise kernels' work chunks: as tall as keeps a band's input rows
+// (with the k - 1 halo rows recomputed per band) within kGemmChunkElems values, equal per image.
+Chunks band_chunks(const DwGeometry& g) {
+  const int64_t fit = std::max<int64_t>(1, (kGemmChunkElems / (g.W * g.C) - (g.k - 1)) / g.s);
+  const int64_t bands = (g.Ho + fit - 1) / fit;
+  return Chunks(g.N, g.Ho * g.Wo, (g.Ho + bands - 1) / bands * g.Wo);
+}
+
+// Channels per register block of the depthwise weight gradient (4 vectors of 16 floats).
+constexpr int64_t kChannelBlock = 64;
+
+// dst[c] = sum over taps i < n (in order) of src[i][c] * w[i][c], c < C: one output of the
+// depthwise stencil or of its transpose, accumulated in registers per block of channels (the
+// taps' operands come from L1 / L2; a memory accumulator would cost a load and a store per tap).
+template <typename acc_t>
+void tap_sum(const acc_t* const* src, const acc_t* const* w, int n, int64_t C, acc_t* dst) {
+  using V = typename Simd<acc_t>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) {
+    V a0{}, a1{}, a2{}, a3{};
+    for (int i = 0; i < n; ++i) {
+      const acc_t* x = src[i] + c;
+      const acc_t* y = w[i] + c;
+      a0 += load<V>(x) * load<V>(y);
+      a1 += load<V>(x + L) * load<V>(y + L);
+      a2 += load<V>(x + 2 * L) * load<V>(y + 2 * L);
+      a3 += load<V>(x + 3 * L) * load<V>(y + 3 * L);
     }
+    store(dst + c, a0);
+    store(dst + c + L, a1);
+    store(dst + c + 2 * L, a2);
+    store(dst + c + 3 * L, a3);
+  }
+  for (; c + L <= C; c += L) {
+    V a{};
+    for (int i = 0; i < n; ++i) a += load<V>(src[i] + c) * load<V>(w[i] + c);
+    store(dst + c, a);
+  }
+  for (; c < C; ++c) {
+    acc_t a = 0;
+    for (int i = 0; i < n; ++i) a += src[i][c] * w[i][c];
+    dst[c] = a;
+  }
+}
+
+// dst[c] += sum over j < n (in order) of x[j * sx + c] * y[j * sy + c], c < C: one tap's share
+// of the depthwise weight gradient along a row of outputs, in registers per block of channels.
+template <typename acc_t>
+void row_dot(const acc_t* x, int64_t sx, const acc_t* y, int64_t sy, int64_t n, int64_t C,
+             acc_t* dst) {
+  using V = typename Simd<acc_t>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  int64_t c = 0;
+  for (; c + 4 * L <= C; c += 4 * L) {
+    V a0{}, a1{}, a2{}, a3{};
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t* u = x + j * sx + c;
+      const acc_t* v = y + j * sy + c;
+      a0 += load<V>(u) * load<V>(v);
+      a1 += load<V>(u + L) * load<V>(v + L);
+      a2 += load<V>(u + 2 * L) * load<V>(v + 2 * L);
+      a3 += load<V>(u + 3 * L) * load<V>(v + 3 * L);
+    }
+    store(dst + c, load<V>(dst + c) + a0);
+    store(dst + c + L, load<V>(dst + c + L) + a1);
+    store(dst + c + 2 * L, load<V>(dst + c + 2 * L) + a2);
+    store(dst + c + 3 * L, load<V>(dst + c + 3 * L) + a3);
+  }
+  for (; c + L <= C; c += L) {
+    V a{};
+    for (int64_t j = 0; j < n; ++j) a += load<V>(x + j * sx + c) * load<V>(y + j * sy + c);
+    store(dst + c, load<V>(dst + c) + a);
+  }
+  for (; c < C; ++c) {
+    acc_t a = 0;
+    for (int64_t j = 0; j < n; ++j) a += x[j * sx + c] * y[j * sy + c];
+    dst[c] += a;
   }
 }
 
@@ -333,9 +555,33 @@ std::tuple<Tensor, Tensor, Tensor> expand_forward(const Tensor& x_in, const Tens
                                                   bool need_stats) {
   check_expand_forward(x_in, weight, kCPU);
   const Map x = nhwc(x_in);
-  const Tensor e2 = pointwise_conv(x.rows2d(), weight, x.N, x.H, x.W);
-  Tensor mean = acc_empty(x_in), var = acc_empty(x_in);
-  if (need_stats) std::tie(mean, var) = row_moments(e2, x.N, x.P());
+  const int64_t Cin = x.C, Ce = weight.size(0), P = x.P();
+  Tensor e2 = empty_rows(x_in, x.rows(), Ce, x_in.scalar_type());
+  Tensor mean = need_stats ? acc_empty(x_in, {Ce}) : acc_empty(x_in);
+  Tensor var = need_stats ? acc_empty(x_in, {Ce}) : acc_empty(x_in);
+  dispatch_dtype(x_in.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tensor wt = acc_matrix<acc_t>(weight).t();  // (Cin, Ce)
+    const scalar_t* xp = x.data<scalar_t>();
+    scalar_t* ep = e2.mutable_data_ptr<scalar_t>();
+    const Chunks ch = gemm_chunks(x.N, P, Ce);
+    struct Scratch {
+      std::unique_ptr<acc_t[]> x, e;
+    };
+    // One pass: e = x * W^T per chunk, BN1's moments while the chunk is in cache.
+    const auto part = for_chunks<acc_t>(
+        ch, need_stats ? 2 * Ce : 0,
+        [&] { return Scratch{buffer<acc_t>(ch.len * Cin), buffer<acc_t>(ch.len * Ce)}; },
+        [&](int64_t n, int64_t p0, int64_t p1, acc_t* out, Scratch& s) {
+          const int64_t r0 = n * P + p0, R = p1 - p0;
+          acc_t* e = acc_target<acc_t>(ep + r0 * Ce, s.e.get());
+          gemm(block(e, R, Ce), block(acc_rows(xp + r0 * Cin, R, Cin, s.x.get()), R, Cin), wt);
+          store_rows(e, R * Ce, ep + r0 * Ce);
+          if (need_stats) block_moments(ep + r0 * Ce, R, Ce, out);
+        });
+    if (need_stats) merge_moments(part, ch, Ce, mean, var);
+  });
   return {as_map(e2, x.N, x.H, x.W).contiguous(memory_format_of(x_in)), mean, var};
 }
 
@@ -366,37 +612,51 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
     const auto taps = taps_of<acc_t, scalar_t>(weight);
     const scalar_t* hp = h.data<scalar_t>();
     scalar_t* dp = d2.mutable_data_ptr<scalar_t>();
-    const int64_t C = g.C;
-    const Chunks ch(g.N, g.Ho * g.Wo, kBandRows * g.Wo);
+    const int64_t C = g.C, kk = int64_t(g.k) * g.k;
+    const Chunks ch = band_chunks(g);
+    const int64_t band_rows = ch.len / g.Wo;
+    struct Scratch {
+      std::unique_ptr<acc_t[]> a, sum;
+      std::vector<const acc_t*> src, w;
+    };
     dispatch_activation(act, [&](auto A) {
-      const auto part = for_chunks<acc_t>(ch, need_stats ? 2 * C : 0, [&](int64_t n, int64_t p0,
-                                                                        int64_t p1, acc_t* out) {
-        const int64_t ho0 = p0 / g.Wo, ho1 = p1 / g.Wo;
-        const int64_t r0 = g.first_row(ho0), r1 = g.end_row(ho1);
-        std::vector<acc_t> a((r1 - r0) * g.W * C), sum(C);
-        activated_rows<decltype(A)::value>(hp + n * g.H * g.W * C, r0, r1, g.W, C, bn.get(),
-                                           a.data());
-        scalar_t* image = dp + n * g.Ho * g.Wo * C;
-        int64_t current = p0;
-        auto flush = [&]() {
-          scalar_t* dst = image + current * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(sum[c]);
-          std::fill(sum.begin(), sum.end(), acc_t(0));
-        };
-        for_taps(g, ho0, ho1, r0, [&](int64_t o, int t, int64_t i) {
-          if (o != current) {
-            flush();
-            current = o;
-          }
-          const acc_t* src = a.data() + i * C;
-          const acc_t* w = taps.data() + t * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) sum[c] += src[c] * w[c];
-        });
-        flush();
-        if (need_stats) block_moments(image + p0 * C, p1 - p0, C, out);
-      });
+      // Per band of output rows: its input rows activated once into cache, then the stencil
+      // with the taps' sums in registers, then BN2's moments of the band.
+      const auto part = for_chunks<acc_t>(
+          ch, need_stats ? 2 * C : 0,
+          [&] {
+            return Scratch{buffer<acc_t>(((band_rows - 1) * g.s + g.k) * g.W * C),
+                           buffer<acc_t>(C), std::vector<const acc_t*>(kk),
+                           std::vector<const acc_t*>(kk)};
+          },
+          [&](int64_t n, int64_t p0, int64_t p1, acc_t* out, Scratch& s) {
+            const int64_t ho0 = p0 / g.Wo, ho1 = p1 / g.Wo;
+            const int64_t r0 = g.first_row(ho0), r1 = g.end_row(ho1);
+            const acc_t* a = s.a.get();
+            activated_rows<decltype(A)::value>(hp + n * g.H * g.W * C, r0, r1, g.W, C, bn.get(),
+                                               s.a.get());
+            scalar_t* image = dp + n * g.Ho * g.Wo * C;
+            for (int64_t ho = ho0; ho < ho1; ++ho) {
+              for (int64_t wo = 0; wo < g.Wo; ++wo) {
+                int n_taps = 0;
+                for (int kh = 0; kh < g.k; ++kh) {
+                  const int64_t hi = ho * g.s - g.p() + kh;
+                  if (hi < 0 || hi >= g.H) continue;
+                  for (int kw = 0; kw < g.k; ++kw) {
+                    const int64_t wi = wo * g.s - g.p() + kw;
+                    if (wi < 0 || wi >= g.W) continue;
+                    s.src[n_taps] = a + ((hi - r0) * g.W + wi) * C;
+                    s.w[n_taps++] = taps.data() + (kh * g.k + kw) * C;
+                  }
+                }
+                scalar_t* dst = image + (ho * g.Wo + wo) * C;
+                acc_t* sum = acc_target<acc_t>(dst, s.sum.get());
+                tap_sum(s.src.data(), s.w.data(), n_taps, C, sum);
+                store_rows(sum, C, dst);
+              }
+            }
+            if (need_stats) block_moments(image + p0 * C, p1 - p0, C, out);
+          });
       if (need_stats) merge_moments(part, ch, C, mean, var);
     });
   });
@@ -486,46 +746,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> excite_backward(
 
 // ---- K5 project ---------------------------------------------------------------------------
 
-// The projection's A operand a3 = act(BN2(d)) * gate[n, c] as (rows, C) in d's dtype, one pass.
-Tensor project_operand(const Map& d, const Tensor& d_in, const Tensor& mean, const Tensor& var,
-                       const OptTensor& w, const OptTensor& b, double eps, Act act,
-                       const OptTensor& gate) {
-  Tensor a3 = empty_rows(d_in, d.rows(), d.C, d_in.scalar_type());
-  dispatch_dtype(d_in.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = at::opmath_type<scalar_t>;
-    const Norm<acc_t> bn = norm_of<acc_t>(d_in, mean, var, w, b, eps);
-    const auto gv = acc_values<acc_t>(gate);
-    const scalar_t* dp = d.data<scalar_t>();
-    scalar_t* ap = a3.mutable_data_ptr<scalar_t>();
-    const int64_t C = d.C, P = d.P();
-    dispatch_activation(act, [&](auto A) {
-      for_chunks<acc_t>(position_chunks(d.N, P, C), 0, [&](int64_t n, int64_t p0, int64_t p1,
-                                                           acc_t*) {
-        const acc_t* sc = bn.scale.data();
-        const acc_t* sh = bn.shift.data();
-        const acc_t* g = gv.empty() ? nullptr : gv.data() + n * C;
-        for (int64_t r = n * P + p0; r < n * P + p1; ++r) {
-          const scalar_t* src = dp + r * C;
-          scalar_t* dst = ap + r * C;
-          if (g) {
+// Rows of the projection's A operand a3 = act(BN2(d)) * gate in the accumulate dtype; `gate`:
+// the rows' image's gate values, or nullptr without SE.
+template <Act A, typename acc_t, typename scalar_t>
+void project_operand(const scalar_t* d, int64_t rows, int64_t C, const Norm<acc_t>& bn,
+                     const acc_t* gate, acc_t* a3) {
+  const acc_t *sc = bn.scale.data(), *sh = bn.shift.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = d + r * C;
+    acc_t* dst = a3 + r * C;
+    if (gate) {
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              dst[c] = static_cast<scalar_t>(
-                  activate<decltype(A)::value>(static_cast<acc_t>(src[c]) * sc[c] + sh[c]) * g[c]);
-            }
-          } else {
+      for (int64_t c = 0; c < C; ++c) {
+        dst[c] = activate<A>(static_cast<acc_t>(src[c]) * sc[c] + sh[c]) * gate[c];
+      }
+    } else {
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              dst[c] = static_cast<scalar_t>(
-                  activate<decltype(A)::value>(static_cast<acc_t>(src[c]) * sc[c] + sh[c]));
-            }
-          }
-        }
-      });
-    });
-  });
-  return a3;
+      for (int64_t c = 0; c < C; ++c) {
+        dst[c] = activate<A>(static_cast<acc_t>(src[c]) * sc[c] + sh[c]);
+      }
+    }
+  }
 }
 
 std::tuple<Tensor, Tensor, Tensor> project_forward(
@@ -535,10 +776,40 @@ std::tuple<Tensor, Tensor, Tensor> project_forward(
   const Act act = check_project_forward(d_in, gate, weight, mean2, var2, w2, b2, eps2, activation,
                                         kCPU);
   const Map d = nhwc(d_in);
-  const Tensor q2 = pointwise_conv(
-      project_operand(d, d_in, mean2, var2, w2, b2, eps2, act, gate), weight, d.N, d.H, d.W);
-  Tensor mean = acc_empty(d_in), var = acc_empty(d_in);
-  if (need_stats) std::tie(mean, var) = row_moments(q2, d.N, d.P());
+  const int64_t C = d.C, Cout = weight.size(0), P = d.P();
+  Tensor q2 = empty_rows(d_in, d.rows(), Cout, d_in.scalar_type());
+  Tensor mean = need_stats ? acc_empty(d_in, {Cout}) : acc_empty(d_in);
+  Tensor var = need_stats ? acc_empty(d_in, {Cout}) : acc_empty(d_in);
+  dispatch_dtype(d_in.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const Norm<acc_t> bn = norm_of<acc_t>(d_in, mean2, var2, w2, b2, eps2);
+    const auto gv = acc_values<acc_t>(gate);
+    const Tensor wt = acc_matrix<acc_t>(weight).t();  // (C, Cout)
+    const scalar_t* dp = d.data<scalar_t>();
+    scalar_t* qp = q2.mutable_data_ptr<scalar_t>();
+    const Chunks ch = gemm_chunks(d.N, P, C);
+    struct Scratch {
+      std::unique_ptr<acc_t[]> a3, q;
+    };
+    dispatch_activation(act, [&](auto A) {
+      // One pass: a3 built per chunk in cache, q = a3 * W^T, BN3's moments of q.
+      const auto part = for_chunks<acc_t>(
+          ch, need_stats ? 2 * Cout : 0,
+          [&] { return Scratch{buffer<acc_t>(ch.len * C), buffer<acc_t>(ch.len * Cout)}; },
+          [&](int64_t n, int64_t p0, int64_t p1, acc_t* out, Scratch& s) {
+            const int64_t r0 = n * P + p0, R = p1 - p0;
+            project_operand<decltype(A)::value>(dp + r0 * C, R, C, bn,
+                                                gv.empty() ? nullptr : gv.data() + n * C,
+                                                s.a3.get());
+            acc_t* q = acc_target<acc_t>(qp + r0 * Cout, s.q.get());
+            gemm(block(q, R, Cout), block(s.a3.get(), R, C), wt);
+            store_rows(q, R * Cout, qp + r0 * Cout);
+            if (need_stats) block_moments(qp + r0 * Cout, R, Cout, out);
+          });
+      if (need_stats) merge_moments(part, ch, Cout, mean, var);
+    });
+  });
   return {as_map(q2, d.N, d.H, d.W).contiguous(memory_format_of(d_in)), mean, var};
 }
 
@@ -644,93 +915,94 @@ std::tuple<Tensor, Tensor, Tensor> project_backward(
   const int64_t Cout = weight.size(0);
   const Map d = nhwc(d_in), q = nhwc(q_in), go = nhwc(grad_out);
   const int64_t C = d.C, P = d.P();
-  const auto format = memory_format_of(d_in);
-  // gq = BN3 backward of dy3 = grad_out * sample_scale, in d's dtype (the GEMMs' operand).
-  Tensor gq = empty_rows(d_in, d.rows(), Cout, d_in.scalar_type());
+  const bool dgrad = output_mask[0], wgrad = output_mask[1], gated = given(gate);
+  Tensor grad_a2 = d_in.new_empty({0}), grad_gate = acc_empty(d_in);
+  Tensor grad_weight = d_in.new_empty({0});
+  if (!dgrad && !wgrad) return {grad_a2, grad_gate, grad_weight};
+  Tensor ga2 = dgrad ? empty_rows(d_in, d.rows(), C, d_in.scalar_type()) : Tensor();
   dispatch_dtype(d_in.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const Norm<acc_t> bn = norm_of<acc_t>(q_in, mean3, var3, w3, b3, eps3);
-    const NormGrad<acc_t> ng = norm_grad_of(bn, sum_dy3, sum_dy3_xhat3, d.rows(), training);
+    const Norm<acc_t> bn3 = norm_of<acc_t>(q_in, mean3, var3, w3, b3, eps3);
+    const NormGrad<acc_t> ng = norm_grad_of(bn3, sum_dy3, sum_dy3_xhat3, d.rows(), training);
+    const Norm<acc_t> bn2 = norm_of<acc_t>(d_in, mean2, var2, w2, b2, eps2);
     const auto ss = acc_values<acc_t>(sample_scale);
+    const auto gv = acc_values<acc_t>(gate);
+    const Tensor w = acc_matrix<acc_t>(weight);  // (Cout, C)
     const scalar_t* qp = q.data<scalar_t>();
-    const scalar_t* gp = go.data<scalar_t>();
-    scalar_t* out = gq.mutable_data_ptr<scalar_t>();
-    for_chunks<acc_t>(position_chunks(d.N, P, Cout), 0, [&](int64_t n, int64_t p0, int64_t p1,
-                                                            acc_t*) {
-      const acc_t s = ss.empty() ? acc_t(1) : ss[n];
-      const acc_t *m = bn.mean.data(), *inv = bn.invstd.data();
-      const acc_t *a = ng.a.data(), *b = ng.b.data(), *gi = ng.gi.data();
-      for (int64_t r = n * P + p0; r < n * P + p1; ++r) {
-        const scalar_t* qr = qp + r * Cout;
-        const scalar_t* gr = gp + r * Cout;
-        scalar_t* dst = out + r * Cout;
+    const scalar_t* gop = go.data<scalar_t>();
+    const scalar_t* dp = d.data<scalar_t>();
+    scalar_t* ga2p = dgrad ? ga2.mutable_data_ptr<scalar_t>() : nullptr;
+    const Chunks ch = gemm_chunks(d.N, P, C);
+    std::vector<acc_t> wparts(wgrad ? ch.count() * Cout * C : 0);
+    struct Scratch {
+      std::unique_ptr<acc_t[]> gq, buf;
+    };
+    dispatch_activation(act, [&](auto A) {
+      constexpr Act kA = decltype(A)::value;
+      // Per chunk: gq = BN3 backward of dy3 = grad_out * sample_scale; ga3 = gq * W; then one
+      // elementwise pass recomputing a2 = act(BN2(d)) for grad_a2 = ga3 * gate and the gate
+      // gradient, leaving a3 = a2 * gate in place of ga3 for the weight gradient gq^T * a3.
+      const auto part = for_chunks<acc_t>(
+          ch, dgrad && gated ? C : 0,
+          [&] { return Scratch{buffer<acc_t>(ch.len * Cout), padded_buffer<acc_t>(ch.len, C)}; },
+          [&](int64_t n, int64_t p0, int64_t p1, acc_t* gate_sums, Scratch& s) {
+            const int64_t r0 = n * P + p0, R = p1 - p0;
+            const acc_t sn = ss.empty() ? acc_t(1) : ss[n];
+            const acc_t *m = bn3.mean.data(), *inv = bn3.invstd.data();
+            const acc_t *a = ng.a.data(), *b = ng.b.data(), *gi = ng.gi.data();
+            acc_t* gq = s.gq.get();
+            for (int64_t r = 0; r < R; ++r) {
+              const scalar_t* qr = qp + (r0 + r) * Cout;
+              const scalar_t* gr = gop + (r0 + r) * Cout;
+              acc_t* dst = gq + r * Cout;
 #pragma omp simd
-        for (int64_t c = 0; c < Cout; ++c) {
-          const acc_t xh = (static_cast<acc_t>(qr[c]) - m[c]) * inv[c];
-          dst[c] = static_cast<scalar_t>((static_cast<acc_t>(gr[c]) * s - a[c] - xh * b[c]) *
-                                         gi[c]);
-        }
-      }
-    });
-  });
-  Tensor grad_a2 = d_in.new_empty({0}), grad_gate = acc_empty(d_in), grad_weight = d_in.new_empty({0});
-  Tensor operand;  // act(BN2(d)) * gate, when the gate-gradient pass below builds it
-  if (output_mask[0]) {
-    const Tensor ga3 = pointwise_conv(gq, weight.t(), d.N, d.H, d.W);  // (rows, C)
-    if (!given(gate)) {
-      grad_a2 = as_map(ga3, d.N, d.H, d.W).contiguous(format);
-    } else {
-      Tensor ga2 = empty_rows(d_in, d.rows(), C, d_in.scalar_type());
-      grad_gate = acc_empty(d_in, {d.N, C});
-      // This pass recomputes a2 = act(BN2(d)) for the gate gradient: it also writes the weight
-      // gradient's operand a2 * gate, sparing project_operand a second pass over d.
-      if (output_mask[1]) operand = empty_rows(d_in, d.rows(), C, d_in.scalar_type());
-      dispatch_dtype(d_in.scalar_type(), [&](auto tag) {
-        using scalar_t = decltype(tag);
-        using acc_t = at::opmath_type<scalar_t>;
-        const Norm<acc_t> bn = norm_of<acc_t>(d_in, mean2, var2, w2, b2, eps2);
-        const auto gv = acc_values<acc_t>(gate);
-        const scalar_t* dp = d.data<scalar_t>();
-        const scalar_t* gap = ga3.const_data_ptr<scalar_t>();
-        scalar_t* out = ga2.mutable_data_ptr<scalar_t>();
-        scalar_t* opp = operand.defined() ? operand.mutable_data_ptr<scalar_t>() : nullptr;
-        const Chunks ch = position_chunks(d.N, P, C);
-        dispatch_activation(act, [&](auto A) {
-          auto pass = [&](auto keep_operand) {
-            return for_chunks<acc_t>(ch, C, [&](int64_t n, int64_t p0, int64_t p1, acc_t* sums) {
-              const acc_t *sc = bn.scale.data(), *sh = bn.shift.data(), *g = gv.data() + n * C;
-              for (int64_t r = n * P + p0; r < n * P + p1; ++r) {
-                const scalar_t* dr = dp + r * C;
-                const scalar_t* ga = gap + r * C;
-                scalar_t* dst = out + r * C;
+              for (int64_t c = 0; c < Cout; ++c) {
+                const acc_t xh = (static_cast<acc_t>(qr[c]) - m[c]) * inv[c];
+                dst[c] = (static_cast<acc_t>(gr[c]) * sn - a[c] - xh * b[c]) * gi[c];
+              }
+            }
+            acc_t* buf = s.buf.get();
+            const acc_t* g = gated ? gv.data() + n * C : nullptr;
+            if (dgrad) {
+              gemm(block(buf, R, C), block(gq, R, Cout), w);
+              if (gated) {
+                const acc_t *sc = bn2.scale.data(), *sh = bn2.shift.data();
+                for (int64_t r = 0; r < R; ++r) {
+                  const scalar_t* dr = dp + (r0 + r) * C;
+                  scalar_t* dst = ga2p + (r0 + r) * C;
+                  acc_t* br = buf + r * C;
 #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) {
-                  const acc_t a2 =
-                      activate<decltype(A)::value>(static_cast<acc_t>(dr[c]) * sc[c] + sh[c]);
-                  const acc_t v = static_cast<acc_t>(ga[c]);
-                  dst[c] = static_cast<scalar_t>(v * g[c]);
-                  sums[c] += v * a2;
-                  if constexpr (decltype(keep_operand)::value) {
-                    opp[r * C + c] = static_cast<scalar_t>(a2 * g[c]);
+                  for (int64_t c = 0; c < C; ++c) {
+                    const acc_t a2 = activate<kA>(static_cast<acc_t>(dr[c]) * sc[c] + sh[c]);
+                    const acc_t v = br[c];
+                    dst[c] = static_cast<scalar_t>(v * g[c]);
+                    gate_sums[c] += v * a2;
+                    br[c] = a2 * g[c];
                   }
                 }
+              } else {
+                scalar_t* dst = ga2p + r0 * C;
+#pragma omp simd
+                for (int64_t i = 0; i < R * C; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
+                if (wgrad) project_operand<kA>(dp + r0 * C, R, C, bn2, g, buf);
               }
-            });
-          };
-          const auto part = opp ? pass(std::true_type{}) : pass(std::false_type{});
-          sum_chunks(part, ch, C, true, grad_gate.mutable_data_ptr<acc_t>());
-        });
-      });
-      grad_a2 = as_map(ga2, d.N, d.H, d.W).contiguous(format);
-    }
-  }
-  if (output_mask[1]) {
-    if (!operand.defined()) {
-      operand = project_operand(d, d_in, mean2, var2, w2, b2, eps2, act, gate);
-    }
-    grad_weight = at::mm(gq.t(), operand);
-  }
+            } else {
+              project_operand<kA>(dp + r0 * C, R, C, bn2, g, buf);
+            }
+            if (wgrad) {
+              const int64_t i = n * ch.per_image + p0 / ch.len;
+              gemm_tn(gq, buf, R, Cout, C, wparts.data() + i * Cout * C);
+            }
+          });
+      if (dgrad && gated) {
+        grad_gate = acc_empty(d_in, {d.N, C});
+        sum_chunks(part, ch, C, true, grad_gate.mutable_data_ptr<acc_t>());
+      }
+      if (wgrad) grad_weight = summed_matrix<scalar_t>(wparts, ch, Cout, C, false, d_in);
+    });
+  });
+  if (dgrad) grad_a2 = as_map(ga2, d.N, d.H, d.W).contiguous(memory_format_of(d_in));
   return {grad_a2, grad_gate, grad_weight};
 }
 
@@ -817,11 +1089,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
   const Map h = nhwc(h_in);
   const DwGeometry g = dw_geometry(h, weight, stride);
   const Map d = nhwc(d_in), ga = nhwc(grad_a2);
-  const int64_t C = g.C, Po = g.Ho * g.Wo, P = g.H * g.W;
-  const bool with_bn1 = given(in_mean);
+  const int64_t C = g.C, Po = g.Ho * g.Wo, P = g.H * g.W, kk = int64_t(g.k) * g.k;
+  const bool dgrad = output_mask[0], wgrad = output_mask[1], with_bn1 = given(in_mean);
   Tensor grad_h = h_in.new_empty({0}), grad_w = h_in.new_empty({0});
   Tensor sum_dy1 = acc_empty(h_in), sum_dy1_xhat1 = acc_empty(h_in);
-  if (!output_mask[0] && !output_mask[1]) return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
+  if (!dgrad && !wgrad) return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
+  Tensor gh2 = dgrad ? empty_rows(h_in, h.rows(), C, h_in.scalar_type()) : Tensor();
   dispatch_dtype(h_in.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -833,103 +1106,139 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
     const scalar_t* dp = d.data<scalar_t>();
     const scalar_t* gap = ga.data<scalar_t>();
     const scalar_t* hp = h.data<scalar_t>();
+    scalar_t* ghp = dgrad ? gh2.mutable_data_ptr<scalar_t>() : nullptr;
+    const Chunks ch = band_chunks(g);
+    const int64_t band_rows = ch.len / g.Wo, p = g.p();
+    // Per chunk: [BN1's two reductions (with BN1 and dgrad)][the k * k taps' weight gradient].
+    const int64_t sums_width = dgrad && with_bn1 ? 2 * C : 0;
+    struct Scratch {
+      std::unique_ptr<acc_t[]> gd, a, row;
+      std::vector<const acc_t*> src, w;
+    };
     dispatch_activation(act, [&](auto A) {
       constexpr Act kA = decltype(A)::value;
-      // gd = BN2 backward of dy2 (accumulate dtype; each value is read k * k times).
-      std::vector<acc_t> gd(g.N * Po * C);
-      for_chunks<acc_t>(position_chunks(g.N, Po, C), 0, [&](int64_t n, int64_t p0, int64_t p1,
-                                                            acc_t*) {
-        const acc_t* sh = share.empty() ? nullptr : share.data() + n * C;
-        const acc_t *a = ng.a.data(), *b = ng.b.data(), *gi = ng.gi.data();
-        for (int64_t r = n * Po + p0; r < n * Po + p1; ++r) {
-          acc_t* dst = gd.data() + r * C;
-          dy2_row<kA>(gap + r * C, dp + r * C, sh, bn2, C, [&](int64_t c, acc_t dy, acc_t xh) {
-            dst[c] = (dy - a[c] - xh * b[c]) * gi[c];
+      // One pass per band of output rows [ho0, ho1), all in cache: gd = BN2 backward of dy2 for
+      // the output rows the band's input rows [hi0, hi1) read back (halo included); the input
+      // gradient of those rows, with BN1's backward terms and, sharing its sigmoid, a1 =
+      // act(BN1(h)); a1's halo rows; the weight gradient of the band's outputs.
+      const auto part = for_chunks<acc_t>(
+          ch, sums_width + (wgrad ? kk * C : 0),
+          [&] {
+            return Scratch{buffer<acc_t>((band_rows + g.k + 1) * g.Wo * C),
+                           buffer<acc_t>((band_rows * g.s + g.k + 1) * g.W * C),
+                           buffer<acc_t>(g.W * C), std::vector<const acc_t*>(kk),
+                           std::vector<const acc_t*>(kk)};
+          },
+          [&](int64_t n, int64_t p0, int64_t p1, acc_t* out, Scratch& s) {
+            const int64_t ho0 = p0 / g.Wo, ho1 = p1 / g.Wo;
+            const int64_t hi0 = ho0 * g.s, hi1 = ho1 == g.Ho ? g.H : ho1 * g.s;
+            const int64_t first = hi0 + p - (g.k - 1);  // output rows [g0, g1) feed [hi0, hi1)
+            const int64_t g0 = first <= 0 ? 0 : (first + g.s - 1) / g.s;
+            const int64_t g1 = std::min<int64_t>(g.Ho, (hi1 - 1 + p) / g.s + 1);
+            const int64_t a0 = g.first_row(ho0), a1 = std::max(g.end_row(ho1), hi1);
+            const acc_t* sh = share.empty() ? nullptr : share.data() + n * C;
+            const acc_t *ma = ng.a.data(), *mb = ng.b.data(), *gi = ng.gi.data();
+            acc_t* gd = s.gd.get();
+            for (int64_t r = g0 * g.Wo; r < g1 * g.Wo; ++r) {
+              acc_t* dst = gd + (r - g0 * g.Wo) * C;
+              const int64_t pos = n * Po + r;
+              dy2_row<kA>(gap + pos * C, dp + pos * C, sh, bn2, C,
+                          [&](int64_t c, acc_t dy, acc_t xh) {
+                            dst[c] = (dy - ma[c] - xh * mb[c]) * gi[c];
+                          });
+            }
+            acc_t* a = s.a.get();  // a1 of input rows from a0
+            const scalar_t* image = hp + n * P * C;
+            if (dgrad) {
+              acc_t* row = s.row.get();
+              for (int64_t hi = hi0; hi < hi1; ++hi) {
+                for (int64_t wi = 0; wi < g.W; ++wi) {
+                  int n_taps = 0;
+                  for (int kh = 0; kh < g.k; ++kh) {
+                    const int64_t th = hi + p - kh;
+                    if (th < 0 || th % g.s != 0 || th / g.s >= g.Ho) continue;
+                    for (int kw = 0; kw < g.k; ++kw) {
+                      const int64_t tw = wi + p - kw;
+                      if (tw < 0 || tw % g.s != 0 || tw / g.s >= g.Wo) continue;
+                      s.src[n_taps] = gd + ((th / g.s - g0) * g.Wo + tw / g.s) * C;
+                      s.w[n_taps++] = taps.data() + (kh * g.k + kw) * C;
+                    }
+                  }
+                  tap_sum(s.src.data(), s.w.data(), n_taps, C, row + wi * C);
+                }
+                const scalar_t* hr = image + hi * g.W * C;
+                scalar_t* dst = ghp + (n * P + hi * g.W) * C;
+                acc_t* ar = a + (hi - a0) * g.W * C;
+                if (bn1) {
+                  const acc_t *sc = bn1->scale.data(), *sf = bn1->shift.data();
+                  const acc_t *m = bn1->mean.data(), *inv = bn1->invstd.data();
+                  for (int64_t wi = 0; wi < g.W; ++wi) {
+                    const int64_t o = wi * C;
+#pragma omp simd
+                    for (int64_t c = 0; c < C; ++c) {
+                      const acc_t v = static_cast<acc_t>(hr[o + c]);
+                      const acc_t y = v * sc[c] + sf[c];
+                      const acc_t dy1 = row[o + c] * activate_grad<kA>(y);
+                      dst[o + c] = static_cast<scalar_t>(dy1);
+                      out[c] += dy1;
+                      out[C + c] += dy1 * (v - m[c]) * inv[c];
+                      if (wgrad) ar[o + c] = activate<kA>(y);
+                    }
+                  }
+                } else {
+#pragma omp simd
+                  for (int64_t i = 0; i < g.W * C; ++i) {
+                    dst[i] = static_cast<scalar_t>(row[i]);
+                    if (wgrad) ar[i] = static_cast<acc_t>(hr[i]);
+                  }
+                }
+              }
+            }
+            if (wgrad) {
+              if (dgrad) {
+                activated_rows<kA>(image, a0, hi0, g.W, C, bn1.get(), a);
+                activated_rows<kA>(image, hi1, a1, g.W, C, bn1.get(), a + (hi1 - a0) * g.W * C);
+              } else {
+                activated_rows<kA>(image, a0, a1, g.W, C, bn1.get(), a);
+              }
+              // Per output row and block of channels, so that block of the gd row and of the k
+              // input rows it meets stays in L1 across the k * k taps.
+              acc_t* wout = out + sums_width;
+              for (int64_t ho = ho0; ho < ho1; ++ho) {
+                for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+                  const int64_t width = std::min(kChannelBlock, C - c0);
+                  for (int kh = 0; kh < g.k; ++kh) {
+                    const int64_t hi = ho * g.s - p + kh;
+                    if (hi < 0 || hi >= g.H) continue;
+                    for (int kw = 0; kw < g.k; ++kw) {
+                      int64_t lo, hi_end;
+                      tap_range(g.W, g.Wo, g.s, kw - p, &lo, &hi_end);
+                      if (lo == hi_end) continue;
+                      row_dot(gd + ((ho - g0) * g.Wo + lo) * C + c0, C,
+                              a + ((hi - a0) * g.W + lo * g.s + kw - p) * C + c0, g.s * C,
+                              hi_end - lo, width, wout + (kh * g.k + kw) * C + c0);
+                    }
+                  }
+                }
+              }
+            }
           });
-        }
-      });
-      if (output_mask[0]) {
-        // Input gradient: the transposed stencil gathered per input position, then (with BN1)
-        // dy1 = grad_a1 * act'(BN1(h)) and BN1's reductions, one input row per chunk.
-        Tensor gh2 = empty_rows(h_in, h.rows(), C, h_in.scalar_type());
-        scalar_t* ghp = gh2.mutable_data_ptr<scalar_t>();
-        const Chunks ch(g.N, P, g.W);
-        const auto part = for_chunks<acc_t>(ch, with_bn1 ? 2 * C : 0, [&](int64_t n, int64_t p0,
-                                                                         int64_t, acc_t* out) {
-          const int64_t hi = p0 / g.W;
-          const int p = g.p();
-          std::vector<acc_t> sum(C);
-          for (int64_t wi = 0; wi < g.W; ++wi) {
-            std::fill(sum.begin(), sum.end(), acc_t(0));
-            for (int kh = 0; kh < g.k; ++kh) {
-              const int64_t th = hi + p - kh;
-              if (th < 0 || th % g.s != 0 || th / g.s >= g.Ho) continue;
-              for (int kw = 0; kw < g.k; ++kw) {
-                const int64_t tw = wi + p - kw;
-                if (tw < 0 || tw % g.s != 0 || tw / g.s >= g.Wo) continue;
-                const acc_t* src = gd.data() + ((n * g.Ho + th / g.s) * g.Wo + tw / g.s) * C;
-                const acc_t* w = taps.data() + (kh * g.k + kw) * C;
-                acc_t* s = sum.data();
-#pragma omp simd
-                for (int64_t c = 0; c < C; ++c) s[c] += src[c] * w[c];
-              }
-            }
-            const int64_t pos = (n * g.H + hi) * g.W + wi;
-            scalar_t* dst = ghp + pos * C;
-            const acc_t* s = sum.data();
-            if (bn1) {
-              const scalar_t* hr = hp + pos * C;
-              const acc_t *sc = bn1->scale.data(), *sf = bn1->shift.data();
-              const acc_t *m = bn1->mean.data(), *inv = bn1->invstd.data();
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t v = static_cast<acc_t>(hr[c]);
-                const acc_t dy1 = s[c] * activate_grad<kA>(v * sc[c] + sf[c]);
-                dst[c] = static_cast<scalar_t>(dy1);
-                out[c] += dy1;
-                out[C + c] += dy1 * (v - m[c]) * inv[c];
-              }
-            } else {
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(s[c]);
-            }
-          }
-        });
-        if (with_bn1) {
-          std::vector<acc_t> total(2 * C);
-          sum_chunks(part, ch, 2 * C, false, total.data());
-          sum_dy1 = acc_vector(h_in, total.data(), {C});
-          sum_dy1_xhat1 = acc_vector(h_in, total.data() + C, {C});
-        }
-        grad_h = as_map(gh2, g.N, g.H, g.W).contiguous(memory_format_of(h_in));
+      std::vector<acc_t> total(sums_width + (wgrad ? kk * C : 0));
+      sum_chunks(part, ch, static_cast<int64_t>(total.size()), false, total.data());
+      if (sums_width) {
+        sum_dy1 = acc_vector(h_in, total.data(), {C});
+        sum_dy1_xhat1 = acc_vector(h_in, total.data() + C, {C});
       }
-      if (output_mask[1]) {
-        // Weight gradient: per band, a1 recomputed once, then per-tap sums of gd * a1.
-        const int64_t kk = int64_t(g.k) * g.k;
-        const Chunks ch(g.N, Po, kBandRows * g.Wo);
-        const auto part = for_chunks<acc_t>(ch, kk * C, [&](int64_t n, int64_t p0, int64_t p1,
-                                                           acc_t* out) {
-          const int64_t ho0 = p0 / g.Wo, ho1 = p1 / g.Wo;
-          const int64_t r0 = g.first_row(ho0), r1 = g.end_row(ho1);
-          std::vector<acc_t> a((r1 - r0) * g.W * C);
-          activated_rows<kA>(hp + n * P * C, r0, r1, g.W, C, bn1.get(), a.data());
-          for_taps(g, ho0, ho1, r0, [&](int64_t o, int t, int64_t i) {
-            const acc_t* src = gd.data() + (n * Po + o) * C;
-            const acc_t* x = a.data() + i * C;
-            acc_t* dst = out + t * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) dst[c] += src[c] * x[c];
-          });
-        });
-        std::vector<acc_t> total(kk * C);
-        sum_chunks(part, ch, kk * C, false, total.data());
+      if (wgrad) {
         grad_w = at::empty(weight.sizes(), weight.options());
         scalar_t* wp = grad_w.mutable_data_ptr<scalar_t>();
+        const acc_t* tw = total.data() + sums_width;
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t t = 0; t < kk; ++t) wp[c * kk + t] = static_cast<scalar_t>(total[t * C + c]);
+          for (int64_t i = 0; i < kk; ++i) wp[c * kk + i] = static_cast<scalar_t>(tw[i * C + c]);
       }
     });
   });
+  if (dgrad) grad_h = as_map(gh2, g.N, g.H, g.W).contiguous(memory_format_of(h_in));
   return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
 }
 
@@ -944,39 +1253,75 @@ std::tuple<Tensor, Tensor> expand_backward(
                         sum_dy1_xhat1, grad_residual, kCPU);
   const int64_t Ce = weight.size(0);
   const Map x = nhwc(x_in), e = nhwc(e_in), gy = nhwc(grad_y1);
-  const int64_t P = x.P();
-  Tensor ge = empty_rows(x_in, x.rows(), Ce, x_in.scalar_type());
+  const Map res = given(grad_residual) ? nhwc(*grad_residual) : Map{};
+  const int64_t Cin = x.C, P = x.P();
+  const bool dgrad = output_mask[0], wgrad = output_mask[1];
+  Tensor grad_x = x_in.new_empty({0}), grad_w = x_in.new_empty({0});
+  if (!dgrad && !wgrad) return {grad_x, grad_w};
+  Tensor gx2 = dgrad ? empty_rows(x_in, x.rows(), Cin, x_in.scalar_type()) : Tensor();
   dispatch_dtype(x_in.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const Norm<acc_t> bn = norm_of<acc_t>(e_in, mean1, var1, w1, b1, eps1);
     const NormGrad<acc_t> ng = norm_grad_of(bn, sum_dy1, sum_dy1_xhat1, x.rows(), training);
+    const Tensor w = acc_matrix<acc_t>(weight);  // (Ce, Cin)
     const scalar_t* ep = e.data<scalar_t>();
     const scalar_t* gp = gy.data<scalar_t>();
-    scalar_t* out = ge.mutable_data_ptr<scalar_t>();
-    for_chunks<acc_t>(position_chunks(x.N, P, Ce), 0, [&](int64_t n, int64_t p0, int64_t p1,
-                                                          acc_t*) {
-      const acc_t *m = bn.mean.data(), *inv = bn.invstd.data();
-      const acc_t *a = ng.a.data(), *b = ng.b.data(), *gi = ng.gi.data();
-      for (int64_t r = n * P + p0; r < n * P + p1; ++r) {
-        const scalar_t* er = ep + r * Ce;
-        const scalar_t* gr = gp + r * Ce;
-        scalar_t* dst = out + r * Ce;
+    const scalar_t* xp = x.data<scalar_t>();
+    const scalar_t* rp = res.t.defined() ? res.data<scalar_t>() : nullptr;
+    scalar_t* gxp = dgrad ? gx2.mutable_data_ptr<scalar_t>() : nullptr;
+    const Chunks ch = gemm_chunks(x.N, P, Ce);
+    std::vector<acc_t> wparts(wgrad ? ch.count() * Ce * Cin : 0);
+    struct Scratch {
+      std::unique_ptr<acc_t[]> ge, gx, x;
+    };
+    // Per chunk: ge = BN1 backward of grad_y1 in cache, then grad_x = ge * W (+ the residual's
+    // gradient) and the weight gradient's chunk ge^T * x.
+    for_chunks<acc_t>(
+        ch, 0,
+        [&] {
+          return Scratch{padded_buffer<acc_t>(ch.len, Ce), buffer<acc_t>(ch.len * Cin),
+                         buffer<acc_t>(ch.len * Cin)};
+        },
+        [&](int64_t n, int64_t p0, int64_t p1, acc_t*, Scratch& s) {
+          const int64_t r0 = n * P + p0, R = p1 - p0;
+          const acc_t *m = bn.mean.data(), *inv = bn.invstd.data();
+          const acc_t *a = ng.a.data(), *b = ng.b.data(), *gi = ng.gi.data();
+          acc_t* ge = s.ge.get();
+          for (int64_t r = 0; r < R; ++r) {
+            const scalar_t* er = ep + (r0 + r) * Ce;
+            const scalar_t* gr = gp + (r0 + r) * Ce;
+            acc_t* dst = ge + r * Ce;
 #pragma omp simd
-        for (int64_t c = 0; c < Ce; ++c) {
-          const acc_t xh = (static_cast<acc_t>(er[c]) - m[c]) * inv[c];
-          dst[c] = static_cast<scalar_t>((static_cast<acc_t>(gr[c]) - a[c] - xh * b[c]) * gi[c]);
-        }
-      }
-    });
+            for (int64_t c = 0; c < Ce; ++c) {
+              const acc_t xh = (static_cast<acc_t>(er[c]) - m[c]) * inv[c];
+              dst[c] = (static_cast<acc_t>(gr[c]) - a[c] - xh * b[c]) * gi[c];
+            }
+          }
+          if (dgrad) {
+            acc_t* gx = s.gx.get();
+            gemm(block(gx, R, Cin), block(ge, R, Ce), w);
+            scalar_t* dst = gxp + r0 * Cin;
+            if (rp) {
+              const scalar_t* rr = rp + r0 * Cin;
+#pragma omp simd
+              for (int64_t i = 0; i < R * Cin; ++i) {
+                dst[i] = static_cast<scalar_t>(gx[i] + static_cast<acc_t>(rr[i]));
+              }
+            } else {
+#pragma omp simd
+              for (int64_t i = 0; i < R * Cin; ++i) dst[i] = static_cast<scalar_t>(gx[i]);
+            }
+          }
+          if (wgrad) {  // as (x^T ge)^T: gemm_tn vectorizes along the wide side, Ce
+            const int64_t i = n * ch.per_image + p0 / ch.len;
+            gemm_tn(acc_rows(xp + r0 * Cin, R, Cin, s.x.get()), ge, R, Cin, Ce,
+                    wparts.data() + i * Cin * Ce);
+          }
+        });
+    if (wgrad) grad_w = summed_matrix<scalar_t>(wparts, ch, Cin, Ce, true, x_in);
   });
-  Tensor grad_x = x_in.new_empty({0}), grad_w = x_in.new_empty({0});
-  if (output_mask[0]) {
-    Tensor gx2 = pointwise_conv(ge, weight.t(), x.N, x.H, x.W);
-    if (given(grad_residual)) gx2 += nhwc(*grad_residual).rows2d();
-    grad_x = as_map(gx2, x.N, x.H, x.W).contiguous(memory_format_of(x_in));
-  }
-  if (output_mask[1]) grad_w = at::mm(ge.t(), x.rows2d());
+  if (dgrad) grad_x = as_map(gx2, x.N, x.H, x.W).contiguous(memory_format_of(x_in));
   return {grad_x, grad_w};
 }
 

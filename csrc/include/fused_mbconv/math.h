@@ -22,13 +22,23 @@ namespace fused_mbconv {
 // r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial, scaled by 2^n built in the exponent bits;
 // about 1 ulp. Arguments are clamped to [-87.3, 88] so 2^n stays a normal float: exp of
 // anything below is FLT_MIN instead of a denormal, above 1.65e38 instead of up to inf, which
-// leaves sigmoid and SiLU within an ulp of exact. NaN propagates.
+// leaves sigmoid and SiLU within an ulp of exact. NaN propagates. The clamp works on the bits:
+// as a float select, GCC's PRE folds the saturated branch to a constant (silu(y) = y * 6e-39)
+// that the vectorized loop computes for every lane, a denormal multiply, and the microcode
+// assist made SiLU passes ~10x slower on AVX-512 (12 ms instead of 1 ms per 3.6M values).
 FM_HOST_DEVICE float exp_(float v) {
 #if defined(__CUDA_ARCH__)
   return expf(v);
 #else
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  v = v < -87.33654f ? -87.33654f : (v > 88.0f ? 88.0f : v);
+  int32_t bits;
+  memcpy(&bits, &v, sizeof(bits));
+  const int32_t magnitude = bits & 0x7FFFFFFF;
+  const int32_t bound = bits < 0 ? 0x42AEAC4F : 0x42B00000;  // 87.33654f below, 88.0f above
+  const int32_t clamped =
+      magnitude > 0x7F800000 ? magnitude : (magnitude < bound ? magnitude : bound);  // NaN kept
+  bits = (bits & INT32_MIN) | clamped;
+  memcpy(&v, &bits, sizeof(v));
   const float t = v * 1.44269504088896341f + kRound;
   const float n = t - kRound;
   const float r = (v - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -39,7 +49,6 @@ FM_HOST_DEVICE float exp_(float v) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits;
   memcpy(&bits, &t, sizeof(bits));
   bits = (bits - 0x4B400000 + 127) << 23;  // n's integer value, biased, in the exponent field
   float scale;
