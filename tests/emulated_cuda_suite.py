@@ -28,7 +28,10 @@ KERNEL_TESTS = [f"tests/test_extension.py::{name}" for name in (
     "test_block_functions_low_precision_by_the_tolerance_rule",
     "test_block_launches_are_accounted",
     "test_block_entry_points_reject",
-)]
+)] + [  # more than 32 channels (several channel tiles), several chunks per image
+    f"tests/test_extension.py::test_block_functions_match_reference_on_chunked_shapes[{shape}-both]"
+    for shape in ("k3-s1-banded-nhwc", "k3-s1-banded-nchw", "k5-s2-banded-nhwc",
+                  "k5-s2-banded-nchw")]
 # Through the ops: every block and dwconv_bn_silu case of the "cpu" backend (now the CUDA
 # kernels), but the whole-network training step and torch.compile: minutes emulated, and no
 # kernel or variant that the block cases leave out.
