@@ -28,6 +28,9 @@ of the three BatchNorms, the per-sample SE vectors (pooled, gate values) and dro
 and the parameters. Every other activation (a1, a2, a3, q, BN outputs) is recomputed in the
 backward kernels' prologues. Running statistics are not touched here: the op is functional,
 and ``fused_mbconv.functional.mbconv`` updates them from the statistics it returns.
+
+Layout: the kernels run on ``kernel_input(x)`` (channels_last on the CPU), which e and d
+follow; the output and x's gradient come back in x's own memory format.
 """
 
 from __future__ import annotations
@@ -92,6 +95,14 @@ def _count(t: Tensor) -> int:
     return t.numel() // t.shape[1]
 
 
+def kernel_input(x: Tensor) -> Tensor:
+    """x laid out as the block's kernels run, which e and d then follow: channels_last on the
+    CPU, whose kernels work on NHWC rows (an NCHW block then copies its input and output once,
+    not every expanded map in every kernel), as it is elsewhere (the GPU kernels read either
+    layout in place)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 def run_forward(k, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
                 bn1_bias: Optional[Tensor], bn1_running_mean: Optional[Tensor],
                 bn1_running_var: Optional[Tensor], dw_weight: Tensor,
@@ -107,6 +118,8 @@ def run_forward(k, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optio
     """``fused_mbconv::mbconv`` on the kernel-interface functions ``k``; with ``sync``, each
     BatchNorm's batch statistics are reduced across processes before they are applied."""
     acc = accumulate_dtype(x.dtype)
+    out_format = memory_format_of(x)
+    x = kernel_input(x)
 
     def batch_or_running(bn, t, mean, var, running_mean, running_var):
         if not training:
@@ -134,6 +147,7 @@ def run_forward(k, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optio
     mean3, var3 = batch_or_running("bn3", q, mean3, var3, bn3_running_mean, bn3_running_var)
     out = k.mbconv_output_forward(q, NormArgs(mean3, var3, bn3_weight, bn3_bias, eps[2]),
                                   sample_scale, x if residual else None)
+    out = out.contiguous(memory_format=out_format)
     if not keep_dwconv_output:
         d = x.new_empty(0)
     return out, e, d, mean1, var1, mean2, var2, mean3, var3, pooled, gate_values
@@ -158,6 +172,9 @@ def run_backward(k, grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
             return sums
         return sync.grad_sums(bn, sums[0], sums[1], _count(t))
 
+    inputs = (x, expand_weight, bn1_weight, bn1_bias, dw_weight, bn2_weight, bn2_bias,
+              fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, bn3_weight, bn3_bias)
+    x = kernel_input(x)
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
     grads: List[Optional[Tensor]] = [None] * len(GRAD_INPUTS)
     mask = dict(zip(GRAD_INPUTS, output_mask))
@@ -200,8 +217,6 @@ def run_backward(k, grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
                 residual_grad, [mask["x"], mask["expand_weight"]])
         elif not expanded and mask["x"]:
             grads[0] = grad_h if residual_grad is None else grad_h + residual_grad
-    inputs = (x, expand_weight, bn1_weight, bn1_bias, dw_weight, bn2_weight, bn2_bias,
-              fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, bn3_weight, bn3_bias)
     return [_shaped_grad(g, t, m) for g, t, m in zip(grads, inputs, output_mask)]
 
 
@@ -249,9 +264,10 @@ def _(x, expand_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var,
 
     expanded = expand_weight is not None
     se = fc1_weight is not None
+    xk = kernel_input(x)
     return (empty_like_input(x, (n, cout, ho, wo)),
-            empty_like_input(x, (n, hidden, h, w)) if expanded else x.new_empty(0),
-            empty_like_input(x, (n, hidden, ho, wo)) if keep_dwconv_output else x.new_empty(0),
+            empty_like_input(xk, (n, hidden, h, w)) if expanded else x.new_empty(0),
+            empty_like_input(xk, (n, hidden, ho, wo)) if keep_dwconv_output else x.new_empty(0),
             vector(hidden if expanded else 0), vector(hidden if expanded else 0),
             vector(hidden), vector(hidden), vector(cout), vector(cout),
             vector(n, hidden) if se else vector(0), vector(n, hidden) if se else vector(0))
