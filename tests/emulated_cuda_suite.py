@@ -56,6 +56,7 @@ def main() -> int:
     parser.add_argument("--no-sanitize", action="store_true")
     args = parser.parse_args()
     preload = None if args.no_sanitize else _build.asan_preload()
+    args.out.mkdir(parents=True, exist_ok=True)
     library = args.out / "emulated.so"
     # One thread: the emulation is single-threaded anyway, and ATen's OpenMP threads would
     # spin against the parent test run on the other core (10x slower on 2 cores).

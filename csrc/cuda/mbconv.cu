@@ -262,9 +262,7 @@ struct DwInput {
     const acc_t v = static_cast<acc_t>(h[hp.at(n, c, hi * W + wi)]);
     return with_bn1 ? activate<A>(v * bn1.scale[c] + bn1.shift[c]) : v;
   }
-  __device__ acc_t tap(int c, int kh, int kw) const {
-    return static_cast<acc_t>(weight[(int64_t(c) * k + kh) * k + kw]);
-  }
+  __device__ const scalar_t* taps(int c) const { return weight + int64_t(c) * k * k; }
 };
 
 // BN1's constants when the block expands (in_bn given), else empty.
@@ -296,17 +294,9 @@ struct DwForward {
   __device__ void operator()(int n, int c, int p, Acc& acc) const {
     using acc_t = at::opmath_type<scalar_t>;
     const int ho = p / in.Wo, wo = p % in.Wo, pad = in.k / 2;
-    acc_t sum = 0;
-    for (int kh = 0; kh < in.k; ++kh) {
-      const int hi = ho * in.s - pad + kh;
-      if (hi < 0 || hi >= in.H) continue;
-      for (int kw = 0; kw < in.k; ++kw) {
-        const int wi = wo * in.s - pad + kw;
-        if (wi < 0 || wi >= in.W) continue;
-        sum += in.a1(n, c, hi, wi) * in.tap(c, kh, kw);
-      }
-    }
-    const scalar_t v = static_cast<scalar_t>(sum);
+    const auto a1 = [&](int hi, int wi) { return in.a1(n, c, hi, wi); };
+    const scalar_t v = static_cast<scalar_t>(dw_stencil_at<true, 0, acc_t>(
+        a1, in.H, in.W, in.taps(c), 1, in.k, ho * in.s - pad, wo * in.s - pad));
     d[dp.at(n, c, p)] = v;
     push(acc, static_cast<acc_t>(v));
   }
@@ -836,17 +826,10 @@ struct DwInputGrad {
 
   template <typename Acc>
   __device__ void operator()(int n, int c, int p, Acc& acc) const {
-    const int hi = p / in.W, wi = p % in.W, pad = in.k / 2;
-    acc_t sum = 0;
-    for (int kh = 0; kh < in.k; ++kh) {
-      const int th = hi + pad - kh;
-      if (th < 0 || th % in.s != 0 || th / in.s >= in.Ho) continue;
-      for (int kw = 0; kw < in.k; ++kw) {
-        const int tw = wi + pad - kw;
-        if (tw < 0 || tw % in.s != 0 || tw / in.s >= in.Wo) continue;
-        sum += gd[dp.at(n, c, (th / in.s) * in.Wo + tw / in.s)] * in.tap(c, kh, kw);
-      }
-    }
+    const int hi = p / in.W, wi = p % in.W;
+    const auto grad_at = [&](int ho, int wo) { return gd[dp.at(n, c, ho * in.Wo + wo)]; };
+    const acc_t sum = dw_input_grad<true, 0, 0, acc_t>(grad_at, in.taps(c), 1, in.k, in.s, in.Ho,
+                                                       in.Wo, hi, wi);
     const int64_t i = in.hp.at(n, c, p);
     if (in.with_bn1) {
       const Norm<acc_t>& bn1 = in.bn1;

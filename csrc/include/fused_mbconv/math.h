@@ -117,27 +117,35 @@ FM_HOST_DEVICE void interior_range(int64_t in, int64_t out, int k, int s, int64_
   if (*hi < *lo) *hi = *lo;
 }
 
-// One output element of the depthwise conv: sum over taps (kh, kw) of
-// x[hi0 + kh, wi0 + kw] * w[kh, kw], with hi0 = ho * s - k / 2 (likewise wi0). `x` points at the
-// (n, c) plane with row/column strides sh/sw; `w` at the channel's taps, stride ws apart.
-// K > 0 fixes k at compile time (unrolled, vectorizable); kCheck = false when the window is
-// known to be inside the input.
-template <bool kCheck, int K, typename acc_t, typename scalar_t, typename weight_t>
-FM_HOST_DEVICE acc_t dw_stencil(const scalar_t* x, int64_t sh, int64_t sw, int64_t H, int64_t W,
-                                const weight_t* w, int64_t ws, int k, int64_t hi0, int64_t wi0) {
+// One output element of the depthwise conv: the sum over taps (kh, kw) of
+// in(hi0 + kh, wi0 + kw) * w[kh, kw], with hi0 = ho * s - k / 2 (likewise wi0), over the taps
+// inside the H x W input (all of them when kCheck is false: the window is known to be inside).
+// in(hi, wi) supplies the conv's input: a load, or a BatchNorm and activation built on load.
+// `w` points at the channel's taps, stride ws apart. K > 0 fixes k at compile time (unrolled,
+// vectorizable). I: the index type (32-bit in the GPU block kernels).
+template <bool kCheck, int K, typename acc_t, typename InputAt, typename weight_t, typename I>
+FM_HOST_DEVICE acc_t dw_stencil_at(const InputAt& in, I H, I W, const weight_t* w, int64_t ws,
+                                   int k, I hi0, I wi0) {
   const int kk = K > 0 ? K : k;
   acc_t acc = 0;
   for (int kh = 0; kh < kk; ++kh) {
-    const int64_t hi = hi0 + kh;
+    const I hi = hi0 + kh;
     if (kCheck && (hi < 0 || hi >= H)) continue;
     for (int kw = 0; kw < kk; ++kw) {
-      const int64_t wi = wi0 + kw;
+      const I wi = wi0 + kw;
       if (kCheck && (wi < 0 || wi >= W)) continue;
-      acc += static_cast<acc_t>(x[hi * sh + wi * sw]) *
-             static_cast<acc_t>(w[(kh * kk + kw) * ws]);
+      acc += in(hi, wi) * static_cast<acc_t>(w[(kh * kk + kw) * ws]);
     }
   }
   return acc;
+}
+
+// dw_stencil_at over the (n, c) plane x of a tensor with row/column strides sh/sw.
+template <bool kCheck, int K, typename acc_t, typename scalar_t, typename weight_t>
+FM_HOST_DEVICE acc_t dw_stencil(const scalar_t* x, int64_t sh, int64_t sw, int64_t H, int64_t W,
+                                const weight_t* w, int64_t ws, int k, int64_t hi0, int64_t wi0) {
+  const auto in = [&](int64_t hi, int64_t wi) { return static_cast<acc_t>(x[hi * sh + wi * sw]); };
+  return dw_stencil_at<kCheck, K, acc_t>(in, H, W, w, ws, k, hi0, wi0);
 }
 
 // One element of the depthwise conv's input gradient (the transposed stencil):
@@ -145,18 +153,19 @@ FM_HOST_DEVICE acc_t dw_stencil(const scalar_t* x, int64_t sh, int64_t sw, int64
 // grad_at(ho, wo) * w[kh, kw]. grad_at supplies the conv-output gradient (read from a buffer on
 // the CPU, recomputed from grad_out and conv_out on the GPU). kCheck = false only for stride 1
 // inputs whose every tap lands inside the output.
-template <bool kCheck, int K, int S, typename acc_t, typename GradAt, typename weight_t>
+template <bool kCheck, int K, int S, typename acc_t, typename GradAt, typename weight_t,
+          typename I>
 FM_HOST_DEVICE acc_t dw_input_grad(const GradAt& grad_at, const weight_t* w, int64_t ws, int k,
-                                   int s, int64_t Ho, int64_t Wo, int64_t hi, int64_t wi) {
+                                   int s, I Ho, I Wo, I hi, I wi) {
   const int kk = K > 0 ? K : k;
   const int ss = S > 0 ? S : s;
   const int p = kk / 2;
   acc_t acc = 0;
   for (int kh = 0; kh < kk; ++kh) {
-    const int64_t th = hi + p - kh;
+    const I th = hi + p - kh;
     if (kCheck && (th < 0 || th % ss != 0 || th / ss >= Ho)) continue;
     for (int kw = 0; kw < kk; ++kw) {
-      const int64_t tw = wi + p - kw;
+      const I tw = wi + p - kw;
       if (kCheck && (tw < 0 || tw % ss != 0 || tw / ss >= Wo)) continue;
       acc += grad_at(th / ss, tw / ss) * static_cast<acc_t>(w[(kh * kk + kw) * ws]);
     }
