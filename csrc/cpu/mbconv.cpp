@@ -239,17 +239,23 @@ void merge_moments(const std::vector<acc_t>& partial, const Chunks& ch, int64_t 
 
 // ---- vectors ------------------------------------------------------------------------------
 
-// 64-byte vectors of the accumulate dtype (GCC / Clang vector extensions: the compiler splits
-// them where the target's registers are narrower).
+// The target's widest vectors and how many of them it has: the register blocks below (gemm_tn's
+// accumulators) are sized to fit, as a block that spills runs several times slower (64-byte
+// vectors on an AVX2 core, split into two registers each: B0's expand backward ran 5x slower).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64, kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32, kVectorRegisters = 16;
+#elif defined(__aarch64__)
+constexpr int kVectorBytes = 16, kVectorRegisters = 32;
+#else
+constexpr int kVectorBytes = 16, kVectorRegisters = 16;
+#endif
+
+// Vectors of the accumulate dtype (GCC / Clang vector extensions).
 template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-};
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
+struct Simd {
+  typedef T V __attribute__((vector_size(kVectorBytes)));
 };
 
 template <typename V, typename T>
@@ -318,15 +324,25 @@ inline void gemm_tn_block(const acc_t* A, int64_t lda, const acc_t* B, int64_t l
   }
 }
 
-// Columns [c, c + (NV - 1) * L + last_lanes) of gemm_tn, in blocks of 8, 4, 1 rows of out.
+// Rows of out per gemm_tn block of 3 vectors: its MB x 3 accumulators, 3 loads of B and the
+// broadcast of A fill the vector registers.
+constexpr int kGemmRows = (kVectorRegisters - 4) / 3 >= 8 ? 8 : 4;
+
+// Columns [c, c + (NV - 1) * L + last_lanes) of gemm_tn, in blocks of kGemmRows, half that and
+// 1 rows of out.
 template <int NV, typename acc_t>
 void gemm_tn_columns(const acc_t* A, const acc_t* B, int64_t R, int64_t M, int64_t N, int64_t c,
                      int64_t last_lanes, acc_t* out) {
+  constexpr int MB = kGemmRows, HB = kGemmRows / 2;
   int64_t o = 0;
   const acc_t* b = B + c;
   acc_t* dst = out + c;
-  for (; o + 8 <= M; o += 8) gemm_tn_block<8, NV>(A + o, M, b, N, R, last_lanes, dst + o * N, N);
-  for (; o + 4 <= M; o += 4) gemm_tn_block<4, NV>(A + o, M, b, N, R, last_lanes, dst + o * N, N);
+  for (; o + MB <= M; o += MB) {
+    gemm_tn_block<MB, NV>(A + o, M, b, N, R, last_lanes, dst + o * N, N);
+  }
+  for (; o + HB <= M; o += HB) {
+    gemm_tn_block<HB, NV>(A + o, M, b, N, R, last_lanes, dst + o * N, N);
+  }
   for (; o < M; ++o) gemm_tn_block<1, NV>(A + o, M, b, N, R, last_lanes, dst + o * N, N);
 }
 
@@ -476,7 +492,10 @@ Chunks band_chunks(const DwGeometry& g) {
   return Chunks(g.N, g.Ho * g.Wo, (g.Ho + bands - 1) / bands * g.Wo);
 }
 
-// Channels per register block of the depthwise weight gradient (4 vectors of 16 floats).
+// Vectors of channels the depthwise sums keep in registers at a time: 256 bytes of them, eight
+// independent accumulator chains on 32-byte targets, enough to hide the FMA latency.
+constexpr int kTapVectors = std::max(4, 256 / kVectorBytes);
+// Channels per L1 block of the depthwise weight gradient.
 constexpr int64_t kChannelBlock = 64;
 
 // dst[c] = sum over taps i < n (in order) of src[i][c] * w[i][c], c < C: one output of the
@@ -485,22 +504,18 @@ constexpr int64_t kChannelBlock = 64;
 template <typename acc_t>
 void tap_sum(const acc_t* const* src, const acc_t* const* w, int n, int64_t C, acc_t* dst) {
   using V = typename Simd<acc_t>::V;
-  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t), B = kTapVectors;
   int64_t c = 0;
-  for (; c + 4 * L <= C; c += 4 * L) {
-    V a0{}, a1{}, a2{}, a3{};
+  for (; c + B * L <= C; c += B * L) {
+    V a[B] = {};
     for (int i = 0; i < n; ++i) {
       const acc_t* x = src[i] + c;
       const acc_t* y = w[i] + c;
-      a0 += load<V>(x) * load<V>(y);
-      a1 += load<V>(x + L) * load<V>(y + L);
-      a2 += load<V>(x + 2 * L) * load<V>(y + 2 * L);
-      a3 += load<V>(x + 3 * L) * load<V>(y + 3 * L);
+#pragma GCC unroll 16
+      for (int j = 0; j < B; ++j) a[j] += load<V>(x + j * L) * load<V>(y + j * L);
     }
-    store(dst + c, a0);
-    store(dst + c + L, a1);
-    store(dst + c + 2 * L, a2);
-    store(dst + c + 3 * L, a3);
+#pragma GCC unroll 16
+    for (int j = 0; j < B; ++j) store(dst + c + j * L, a[j]);
   }
   for (; c + L <= C; c += L) {
     V a{};
@@ -520,22 +535,18 @@ template <typename acc_t>
 void row_dot(const acc_t* x, int64_t sx, const acc_t* y, int64_t sy, int64_t n, int64_t C,
              acc_t* dst) {
   using V = typename Simd<acc_t>::V;
-  constexpr int64_t L = sizeof(V) / sizeof(acc_t);
+  constexpr int64_t L = sizeof(V) / sizeof(acc_t), B = kTapVectors;
   int64_t c = 0;
-  for (; c + 4 * L <= C; c += 4 * L) {
-    V a0{}, a1{}, a2{}, a3{};
+  for (; c + B * L <= C; c += B * L) {
+    V a[B] = {};
     for (int64_t j = 0; j < n; ++j) {
       const acc_t* u = x + j * sx + c;
       const acc_t* v = y + j * sy + c;
-      a0 += load<V>(u) * load<V>(v);
-      a1 += load<V>(u + L) * load<V>(v + L);
-      a2 += load<V>(u + 2 * L) * load<V>(v + 2 * L);
-      a3 += load<V>(u + 3 * L) * load<V>(v + 3 * L);
+#pragma GCC unroll 16
+      for (int b = 0; b < B; ++b) a[b] += load<V>(u + b * L) * load<V>(v + b * L);
     }
-    store(dst + c, load<V>(dst + c) + a0);
-    store(dst + c + L, load<V>(dst + c + L) + a1);
-    store(dst + c + 2 * L, load<V>(dst + c + 2 * L) + a2);
-    store(dst + c + 3 * L, load<V>(dst + c + 3 * L) + a3);
+#pragma GCC unroll 16
+    for (int b = 0; b < B; ++b) store(dst + c + b * L, load<V>(dst + c + b * L) + a[b]);
   }
   for (; c + L <= C; c += L) {
     V a{};
