@@ -295,8 +295,11 @@ def test_converted_model_trains_like_the_original(name):
         assert_close_by_rule(f_out, e_out, r_out, torch.float32, f"{name} step {step} output",
                              rounds=step + 1)
         if step == 0:  # later steps start from parameters that already differ by rounding, and
-            # ReLU/ReLU6 kinks then flip differently in each model: judged through the state
-            assert_state_close(f_grads, e_grads, r_grads, f"{name} step {step} grad")
+            # ReLU/ReLU6 kinks then flip differently in each model: judged through the state.
+            # Gradients at the end of a whole network's backward get the rule compounded once
+            # more, as in test_fused_mbconv's network test: on CI's CPU the first block's
+            # depthwise weight gradient of mobilenetv2 reached 2.7x eager's error.
+            assert_state_close(f_grads, e_grads, r_grads, f"{name} step {step} grad", rounds=2)
     assert_state_close(runs["fused"][1], runs["eager"][1], runs["ref"][1], f"{name} state",
                        rounds=len(runs["ref"][0]))
     # eval mode, with the running statistics training left behind
