@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import platform
 import sys
 from typing import List, Optional
@@ -101,7 +102,8 @@ def cmd_verify(args) -> int:
           f"against a float64 eager copy; F = 2 for outputs and statistics, "
           f"{verification.GRADIENT_FACTOR:g} for gradients through the whole network")
     rows = [[c.name, f"{c.fused_error:.2e}", f"{c.eager_error:.2e}", f"{c.bound:.2e}",
-             f"{c.relative_error:.2e}", "pass" if c.passed else "FAIL", c.detail]
+             "-" if math.isnan(c.relative_error) else f"{c.relative_error:.2e}",
+             "pass" if c.passed else "FAIL", c.detail]
             for c in checks]
     _print_table(["check", "fused err", "eager err", "bound", "rel err", "result", ""], rows)
     failed = [c for c in checks if not c.passed]

@@ -95,6 +95,18 @@ def test_verify_fused_efficientnet_b0(capsys):
     assert "checks passed" in out and "FAIL" not in out
 
 
+def test_relative_error_is_undefined_for_a_reference_at_rounding_level():
+    from fused_mbconv.tolerances import compare
+    ref = torch.randn(50, dtype=torch.float64)
+    fused, eager = ref.float() + 1e-3, ref.float()
+    assert compare(fused, eager, ref, torch.float32).relative_error == pytest.approx(
+        (fused.double() - ref).abs().max().item() / ref.abs().max().item())
+    # a gradient that is zero in exact arithmetic: the float64 reference keeps ~1e-14 of noise
+    noise = torch.randn(50, dtype=torch.float64) * 1e-14
+    result = compare(torch.randn(50) * 1e-6, torch.randn(50) * 1e-6, noise, torch.float32)
+    assert result.passed and result.relative_error != result.relative_error  # NaN
+
+
 def test_bench_writes_json(capsys, tmp_path):
     path = tmp_path / "bench.json"
     if not FUSED:
