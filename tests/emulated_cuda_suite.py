@@ -73,8 +73,8 @@ def main() -> int:
         code = subprocess.run(command, cwd=ROOT, env=step_env).returncode
         if code:
             return code
-    # The two suites side by side: each is single-threaded, and in CI this job runs last,
-    # when the main test run has left both cores to it.
+    # The two suites side by side: each is single-threaded, and this job is the tail of a CI
+    # run, when the main test run has left both cores to it.
     suites = [subprocess.Popen(pytest + [f"--junitxml={args.out / report}"] + tests, cwd=ROOT,
                                env=env)
               for report, tests in (("kernel.xml", KERNEL_TESTS), ("op.xml", OP_TESTS))]
