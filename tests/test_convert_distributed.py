@@ -1,5 +1,6 @@
 """Converted models under DistributedDataParallel, and synchronized BatchNorm: 2 CPU processes
-over gloo on a free localhost port, each test bounded in time.
+over gloo, each test bounded in time. The test process hosts the rendezvous store on a port the
+OS picks, so no worker races another program for a port or tears down the store's server.
 
 Reference for synchronized BN: the same model trained in one process on the whole global batch
 (nn.SyncBatchNorm computes exactly that, but refuses CPU tensors): with DDP averaging gradients,
@@ -7,8 +8,8 @@ one process's loss is the mean of the two processes' losses."""
 
 import copy
 import datetime
+import faulthandler
 import os
-import socket
 from collections import Counter
 from functools import partial
 
@@ -97,9 +98,11 @@ def count_sync_calls() -> Counter:
 
 
 def _worker(rank, port, variants, drop_path, out_dir):
+    faulthandler.enable()  # a worker killed by a signal shows its Python stack in the report
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
     try:
         x, weights = (t[rank * PER_RANK:(rank + 1) * PER_RANK] for t in global_batch())
         results = {"sync_calls": count_sync_calls()}
@@ -112,16 +115,11 @@ def _worker(rank, port, variants, drop_path, out_dir):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_distributed(tmp_path, variants, drop_path):
     ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, variants, drop_path, str(tmp_path)))
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    procs = [ctx.Process(target=_worker, args=(r, store.port, variants, drop_path, str(tmp_path)))
              for r in range(WORLD)]
     for p in procs:
         p.start()
