@@ -1,9 +1,15 @@
 """The one tolerance rule of the test suite; defined in ``fused_mbconv.tolerances`` so the
 ``fused-mbconv verify`` command applies the same rule."""
 
+import math
+
 import torch
 
 from fused_mbconv.tolerances import ATOL, compare  # noqa: F401  (ATOL re-exported)
+from fused_mbconv.verification import GRADIENT_FACTOR
+
+# Gradients at the end of a whole network's backward: the rule compounded as `verify` does.
+NETWORK_GRADIENT_ROUNDS = round(math.log2(GRADIENT_FACTOR))
 
 
 def assert_close_by_rule(fused: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor,
