@@ -55,7 +55,8 @@ def markdown(results: dict) -> str:
     out = [f"# Benchmarks: {meta['label']}", "",
            f"device `{meta['device']}` ({meta['device_name']}), torch {meta['torch']}, "
            f"triton {meta['triton']}, commit `{meta['commit'][:12]}`, {meta['date']}, "
-           f"size preset `{meta['size']['name']}`, {meta.get('torch_threads')} CPU thread(s); fused backends here: "
+           f"size preset `{meta['size']['name']}`, {meta.get('torch_threads')} CPU thread(s); "
+           f"fused backends here: "
            f"{', '.join(meta['backends']) or 'none'}; compile: {meta['compile']}.", "",
            "Ratios are eager / provider: > 1 is better than eager. Time is measured on this "
            "machine; traffic is counted (aten ops and reported kernel launches) and its time "
@@ -101,8 +102,8 @@ def markdown(results: dict) -> str:
             for p in level_providers:
                 other = index.get((level, case, mode, p), {})
                 saved = other.get("saved_bytes")
-                cells.append("–" if saved is None else
-                             f"{saved / MB:.2f} ({_fmt_ratio(_ratio(eager['saved_bytes'], saved))})")
+                ratio = _fmt_ratio(_ratio(eager["saved_bytes"], saved))
+                cells.append("–" if saved is None else f"{saved / MB:.2f} ({ratio})")
             body.append(cells)
         if body:
             out += ["Saved for backward (MB, excluding the input and parameters; ratio fewer):",
@@ -160,8 +161,7 @@ def plot(results: dict, path: Path) -> None:
               ("saved-for-backward bytes, eager / provider", "saved_bytes", ("forward", "step")),
               ("modeled traffic, eager / provider (fwd+bwd)", "traffic",
                ("forward+backward", "step"))]
-    cases = list(OrderedDict.fromkeys((r["level"], r["case"]) for r in records
-                                     ))
+    cases = list(OrderedDict.fromkeys((r["level"], r["case"]) for r in records))
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.55 * len(cases) + 3), 11))
     width = 0.8 / max(1, len(others))
 

@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
 
-
 def cpu_arch_flags() -> List[str]:
     arch = os.environ.get("FUSED_MBCONV_CPU_ARCH", "native").strip()
     return [f"-march={arch}"] if arch else []

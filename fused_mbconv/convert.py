@@ -14,7 +14,6 @@ import copy
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from .activations import ACTIVATIONS, GATES

@@ -144,7 +144,6 @@ class SyncBatchNorm(nn.BatchNorm2d):
         return x
 
 
-
 class ProcessGroupStatsSync:
     """``ops.mbconv.BatchStatsSync`` over a process group: the fused block's synchronized
     BatchNorm. Forward statistics merge as (count, mean, M2); backward sums are all-reduced."""

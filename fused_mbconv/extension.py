@@ -275,8 +275,8 @@ def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tenso
 
 def mbconv_output_backward_stats(grad_out: Tensor, q: Tensor, bn3: NormArgs,
                                  sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    sums = torch.ops.fused_mbconv_ext.mbconv_output_backward_stats(grad_out, q, *_bn(bn3),
-                                                                    sample_scale)
+    sums = torch.ops.fused_mbconv_ext.mbconv_output_backward_stats(
+        grad_out, q, *_bn(bn3), sample_scale)
     _note("mbconv_output_grad_reduce", q, _nbytes(grad_out, q, sample_scale, *_bn(bn3)[:4]),
           _nbytes(*sums))
     return sums
@@ -315,8 +315,8 @@ def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor
 
 def mbconv_dwconv_backward_stats(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
                                  bn2: NormArgs, activation: str) -> Tuple[Tensor, Tensor]:
-    sums = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward_stats(grad_a2, grad_pooled, d,
-                                                                    *_bn(bn2), activation)
+    sums = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward_stats(
+        grad_a2, grad_pooled, d, *_bn(bn2), activation)
     _note("mbconv_dwconv_grad_reduce", d, _nbytes(grad_a2, grad_pooled, d, *_bn(bn2)[:4]),
           _nbytes(*sums))
     return sums

@@ -41,6 +41,8 @@ def forward_options(k: int, apply: bool) -> dict:
     and spills (fp16); a 96-register cap gives it 88, spill-free. Other variants stay uncapped:
     a cap there makes ptxas schedule more loads ahead and spill."""
     return dict(num_warps=NUM_WARPS, maxnreg=96) if apply and k == 3 else COMPILE_OPTIONS
+
+
 BLOCK_T = 64  # partial rows merged per step by the finalize / sum kernels
 
 

@@ -54,6 +54,8 @@ CAPPED_OPTIONS = dict(num_warps=NUM_WARPS, maxnreg=168)
 
 def gemm_options(epilogue: int) -> dict:
     return COMPILE_OPTIONS if epilogue == GATE_GRAD else CAPPED_OPTIONS
+
+
 WGRAD_PROGRAMS = 512  # enough weight-gradient programs to fill a GPU: splits = this / tiles
 
 # operand prologues

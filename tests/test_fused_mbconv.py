@@ -18,7 +18,8 @@ from fused_mbconv.ops.mbconv import GRAD_INPUTS, KERNELS
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule
 
 BACKENDS = [b for b in fm.available_backends("cpu") if implements(b, KERNELS)]
-GPU_BACKENDS = ([b for b in fm.available_backends("cuda") if b != "torch" and implements(b, KERNELS)]
+GPU_BACKENDS = ([b for b in fm.available_backends("cuda")
+                 if b != "torch" and implements(b, KERNELS)]
                 if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -364,10 +365,11 @@ def _op_args(training, expanded=True, se=True, residual=True, keep=True):
 # opcheck tests the registration (schema, fake kernel, autograd, aliasing); on the Triton
 # interpreter (~7 s a case) it runs two of the six cases, one per mode.
 @pytest.mark.parametrize("backend, training, variant", [
-    pytest.param(backend, training, variant, id=f"{name}-{'train' if training else 'eval'}-{backend}")
+    pytest.param(backend, training, variant,
+                 id=f"{name}-{'train' if training else 'eval'}-{backend}")
     for backend in BACKENDS for training in (True, False)
-    for name, variant in [("full", dict()), ("e1-nose", dict(expanded=False, se=False,
-                                                               residual=False)),
+    for name, variant in [("full", dict()),
+                          ("e1-nose", dict(expanded=False, se=False, residual=False)),
                           ("recompute", dict(keep=False))]
     if backend != "triton" or (name, training) in (("full", True), ("recompute", False))])
 def test_opcheck(backend, training, variant):

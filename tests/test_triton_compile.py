@@ -2,9 +2,9 @@
 register spills (no GPU needed: triton.compile with a GPUTarget, then ptxas -v).
 
 Runs in a background subprocess (tests/background.py) without TRITON_INTERPRET (interpreted
-kernels cannot be compiled), with Triton's cache in a fresh directory so nothing is reused. bf16 stands
-for the 16-bit dtypes here (fp16 would double the run time; its specializations differ only in
-the element type); `python -m fused_mbconv.kernels.compile_report` covers all three."""
+kernels cannot be compiled), with Triton's cache in a fresh directory so nothing is reused. bf16
+stands for the 16-bit dtypes here (fp16 would double the run time; its specializations differ
+only in the element type); `python -m fused_mbconv.kernels.compile_report` covers all three."""
 
 import os
 import sys

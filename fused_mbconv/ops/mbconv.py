@@ -220,7 +220,6 @@ def run_backward(k, grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
     return [_shaped_grad(g, t, m) for g, t, m in zip(grads, inputs, output_mask)]
 
 
-
 @torch.library.custom_op("fused_mbconv::mbconv", mutates_args=())
 def mbconv(x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
            bn1_bias: Optional[Tensor], bn1_running_mean: Optional[Tensor],
@@ -358,7 +357,6 @@ def _backward(ctx, grad_out, *_unused):
 
 
 mbconv.register_autograd(_backward, setup_context=_setup_context)
-
 
 
 class _SyncedMBConv(torch.autograd.Function):
