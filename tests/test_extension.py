@@ -330,6 +330,8 @@ BLOCK_GEOMETRIES = {  # (N, Cin, Ce, Cout, H, W, k, stride)
     "k3-s1": (2, 5, 12, 5, 9, 7, 3, 1),
     "k5-s2-odd": (2, 4, 10, 6, 9, 11, 5, 2),
     "k7-s2-tiny": (3, 3, 6, 4, 3, 2, 7, 2),
+    "k7-s1": (2, 3, 20, 4, 8, 13, 7, 1),
+    "k9-s1": (2, 4, 10, 5, 10, 12, 9, 1),  # the stencil's generic path (others are compiled)
 }
 
 
