@@ -1,6 +1,7 @@
 """The benchmark suite runs end to end at tiny sizes (one round each) and its report script
 turns the results into a table and a plot."""
 
+import csv
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import fused_mbconv as fm
 from background import Job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +47,28 @@ def test_benchmark_suite_and_report(background_result):
                              str(results)], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     assert results.with_suffix(".md").read_text() == table
+
+
+CPU_OK, CPU_REASON = fm.backends.backend_status("cpu", "cpu")
+
+
+@pytest.mark.skipif(not CPU_OK, reason=f"cpu extension unavailable: {CPU_REASON}")
+def test_cpu_kernel_benchmarks_run(tmp_path):
+    """The scripts behind the committed CPU results, at one small case each."""
+    ops = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mbconv_dwconv_ops_cpu.py"),
+                          "--shape", "2", "12", "7", "5", "2", "--reps", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert ops.returncode == 0, ops.stderr[-3000:]
+    timings = [line for line in ops.stdout.splitlines() if line.endswith(" ms")]
+    assert len(timings) == 5 and all(float(t.split()[-2]) > 0 for t in timings), ops.stdout
+
+    out = tmp_path / "block.csv"
+    block = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mbconv_block_cpu.py"),
+                            "--batch", "1", "--reps", "1", "--no-compile", "--layout", "nchw",
+                            "--shapes", "stage3.1 40->40 k5 s1 28x28", "--csv", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert block.returncode == 0, block.stderr[-3000:]
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == ["eager", "fused[torch]", "fused[cpu]"]
+    assert all(float(r["median_ms"]) > 0 and float(r["speedup_vs_eager"]) > 0 for r in rows)
