@@ -521,6 +521,21 @@ PaddedBand padded_band(int64_t C, int64_t in_cols, int64_t out_cols, int k, int 
   return {(C + L - 1) / L * L, out_cols, std::max(in_cols + k - 1, (out_cols - 1) * s + k)};
 }
 
+// compiled(K, S) as std::integral_constant<int, .> for the kernel sizes and strides the row
+// kernels are compiled for (k 3 / 5 / 7, stride 1 / 2), generic() otherwise.
+template <typename Compiled, typename Generic>
+void dispatch_kernel_shape(int k, int s, const Compiled& compiled, const Generic& generic) {
+  const auto at_stride = [&](auto K) {
+    if (s == 1) return compiled(K, std::integral_constant<int, 1>{});
+    if (s == 2) return compiled(K, std::integral_constant<int, 2>{});
+    generic();
+  };
+  if (k == 3) return at_stride(std::integral_constant<int, 3>{});
+  if (k == 5) return at_stride(std::integral_constant<int, 5>{});
+  if (k == 7) return at_stride(std::integral_constant<int, 7>{});
+  generic();
+}
+
 // One output row of the depthwise stencil, out[wo * ld + c] for wo < out_cols, c < ld: the sum
 // over kh (rows[kh]: nullptr for a row outside the image) and then kw of
 // rows[kh][(wo * S + kw) * ld + c] * taps[(kh * K + kw) * ld + c]. Per vector of channels,
@@ -581,13 +596,12 @@ void stencil_row_any(const acc_t* const* rows, const acc_t* taps, int k, int s,
 template <typename acc_t>
 void dispatch_stencil_row(const acc_t* const* rows, const acc_t* taps, int k, int s,
                           int64_t out_cols, int64_t ld, acc_t* out) {
-  if (s == 1 && k == 3) return stencil_row<3, 1>(rows, taps, out_cols, ld, out);
-  if (s == 2 && k == 3) return stencil_row<3, 2>(rows, taps, out_cols, ld, out);
-  if (s == 1 && k == 5) return stencil_row<5, 1>(rows, taps, out_cols, ld, out);
-  if (s == 2 && k == 5) return stencil_row<5, 2>(rows, taps, out_cols, ld, out);
-  if (s == 1 && k == 7) return stencil_row<7, 1>(rows, taps, out_cols, ld, out);
-  if (s == 2 && k == 7) return stencil_row<7, 2>(rows, taps, out_cols, ld, out);
-  stencil_row_any(rows, taps, k, s, out_cols, ld, out);
+  dispatch_kernel_shape(
+      k, s,
+      [&](auto K, auto S) {
+        stencil_row<decltype(K)::value, decltype(S)::value>(rows, taps, out_cols, ld, out);
+      },
+      [&] { stencil_row_any(rows, taps, k, s, out_cols, ld, out); });
 }
 
 // One output row's share of a kernel row of the depthwise weight gradient: wout[kw * ld + c] +=
@@ -632,13 +646,12 @@ void wgrad_row_any(const acc_t* g, const acc_t* x, int k, int s, int64_t Wo, int
 template <typename acc_t>
 void dispatch_wgrad_row(const acc_t* g, const acc_t* x, int k, int s, int64_t Wo, int64_t ld,
                         acc_t* wout) {
-  if (s == 1 && k == 3) return wgrad_row<3, 1>(g, x, Wo, ld, wout);
-  if (s == 2 && k == 3) return wgrad_row<3, 2>(g, x, Wo, ld, wout);
-  if (s == 1 && k == 5) return wgrad_row<5, 1>(g, x, Wo, ld, wout);
-  if (s == 2 && k == 5) return wgrad_row<5, 2>(g, x, Wo, ld, wout);
-  if (s == 1 && k == 7) return wgrad_row<7, 1>(g, x, Wo, ld, wout);
-  if (s == 2 && k == 7) return wgrad_row<7, 2>(g, x, Wo, ld, wout);
-  wgrad_row_any(g, x, k, s, Wo, ld, wout);
+  dispatch_kernel_shape(
+      k, s,
+      [&](auto K, auto S) {
+        wgrad_row<decltype(K)::value, decltype(S)::value>(g, x, Wo, ld, wout);
+      },
+      [&] { wgrad_row_any(g, x, k, s, Wo, ld, wout); });
 }
 
 // dst[c] = sum over taps i < n (in order) of src[i][c] * w[i][c], c < C: one output of the
