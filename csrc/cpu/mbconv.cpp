@@ -1240,9 +1240,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
     const PaddedBand pg = padded_band<acc_t>(C, g.Wo, g.W, g.k, 1);
     const PaddedBand pa = padded_band<acc_t>(C, g.W, g.Wo, g.k, g.s);  // a1's rows, for wgrad_row
     const bool dgrad_stencil = g.s == 1;
-    const auto taps = taps_of<acc_t, scalar_t>(weight, C);
-    const auto flipped = dgrad_stencil ? taps_of<acc_t, scalar_t>(weight, pg.ld, true)
-                                       : std::vector<acc_t>();
+    const auto taps = dgrad && !dgrad_stencil ? taps_of<acc_t, scalar_t>(weight, C)
+                                              : std::vector<acc_t>();
+    const auto flipped = dgrad && dgrad_stencil ? taps_of<acc_t, scalar_t>(weight, pg.ld, true)
+                                                : std::vector<acc_t>();
     const scalar_t* dp = d.data<scalar_t>();
     const scalar_t* gap = ga.data<scalar_t>();
     const scalar_t* hp = h.data<scalar_t>();
