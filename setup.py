@@ -66,7 +66,8 @@ setup(
     cmdclass=CMDCLASS,
     install_requires=["torch>=2.5", "triton; platform_system == 'Linux'", "ninja"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision", "matplotlib",
+                 "onnx", "onnxscript"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         "cli": ["matplotlib", "tqdm"],
     },

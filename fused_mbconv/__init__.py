@@ -6,4 +6,4 @@ from .efficientnet import (EfficientNet, compound_scaling, efficientnet_b0, effi
                            efficientnet_b6, efficientnet_b7)
 from . import functional
 from .backends import available_backends, set_backend, use_backend
-from .convert import convert, convert_report
+from .convert import convert, convert_report, revert

@@ -87,6 +87,9 @@ class MBConvSpec:
     activation: str = "silu"
     se_activation: str = "silu"
     se_gate: str = "sigmoid"
+    # The stochastic-depth module, whose own ``training`` flag says whether it drops (as in
+    # eager); None: the block's flag.
+    drop_path_module: Optional[nn.Module] = None
 
 
 class MBConv(nn.Module):
@@ -156,7 +159,8 @@ class MBConv(nn.Module):
             project_conv=self.project_conv, project_bn=self.project_bn,
             stride=self.stride, kernel_size=self.kernel_size, residual=self.use_residual,
             drop_path=self.drop_path.p, activation=self.activation,
-            se_activation=self.se_activation, se_gate=self.se_gate)
+            se_activation=self.se_activation, se_gate=self.se_gate,
+            drop_path_module=self.drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x

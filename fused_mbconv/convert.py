@@ -139,7 +139,8 @@ def _squeeze_excite(se: Optional[nn.Module], where: str
 
 # ---------------------------------------------------------------------------------------------
 # Checks every recognizer's result goes through: the roles must be exactly what the fused
-# kernels compute (plain zero-padded convs without bias, affine BN with running statistics).
+# kernels compute (plain zero-padded convs without bias, BatchNorm2d). A BatchNorm's state
+# (training flag, affine, running statistics, momentum) is read at each call instead.
 
 def _plain_conv(conv: Optional[nn.Module], role: str) -> nn.Conv2d:
     if conv is None:
@@ -191,10 +192,6 @@ def _check_bn(bn: Optional[nn.Module], role: str, channels: int) -> None:
         raise NotFusable(f"{role}: {_type_name(bn)} is not BatchNorm2d")
     if bn.num_features != channels:
         raise NotFusable(f"{role}: {bn.num_features} features for {channels} channels")
-    if not bn.affine:
-        raise NotFusable(f"{role}: BatchNorm without affine weight and bias")
-    if not bn.track_running_stats or bn.running_mean is None:
-        raise NotFusable(f"{role}: BatchNorm without running statistics")
 
 
 def check_spec(spec: MBConvSpec, in_channels: int) -> MBConvSpec:
@@ -303,7 +300,7 @@ def _torchvision_mbconv(block: nn.Module) -> Tuple[MBConvSpec, int]:
         stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0],
         residual=bool(block.use_res_connect),
         drop_path=_drop_path(block.stochastic_depth, "stochastic_depth") if block.use_res_connect
-        else 0.0,
+        else 0.0, drop_path_module=block.stochastic_depth if block.use_res_connect else None,
         activation=act, se_activation=se_act or act, se_gate=gate or "sigmoid")
     return spec, in_channels
 
@@ -332,6 +329,7 @@ def _timm_depthwise_separable(block: nn.Module) -> Tuple[MBConvSpec, int]:
         stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0],
         residual=bool(block.has_skip),
         drop_path=_drop_path(block.drop_path, "drop_path") if block.has_skip else 0.0,
+        drop_path_module=block.drop_path if block.has_skip else None,
         activation=act, se_activation=se_act or act, se_gate=gate or "sigmoid")
     return spec, dw_conv.in_channels
 
@@ -357,6 +355,7 @@ def _timm_inverted_residual(block: nn.Module) -> Tuple[MBConvSpec, int]:
         stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0],
         residual=bool(block.has_skip),
         drop_path=_drop_path(block.drop_path, "drop_path") if block.has_skip else 0.0,
+        drop_path_module=block.drop_path if block.has_skip else None,
         activation=act, se_activation=se_act or act, se_gate=gate or "sigmoid")
     return spec, expand_conv.in_channels
 
@@ -418,7 +417,8 @@ def _is_fused(module: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class BlockReport:
-    """One known block of a model: ``status`` is "converted" (already a FusedMBConv),
+    """One known block of a model: ``status`` is "converted" (a FusedMBConv whose calls run
+    fused), "eager" (a FusedMBConv whose present state, ``reason``, runs the eager math),
     "convertible" (``convert`` would fuse it) or "unconverted" (``reason`` says why)."""
 
     path: str
@@ -439,6 +439,10 @@ class ConversionReport:
         return self._with("converted")
 
     @property
+    def eager(self) -> List[BlockReport]:
+        return self._with("eager")
+
+    @property
     def convertible(self) -> List[BlockReport]:
         return self._with("convertible")
 
@@ -447,8 +451,10 @@ class ConversionReport:
         return self._with("unconverted")
 
     def __str__(self) -> str:
+        eager = f"{len(self.eager)} converted but running eager, " if self.eager else ""
         lines = [f"{len(self.blocks)} MBConv-style blocks: {len(self.converted)} converted, "
-                 f"{len(self.convertible)} convertible, {len(self.unconverted)} unconverted"]
+                 f"{eager}{len(self.convertible)} convertible, {len(self.unconverted)} "
+                 f"unconverted"]
         width = max((len(b.path or "<model>") for b in self.blocks), default=0)
         for b in self.blocks:
             line = f"  {b.path or '<model>':<{width}}  {b.status:<11}  {b.block_type}"
@@ -459,7 +465,9 @@ class ConversionReport:
 def _block_report(path: str, module: nn.Module) -> BlockReport:
     kind = f"{type(module).__module__.split('.')[0]}.{type(module).__qualname__}"
     if _is_fused(module):
-        return BlockReport(path, kind, "converted")
+        reason = module.eager_reason()
+        return BlockReport(path, kind, "converted") if reason is None else \
+            BlockReport(path, kind, "eager", f"runs the eager math: {reason}")
     try:
         recognize(module)
     except NotFusable as e:
@@ -499,7 +507,7 @@ class SyncFusedMBConv(FusedMBConv):
     process_group = None
 
     def stats_sync(self):
-        if self.training and sync_enabled(self.process_group):
+        if sync_enabled(self.process_group):
             return ProcessGroupStatsSync(self.process_group)
         return None
 
@@ -539,6 +547,22 @@ def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
             return block
         _replace(model, path, block)
     return convert_sync_batchnorm(model, process_group) if sync_bn else model
+
+
+def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``convert`` undone: every FusedMBConv becomes the block it replaced (its original
+    class, the same children, so ``state_dict`` is unchanged), for tools that do not know
+    the fused ops (ONNX and other exporters). Returns the reverted model (a new one unless
+    ``inplace``; when ``model`` itself is a fused block, always a new module)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    for path, block in list(iter_blocks(model)):
+        if not _is_fused(block):
+            continue
+        if not path:
+            return block.eager_block()
+        _replace(model, path, block.eager_block())
+    return model
 
 
 # FusedMBConv.from_module's extension point: every block type these recognizers know.

@@ -7,6 +7,7 @@ updated in place exactly as ``nn.BatchNorm2d`` does (unbiased variance, ``moment
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -102,11 +103,21 @@ def _needs_grad(*tensors: Optional[Tensor]) -> bool:
 
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """The dtype eager convolutions on x's device run in under ``torch.autocast`` now, or None."""
+    """The dtype eager convolutions on x's device run in under ``torch.autocast`` now, or None
+    (also on devices autocast does not know, such as ``meta``)."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) \
+            or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_off(x: Tensor):
+    """Autocast disabled around the op, which casts its operands itself."""
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def _cast_for_conv(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
@@ -130,7 +141,7 @@ def dwconv_bn_silu(input: Tensor, conv_weight: Tensor, running_mean: Optional[Te
     check_dwconv_args(input, conv_weight, stride, training, running_mean, running_var,
                       bn_weight, bn_bias, momentum, eps)
     x = input if input.is_contiguous(memory_format=torch.channels_last) else input.contiguous()
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         out, _, mean, var = torch.ops.fused_mbconv.dwconv_bn_silu(
             x, conv_weight.contiguous(), bn_weight, bn_bias, running_mean, running_var, stride,
             training, eps, _needs_grad(input, conv_weight, bn_weight, bn_bias))
@@ -286,7 +297,8 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
            stride: int = 1, training: bool = False, residual: bool = False,
            drop_path: float = 0.0, activation: str = "silu", se_activation: str = "silu",
            se_gate: str = "sigmoid", recompute_dwconv: bool = False,
-           sync: Optional[BatchStatsSync] = None) -> Tensor:
+           sync: Optional[BatchStatsSync] = None,
+           drop_path_training: Optional[bool] = None) -> Tensor:
     """The MBConv block (``fused_mbconv.MBConv``'s forward) as one fused op.
 
     expand 1x1 conv (``expand_weight`` (Ce, Cin, 1, 1)) + ``bn1`` + act, absent when None;
@@ -294,7 +306,9 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
     squeeze-excite from ``se_weights`` = (fc1 weight (S, Ce, 1, 1), fc1 bias (S,), fc2 weight
     (Ce, S, 1, 1), fc2 bias (Ce,)), absent when None; projection 1x1 conv (``project_weight``
     (Cout, Ce, 1, 1)) + ``bn3``; with ``residual``, + input, the branch scaled per sample by
-    stochastic depth (``drop_path``, training only). Conv weights share the input's dtype;
+    stochastic depth (``drop_path``, applied when ``drop_path_training``, which defaults to
+    ``training``: a block whose BatchNorms are frozen may still drop). ``training`` selects
+    batch statistics for all three BatchNorms. Conv weights share the input's dtype;
     BatchNorm tensors may be any float dtype.
 
     In training, each BatchNorm's running statistics (and num_batches_tracked) are updated in
@@ -319,7 +333,9 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
                       se_gate)
     x = input if input.is_contiguous(memory_format=torch.channels_last) else input.contiguous()
     scale = None
-    if training and residual and drop_path > 0:
+    if drop_path_training is None:
+        drop_path_training = training
+    if drop_path_training and residual and drop_path > 0:
         scale = drop_path_scale(x, drop_path).view(-1).to(accumulate_dtype(x.dtype))
     residual_outside = residual and block_input.dtype != x.dtype
     bn1_args = (None,) * 4 if bn1 is None else \
@@ -333,7 +349,7 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
               activation, se_activation, se_gate, residual and not residual_outside,
               not recompute_dwconv)
     sync = sync if training else None
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         out, e, _, mean1, var1, mean2, var2, mean3, var3, _, _ = (
             torch.ops.fused_mbconv.mbconv(*inputs) if sync is None
             else mbconv_synced(sync, *inputs))
@@ -350,4 +366,23 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
             _update_bn(bn1, mean1, var1, count("bn1", e.numel() // e.shape[1]))
         _update_bn(bn2, mean2, var2, count("bn2", n * ho * wo))
         _update_bn(bn3, mean3, var3, count("bn3", n * ho * wo))
+        if out.requires_grad and not torch.compiler.is_compiling():
+            _RecomputeMarker.apply(out)
     return out
+
+
+class _RecomputeMarker(torch.autograd.Function):
+    """A dead autograd node that saves one empty tensor, recorded after the running-statistics
+    update. Non-reentrant ``torch.utils.checkpoint`` stops its recomputation once it has saved
+    again as many tensors as the forward did; eager BatchNorm updates its statistics inside its
+    op, before saving, so they are updated in the recomputation too. Without this marker the
+    op's own saved tensors would be the last, and the update after it skipped."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor) -> Tensor:
+        ctx.save_for_backward(out.new_empty(0))
+        return out.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return None

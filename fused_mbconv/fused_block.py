@@ -10,11 +10,19 @@ through an ``MBConvSpec``. Three ways to get one:
   (``fused_mbconv.convert`` registers torchvision's and timm's).
 - ``FusedMBConv.from_spec(source, spec)``: adopts ``source``'s child modules under their own
   names and reads their roles through ``spec``.
+
+Drop-in in every state: the block remembers the class it replaces (``eager_block()`` rebuilds
+it over the same children), and each call where the kernels cannot express the modules' state
+runs that block's own eager forward instead (``eager_reason()`` says why): BatchNorms that mix
+batch and running statistics, children swapped for modules the kernels do not know, an empty
+batch, an ONNX export. Tracing (torch.fx) records the block as one call; scripting scripts the
+eager block; ``fused_mbconv.revert`` restores the original blocks for any other tool.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import warnings
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,10 +34,50 @@ from .blocks import MBConv, MBConvSpec
 # a block to its MBConvSpec, raising ValueError (saying why) for a block it cannot fuse.
 _RECOGNIZERS: Dict[type, Callable[[nn.Module], MBConvSpec]] = {}
 
+# nn.Module's own bookkeeping (children, parameters, buffers, hooks): what a fused block and
+# the eager block it stands for share; every other attribute is the eager class's own.
+_MODULE_STATE = frozenset(vars(nn.Module())) - {"training"}
+_ROLES = ("expand_conv", "expand_bn", "dw_conv", "dw_bn", "se_fc1", "se_fc2", "project_conv",
+          "project_bn", "drop_path_module")
+
 
 def register_block_type(block_type: type, recognize: Callable[[nn.Module], MBConvSpec]) -> None:
     """Teach ``FusedMBConv.from_module`` a block type (the conversion layer's extension point)."""
     _RECOGNIZERS[block_type] = recognize
+
+
+def _recognizer(block_type: type) -> Optional[Callable[[nn.Module], MBConvSpec]]:
+    """The most specific registered recognizer (conversion registers nn.Module as a
+    catch-all)."""
+    for base in block_type.__mro__:
+        if base in _RECOGNIZERS:
+            return _RECOGNIZERS[base]
+    return None
+
+
+def _uses_batch_stats(bn: nn.Module) -> bool:
+    """``nn.BatchNorm2d``'s rule: batch statistics in training, or without running ones."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _bn_params(bn: nn.Module) -> functional.BatchNormParams:
+    """A BatchNorm's state as its own forward hands it to ``F.batch_norm``: a training BN
+    that does not track statistics neither reads nor updates its running ones."""
+    tracked = not bn.training or bn.track_running_stats
+    return functional.BatchNormParams(
+        bn.weight, bn.bias, bn.running_mean if tracked else None,
+        bn.running_var if tracked else None, bn.num_batches_tracked, bn.momentum, bn.eps)
+
+
+def _descendants(block: nn.Module) -> list:
+    """Every module under ``block``, in a fixed order: a swapped child changes the list."""
+    found, stack = [], list(block._modules.values())
+    while stack:
+        module = stack.pop()
+        if module is not None:
+            found.append(module)
+            stack.extend(module._modules.values())
+    return found
 
 
 class FusedMBConv(MBConv):
@@ -38,26 +86,33 @@ class FusedMBConv(MBConv):
     ``recompute_dwconv=True`` trades one more read of the expand output in backward for not
     keeping the depthwise output for backward (less activation memory)."""
 
-    _adopted_spec: Optional[MBConvSpec] = None
     recompute_dwconv: bool = False
+    # The class this block stands for and its own (non-Module) attributes: eager_block().
+    _eager_type: type = MBConv
+    _eager_attrs: Optional[dict] = None
+    # (descendant modules, spec, reason): the spec and the module tree it was derived from.
+    _spec_cache: Optional[tuple] = None
 
     def __init__(self, *args, recompute_dwconv: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self._eager_attrs = self._own_attributes(self)
         self.recompute_dwconv = recompute_dwconv
+
+    @staticmethod
+    def _own_attributes(module: nn.Module) -> dict:
+        return {k: v for k, v in vars(module).items()
+                if k not in _MODULE_STATE and k != "training"}
 
     @classmethod
     def from_module(cls, block: nn.Module) -> "FusedMBConv":
         """The fused form of ``block``, sharing its parameters and buffers."""
         if isinstance(block, MBConv):
             fused = cls._adopt(block)
-            for name, value in vars(block).items():
-                if not name.startswith("_") and name != "training":
-                    fused.__dict__[name] = value
+            fused.__dict__.update(fused._eager_attrs)
             return fused
-        # The most specific registered type wins (conversion registers nn.Module as a catch-all).
-        for block_type in type(block).__mro__:
-            if block_type in _RECOGNIZERS:
-                return cls.from_spec(block, _RECOGNIZERS[block_type](block))
+        recognize = _recognizer(type(block))
+        if recognize is not None:
+            return cls.from_spec(block, recognize(block))
         supported = ["fused_mbconv.MBConv"] + [f"{t.__module__}.{t.__qualname__}"
                                                for t in _RECOGNIZERS]
         raise TypeError(f"FusedMBConv.from_module does not know {type(block).__qualname__}; "
@@ -70,20 +125,12 @@ class FusedMBConv(MBConv):
         buffers) under their original names, so its state_dict keys are ``source``'s, and
         reads their roles through ``spec``, whose modules must be among them."""
         owned = {id(m) for m in source.modules()}
-        for role in ("expand_conv", "expand_bn", "dw_conv", "dw_bn", "se_fc1", "se_fc2",
-                     "project_conv", "project_bn"):
+        for role in _ROLES:
             module = getattr(spec, role)
             if module is not None and id(module) not in owned:
                 raise ValueError(f"spec.{role} is not a submodule of the source block")
         fused = cls._adopt(source)
-        hidden = spec.dw_conv.in_channels
-        cin = spec.expand_conv.in_channels if spec.expand_conv is not None else hidden
-        attributes = dict(
-            _adopted_spec=spec, in_channels=cin, out_channels=spec.project_conv.out_channels,
-            hidden_channels=hidden, expand_ratio=hidden / cin, kernel_size=spec.kernel_size,
-            stride=spec.stride, use_residual=spec.residual, activation=spec.activation,
-            se_activation=spec.se_activation, se_gate=spec.se_gate)
-        fused.__dict__.update(attributes)
+        fused._set_spec(spec)
         return fused
 
     @classmethod
@@ -95,26 +142,122 @@ class FusedMBConv(MBConv):
         fused._parameters.update(source._parameters)
         fused._buffers.update(source._buffers)
         fused._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+        if isinstance(source, FusedMBConv):  # re-fusing (e.g. as SyncFusedMBConv)
+            fused._eager_type, fused._eager_attrs = source._eager_type, dict(source._eager_attrs)
+            fused.recompute_dwconv = source.recompute_dwconv
+        else:
+            fused._eager_type, fused._eager_attrs = type(source), cls._own_attributes(source)
         return fused
 
+    def _set_spec(self, spec: MBConvSpec) -> None:
+        """Adopt ``spec`` for the current module tree, and the block attributes it implies."""
+        self._cache_spec(spec, None)
+        hidden = spec.dw_conv.in_channels
+        cin = spec.expand_conv.in_channels if spec.expand_conv is not None else hidden
+        self.__dict__.update(
+            in_channels=cin, out_channels=spec.project_conv.out_channels,
+            hidden_channels=hidden, expand_ratio=hidden / cin, kernel_size=spec.kernel_size,
+            stride=spec.stride, use_residual=spec.residual, activation=spec.activation,
+            se_activation=spec.se_activation, se_gate=spec.se_gate)
+
+    def eager_block(self) -> nn.Module:
+        """The block this one stands for (its original class), over the same children,
+        parameters and buffers, in the same training mode: ``fused_mbconv.revert``'s unit."""
+        block = self._eager_type.__new__(self._eager_type)
+        block.__dict__.update(self._eager_attrs)
+        for name in _MODULE_STATE:
+            value = self.__dict__[name]
+            block.__dict__[name] = value.copy() if hasattr(value, "copy") else value
+        block.training = self.training
+        return block
+
+    def _cache_spec(self, spec: Optional[MBConvSpec], reason: Optional[str]) -> None:
+        self._spec_cache = (_descendants(self), spec, reason)
+
+    def _spec_is_current(self) -> bool:
+        """Whether the cached spec still describes the module tree: the very same modules (a
+        deepcopy or pickle copies the cache along with them; a swapped child differs)."""
+        if self._spec_cache is None:
+            return False
+        cached, current = self._spec_cache[0], _descendants(self)
+        return len(cached) == len(current) and all(a is b for a, b in zip(cached, current))
+
+    def _current_spec(self) -> Tuple[Optional[MBConvSpec], Optional[str]]:
+        """(spec, None) while the module tree is one the kernels run, else (None, reason).
+        Re-derived from the eager block only when a child has been swapped."""
+        if not self._spec_is_current():
+            recognize = _recognizer(self._eager_type)
+            if recognize is None:
+                spec, reason = None, (f"its children changed and no recognizer knows "
+                                      f"{self._eager_type.__qualname__}")
+            else:
+                try:
+                    spec, reason = recognize(self.eager_block()), None
+                except (TypeError, ValueError) as exc:
+                    spec, reason = None, str(exc)
+            self._cache_spec(spec, reason)
+        return self._spec_cache[1], self._spec_cache[2]
+
     def spec(self) -> MBConvSpec:
-        return self._adopted_spec if self._adopted_spec is not None else super().spec()
+        spec, reason = self._current_spec()
+        if spec is None:
+            raise ValueError(f"this block cannot run fused now: {reason}")
+        return spec
+
+    def eager_reason(self) -> Optional[str]:
+        """Why a call in the block's present state runs the eager math, or None (fused)."""
+        spec, reason = self._current_spec()
+        if spec is None:
+            return reason
+        bns = [bn for bn in (spec.expand_bn, spec.dw_bn, spec.project_bn) if bn is not None]
+        if len({_uses_batch_stats(bn) for bn in bns}) > 1:
+            modes = ", ".join(f"{role} {'batch' if _uses_batch_stats(bn) else 'running'}"
+                              for role, bn in zip(("expand BN", "depthwise BN", "project BN"),
+                                                  (spec.expand_bn, spec.dw_bn, spec.project_bn))
+                              if bn is not None)
+            return f"its BatchNorms mix batch and running statistics ({modes})"
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return self._trace(x)
+        # ONNX has no form for the fused op: an export records the eager math instead.
+        if torch.onnx.is_in_onnx_export() or x.numel() == 0 or self.eager_reason() is not None:
+            return self.eager_block().forward(x)
         spec = self.spec()
-        bn = functional.BatchNormParams.from_module
         se = None
         if spec.se_fc1 is not None:
             se = (spec.se_fc1.weight, spec.se_fc1.bias, spec.se_fc2.weight, spec.se_fc2.bias)
+        drop_module = spec.drop_path_module
+        training = _uses_batch_stats(spec.dw_bn)
         return functional.mbconv(
-            x, spec.dw_conv.weight, bn(spec.dw_bn), spec.project_conv.weight,
-            bn(spec.project_bn),
+            x, spec.dw_conv.weight, _bn_params(spec.dw_bn), spec.project_conv.weight,
+            _bn_params(spec.project_bn),
             expand_weight=spec.expand_conv.weight if spec.expand_conv is not None else None,
-            bn1=bn(spec.expand_bn) if spec.expand_bn is not None else None, se_weights=se,
-            stride=spec.stride, training=self.training, residual=spec.residual,
+            bn1=_bn_params(spec.expand_bn) if spec.expand_bn is not None else None,
+            se_weights=se, stride=spec.stride, training=training, residual=spec.residual,
             drop_path=spec.drop_path, activation=spec.activation,
             se_activation=spec.se_activation, se_gate=spec.se_gate,
-            recompute_dwconv=self.recompute_dwconv, sync=self.stats_sync())
+            recompute_dwconv=self.recompute_dwconv,
+            sync=self.stats_sync() if training else None,
+            drop_path_training=(drop_module if drop_module is not None else self).training)
+
+    def _trace(self, x: torch.fx.Proxy) -> torch.fx.Proxy:
+        """Under torch.fx, the block is one ``call_module`` node (a leaf), so the traced
+        graph runs the fused block; traced as the root itself, its eager ops are recorded."""
+        path = x.tracer.path_of_module(self)
+        if not path:
+            return self.eager_block().forward(x)
+        return x.tracer.create_proxy("call_module", path, (x,), {})
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script cannot compile the fused op's Python wrapper: script the eager
+        block instead (same children and state), and say so."""
+        warnings.warn(f"torch.jit.script: {type(self).__name__} runs fused_mbconv's kernels "
+                      f"from Python; scripting its eager {self._eager_type.__qualname__} "
+                      f"instead (same parameters and state; see fused_mbconv.revert)",
+                      stacklevel=2)
+        return self.eager_block()
 
     def stats_sync(self) -> Optional[functional.BatchStatsSync]:
         """Where training statistics are reduced across processes: nowhere here (see

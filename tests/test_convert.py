@@ -180,14 +180,70 @@ def test_unfusable_blocks_say_why(make, reason):
         recognize(block)
 
 
-def test_bn_without_affine_or_running_stats_is_refused():
+def test_bn_without_affine_or_running_stats_is_recognized():
+    # The fused block reads each BatchNorm's affine and tracking state at every call
+    # (tests/test_module_states.py checks the math).
+    for bn in (nn.BatchNorm2d(32, affine=False), nn.BatchNorm2d(32, track_running_stats=False)):
+        block = fm.MBConv(8, 8, 3, 1, 4)
+        block.dw_bn = bn
+        assert recognize(block).dw_bn is bn
+
+
+def test_swapped_child_runs_eager_and_the_report_says_why():
     block = fm.MBConv(8, 8, 3, 1, 4)
-    block.dw_bn = nn.BatchNorm2d(32, affine=False)
-    with pytest.raises(NotFusable, match="depthwise BN: BatchNorm without affine"):
-        recognize(block)
-    block.dw_bn = nn.BatchNorm2d(32, track_running_stats=False)
-    with pytest.raises(NotFusable, match="depthwise BN: BatchNorm without running"):
-        recognize(block)
+    model = fm.convert(nn.Sequential(block))
+    assert len(fm.convert_report(model).converted) == 1
+    frozen = torchvision.ops.FrozenBatchNorm2d(32)
+    model[0].dw_bn = frozen  # as torchvision's and timm's freeze helpers do
+    report = fm.convert_report(model)
+    assert [b.status for b in report.blocks] == ["eager"]
+    assert "FrozenBatchNorm2d is not BatchNorm2d" in report.blocks[0].reason
+    reference = copy.deepcopy(block)
+    reference.dw_bn = frozen
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    model[0].dw_bn = nn.BatchNorm2d(32)  # fusable again
+    assert len(fm.convert_report(model).converted) == 1
+
+
+def test_mixed_batchnorm_modes_are_reported():
+    model = fm.convert(nn.Sequential(fm.MBConv(8, 8, 3, 1, 4))).train()
+    model[0].dw_bn.eval()
+    (block,) = fm.convert_report(model).blocks
+    assert block.status == "eager"
+    assert "mix batch and running statistics" in block.reason
+    assert "depthwise BN running" in block.reason
+    model.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm2d) else None)
+    assert fm.convert_report(model).blocks[0].status == "converted"
+
+
+@pytest.mark.parametrize("name", ["timm:efficientnet_b0", "torchvision:efficientnet_b0",
+                                  "efficientnet_b0"])
+def test_revert_restores_the_original_classes_and_state(name):
+    from fused_mbconv.verification import build_model
+    original = build_model(name, num_classes=10).eval()
+    randomize_bn_state(original)
+    converted = fm.convert(original)
+    reverted = fm.revert(converted)
+    assert not any(isinstance(m, fm.FusedMBConv) for m in reverted.modules())
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in original.modules()]
+    assert list(reverted.state_dict()) == list(original.state_dict())
+    for key, value in original.state_dict().items():
+        assert torch.equal(reverted.state_dict()[key], value), key
+    assert any(isinstance(m, fm.FusedMBConv) for m in converted.modules())  # not inplace
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(reverted(x), original(x), rtol=0, atol=0)
+
+
+def test_onnx_export_records_the_eager_math(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model = fm.convert(nn.Sequential(fm.MBConv(8, 8, 3, 1, 4))).eval()
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(model, (torch.randn(1, 8, 6, 6),), str(path), dynamo=True)
+    graph = onnx.load(str(path)).graph
+    ops = {node.op_type for node in graph.node}
+    assert "Conv" in ops and not any("mbconv" in op for op in ops), ops
 
 
 def test_conv_bias_where_the_block_has_none_is_refused():
