@@ -1,11 +1,40 @@
 import os
 
-# Triton decides at kernel *definition* whether to interpret, so this must precede the first
-# import of fused_mbconv.kernels: it makes the "triton" backend usable on CPU tensors.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Triton decides at kernel *definition* whether to interpret, so this must precede the first
+# import of fused_mbconv.kernels: it makes the "triton" backend usable on CPU tensors. Not
+# where CUDA is present: the interpreter would run CUDA tensors' Triton tests on the host, so
+# there they test the compiled kernels, and CPU-tensor Triton tests need a session of their
+# own with TRITON_INTERPRET=1.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Backends a session must have (comma-separated), by default under CI: a missing build must
+# fail the run, not shrink it.
+CI_REQUIRED_BACKENDS = "cpu,torch,triton"
+
+
+def required_backends():
+    names = os.environ.get("FUSED_MBCONV_REQUIRE_BACKENDS")
+    if names is None:
+        names = CI_REQUIRED_BACKENDS if os.environ.get("CI") else ""
+    return [n.strip() for n in names.split(",") if n.strip()]
+
+
+def pytest_sessionstart(session):
+    from fused_mbconv.backends import backend_status
+    missing = []
+    for name in required_backends():
+        device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) \
+            else "cpu"
+        usable, reason = backend_status(name, device)
+        if not usable:
+            missing.append(f"{name} ({device} tensors): {reason}")
+    if missing:
+        raise pytest.UsageError("required fused_mbconv backends are unavailable "
+                                "(FUSED_MBCONV_REQUIRE_BACKENDS / CI): " + "; ".join(missing))
 
 
 @pytest.fixture(autouse=True)
