@@ -54,14 +54,13 @@ def size() -> Size:
 # ---------------------------------------------------------------- providers
 
 def providers(level: str) -> List[str]:
-    """Providers measurable at ``level`` now; fused ones only where the fused path exists."""
+    """Providers measurable at ``level`` now."""
     names = ["eager", "compile"]
     if size().name == "tiny" and level != "op":
         names.remove("compile")  # the smoke preset compiles once (op level): compiling is slow
     if level == "op":
         names += [f"fused-{b}" for b in fm.available_backends(device())]
-    elif not verification.fused_path_missing():
-        # The op level keeps interpreted triton, for the launch accounting.
+    else:  # the op level keeps interpreted triton, for the launch accounting
         names += [f"fused-{b}" for b in verification.timed_block_backends(device())]
     return names
 

@@ -1,6 +1,6 @@
 """``fused-mbconv``: info, verify, bench and train from the command line.
 
-Exit status: 0 success, 1 a failed check or an unavailable fused path, 2 bad arguments
+Exit status: 0 success, 1 a failed check or a model with no block to fuse, 2 bad arguments
 (unknown model, missing optional package).
 """
 
@@ -81,9 +81,6 @@ def cmd_info(args) -> int:
             rows.append([name, device_type, "yes" if usable else "no", reason])
     print("backends:")
     _print_table(["backend", "device", "usable", "why"], rows)
-    missing = verification.fused_path_missing()
-    print("fused path: " + (f"unavailable ({', '.join(missing)} missing)" if missing
-                            else "FusedMBConv and convert available"))
     return 0
 
 

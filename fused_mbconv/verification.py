@@ -81,12 +81,6 @@ def fused_modules(model: nn.Module) -> List[nn.Module]:
             and type(m).__name__.startswith("Fused")]
 
 
-def fused_path_missing() -> List[str]:
-    """What this build lacks for fused models (empty when ``fm.convert`` can run)."""
-    return [f"fused_mbconv.{name}" for name in ("FusedMBConv", "convert")
-            if not hasattr(fm, name)]
-
-
 def block_backends(device) -> List[str]:
     """Backends usable on ``device`` that implement every fused-block kernel (a backend may
     have the dwconv_bn_silu kernels before the block's)."""
@@ -102,17 +96,12 @@ def timed_block_backends(device) -> List[str]:
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """A fused copy of ``model``; FusedPathUnavailable when this build has no fused path or
-    nothing in the model could be converted."""
-    missing = fused_path_missing()
-    if missing:
-        raise FusedPathUnavailable(
-            f"the fused path is unavailable in this build: {' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not implemented yet")
+    """A fused copy of ``model``; FusedPathUnavailable when nothing in it could be
+    converted."""
     fused = fm.convert(model, inplace=False)
     if not fused_modules(fused):
-        report = fm.convert_report(model) if hasattr(fm, "convert_report") else ""
-        raise FusedPathUnavailable(f"no block of this model could be converted\n{report}")
+        raise FusedPathUnavailable(f"no block of this model could be converted\n"
+                                   f"{fm.convert_report(model)}")
     return fused
 
 

@@ -12,7 +12,6 @@ import torch
 import fused_mbconv as fm
 from fused_mbconv import cli, synthetic, verification
 
-FUSED = not verification.fused_path_missing()
 SMALL = ["--batch", "2", "--resolution", "32"]
 VERIFY = ["--batch", "4", "--resolution", "64"]  # the default: BN sees >= 16 values per channel
 
@@ -61,12 +60,11 @@ def test_bad_arguments_exit_2(capsys):
 
 
 @pytest.mark.parametrize("command", ["verify", "bench", "train"])
-def test_without_fused_path_says_so_and_exits_1(capsys, command):
-    if FUSED:  # the fused path is in this build: covered by the tests below
-        assert callable(fm.convert)
-        return
-    assert cli.main([command, "efficientnet_b0"] + SMALL) == 1
-    assert "fused path is unavailable" in capsys.readouterr().err
+def test_model_with_nothing_to_fuse_says_why_and_exits_1(capsys, command):
+    assert cli.main([command, "timm:resnet18"] + SMALL) == 1
+    err = capsys.readouterr().err
+    assert "no block of this model could be converted" in err
+    assert "0 MBConv-style blocks" in err
 
 
 def _perturbed_copy(model):
@@ -88,9 +86,6 @@ def test_verify_checker_passes_identical_and_fails_perturbed(capsys, monkeypatch
 
 
 def test_verify_fused_efficientnet_b0(capsys):
-    if not FUSED:  # covered by test_without_fused_path_says_so_and_exits_1
-        assert cli.main(["verify", "efficientnet_b0"] + SMALL) == 1
-        return
     assert cli.main(["verify", "efficientnet_b0"] + VERIFY) == 0
     out = capsys.readouterr().out
     assert "checks passed" in out and "FAIL" not in out
@@ -110,10 +105,6 @@ def test_relative_error_is_undefined_for_a_reference_at_rounding_level():
 
 def test_bench_writes_json(capsys, tmp_path):
     path = tmp_path / "bench.json"
-    if not FUSED:
-        assert cli.main(["bench", "efficientnet_b0", "--json", str(path)] + SMALL) == 1
-        assert not path.exists()
-        return
     assert cli.main(["bench", "efficientnet_b0", "--steps", "1", "--warmup", "0",
                      "--no-compile", "--json", str(path)] + SMALL) == 0
     results = json.loads(path.read_text())["results"]
@@ -125,10 +116,6 @@ def test_bench_writes_json(capsys, tmp_path):
 
 def test_train_plots_both_curves(capsys, tmp_path):
     path = tmp_path / "loss.png"
-    if not FUSED:
-        assert cli.main(["train", "--plot", str(path)] + SMALL) == 1
-        assert not path.exists()
-        return
     assert cli.main(["train", "--steps", "3", "--batch", "4", "--resolution", "32",
                      "--plot", str(path)]) == 0
     assert path.stat().st_size > 0
