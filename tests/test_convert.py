@@ -489,10 +489,14 @@ def test_autocast_bfloat16_matches_eager_autocast(zoo_pair, training):
         outs.append(out)
     torch.manual_seed(7)
     ref = reference(x.double())
+    ref.square().sum().backward()
     assert outs[0].dtype == outs[1].dtype
     assert_close_by_rule(outs[0].float(), outs[1].float(), ref, torch.bfloat16, "output")
-    for p, q in zip(converted.parameters(), original.parameters()):
+    for (name, p), q, r in zip(converted.named_parameters(), original.parameters(),
+                               reference.parameters()):
         assert p.grad.dtype == q.grad.dtype == torch.float32
+        assert_close_by_rule(p.grad, q.grad, r.grad, torch.bfloat16, f"grad {name}",
+                             rounds=NETWORK_GRADIENT_ROUNDS)
 
 
 def test_export_eval(zoo_pair):

@@ -60,16 +60,23 @@ def run_eager(eager, x, dtype, training, grad_out):
     return out, grads, model.bn
 
 
-def run_fused(eager, x, dtype, training, grad_out, backend):
+def run_fused(eager, x, dtype, training, grad_out, backend, compile=False):
+    """With ``compile``, through ``torch.compile(fullgraph=True)``: no graph break."""
     model = _copy(eager)
     xi = x.to(dtype).requires_grad_()
     w = model.conv.weight.detach().to(dtype).requires_grad_()
     gamma = model.bn.weight.detach().clone().requires_grad_()
     beta = model.bn.bias.detach().clone().requires_grad_()
+
+    def fused(xi, w, gamma, beta):
+        return fm.functional.dwconv_bn_silu(xi, w, model.bn.running_mean, model.bn.running_var,
+                                            gamma, beta, stride=model.conv.stride[0],
+                                            training=training, momentum=0.1, eps=1e-5)
+
+    if compile:
+        fused = torch.compile(fused, fullgraph=True, backend="aot_eager")
     with fm.use_backend(backend):
-        out = fm.functional.dwconv_bn_silu(xi, w, model.bn.running_mean, model.bn.running_var,
-                                           gamma, beta, stride=model.conv.stride[0],
-                                           training=training, momentum=0.1, eps=1e-5)
+        out = fused(xi, w, gamma, beta)
         out.backward(grad_out.to(dtype))
     return out, [xi.grad, w.grad, gamma.grad, beta.grad], model.bn
 
@@ -85,13 +92,17 @@ def _copy(module):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_matches_eager(shape, dtype, channels_last, training, backend):
+    check_against_eager(shape, dtype, channels_last, training, backend)
+
+
+def check_against_eager(shape, dtype, channels_last, training, backend, compile=False):
     eager, x = make_case(shape, dtype, channels_last)
     with torch.no_grad():
         out_shape = Eager(shape[1], shape[4], shape[5])(x).shape
     grad_out = torch.randn(out_shape)
     ref_out, ref_grads, ref_bn = run_eager(eager, x, torch.float64, training, grad_out)
     eager_out, eager_grads, eager_bn = run_eager(eager, x, dtype, training, grad_out)
-    out, grads, bn = run_fused(eager, x, dtype, training, grad_out, backend)
+    out, grads, bn = run_fused(eager, x, dtype, training, grad_out, backend, compile)
 
     assert out.dtype == dtype
     want_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -228,25 +239,10 @@ def test_bad_input_is_rejected_and_state_untouched(case):
     assert torch.equal(before[1], args["running_var"])
 
 
-def test_compile_fullgraph_has_no_graph_break():
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, 1, 1, groups=4, bias=False)
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            return fm.functional.dwconv_bn_silu(
-                x, self.conv.weight, self.bn.running_mean, self.bn.running_var, self.bn.weight,
-                self.bn.bias, training=self.training)
-
-    block = Block()
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    out = compiled(x)
-    out.sum().backward()
-    assert x.grad is not None and block.conv.weight.grad is not None
-    assert not torch.equal(block.bn.running_mean, torch.zeros(4))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_matches_eager(training):
+    check_against_eager(SHAPES["7x9-k3-s2"], torch.float32, False, training,
+                        fm.available_backends("cpu")[0], compile=True)
 
 
 def test_backend_selection():
