@@ -2,6 +2,14 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Under CI, hypothesis draws the same examples every run (seeded from each test's name) and
+# keeps no example database: a red run reruns red, with the failing example printed.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else
+                                    "default")
+settings.load_profile(HYPOTHESIS_PROFILE)
 
 # Triton decides at kernel *definition* whether to interpret, so this must precede the first
 # import of fused_mbconv.kernels: it makes the "triton" backend usable on CPU tensors. Not
@@ -68,3 +76,9 @@ def pytest_sessionfinish(session, exitstatus):
 def background_result(request):
     import background
     return lambda: background.result(request.node.nodeid)
+
+
+def pytest_report_header(config):
+    return (f"hypothesis profile {HYPOTHESIS_PROFILE!r} (derandomize="
+            f"{settings.default.derandomize}); required backends: "
+            f"{', '.join(required_backends()) or 'none'}")

@@ -49,6 +49,18 @@ def test_benchmark_suite_and_report(background_result):
     assert results.with_suffix(".md").read_text() == table
 
 
+def test_a_session_that_timed_nothing_writes_no_results(tmp_path):
+    results = tmp_path / "run.json"
+    env = dict(os.environ, FUSED_MBCONV_BENCH_SIZE="tiny", FUSED_MBCONV_BENCH_DEVICE="cpu",
+               FUSED_MBCONV_BENCH_RESULTS=str(results))
+    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p",
+                          "no:cacheprovider", "--benchmark-disable", "-k", "dwconv_bn_silu and eager"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout
+    assert not results.exists()
+
+
 CPU_OK, CPU_REASON = fm.backends.backend_status("cpu", "cpu")
 
 
