@@ -54,7 +54,8 @@ def test_a_session_that_timed_nothing_writes_no_results(tmp_path):
     env = dict(os.environ, FUSED_MBCONV_BENCH_SIZE="tiny", FUSED_MBCONV_BENCH_DEVICE="cpu",
                FUSED_MBCONV_BENCH_RESULTS=str(results))
     run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p",
-                          "no:cacheprovider", "--benchmark-disable", "-k", "dwconv_bn_silu and eager"],
+                          "no:cacheprovider", "--benchmark-disable",
+                          "-k", "dwconv_bn_silu and eager"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout
