@@ -15,8 +15,8 @@ dwconv_bn_silu (``fused_mbconv::dwconv_bn_silu``)::
     dwconv_bn_silu_backward(grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var,
                             stride, training, eps, output_mask) -> (gx, gw, ggamma, gbeta)
 
-MBConv block (``fused_mbconv::mbconv``; FUSION.md's K1..K6 and the mirrored backward). Every
-function below is ONE kernel launch on a compiled backend, except the three marked [2]
+MBConv block (``fused_mbconv::mbconv``; docs/DESIGN.md's K1..K6 and the mirrored backward).
+Every function below is ONE kernel launch on a compiled backend, except the three marked [2]
 (a dgrad and a wgrad launch; one when output_mask leaves one of them off). ``bn`` arguments are
 ``tensors.NormArgs``; ``in_bn=None`` means "no expansion": the depthwise input is used as is::
 

@@ -1,4 +1,5 @@
-"""Triton kernels of the whole MBConv block (FUSION.md's K1..K6 and B6..B1) and their launchers.
+"""Triton kernels of the whole MBConv block (docs/DESIGN.md's K1..K6 and B6..B1) and their
+launchers.
 
 The kernel-interface functions below have exactly the contracts of ``fused_mbconv.reference``
 (read its docstring for the math and the call order). Kernel sources:

@@ -1,5 +1,5 @@
 // CPU kernels of the MBConv block's kernel interface (mbconv_*; fused_mbconv/reference.py is the
-// specification of each function, FUSION.md the plan).
+// specification of each function, docs/DESIGN.md the plan).
 //
 // Everything runs on NHWC rows: an activation is (N * H * W, C), channels fastest, so the
 // per-channel BN / activation constants are vectors the inner `omp simd` loops stream alongside

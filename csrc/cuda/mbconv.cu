@@ -1,5 +1,6 @@
 // CUDA kernels of the MBConv block's kernel interface (mbconv_*; fused_mbconv/reference.py
-// specifies each function, FUSION.md gives the plan): the block on the "cuda" backend.
+// specifies each function, docs/DESIGN.md gives the plan): the block on the "cuda"
+// backend.
 //
 // The memory-bound work runs as fused passes of two kinds, one kernel source each: an
 // elementwise map over an activation in memory order (map_kernel), and a per-channel or
