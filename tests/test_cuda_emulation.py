@@ -11,7 +11,9 @@ in test_extension.py run wherever one is present.
 """
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -19,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from background import Job
+from emulated_cuda_suite import KERNEL_TESTS, OP_TESTS
 
 HERE = Path(__file__).resolve().parent
 CXX = shutil.which(os.environ.get("CXX", "g++"))
-SUITES = {"kernel.xml": 244, "op.xml": 187}  # report: tests it must have run at least
 
 
 def emulation_job():
@@ -30,6 +32,16 @@ def emulation_job():
         return None
     return Job(["bash", "-c", f'"{sys.executable}" "{HERE / "emulated_cuda_suite.py"}" "$OUT"'],
                scratch_env={"OUT": "."}, cwd=str(HERE.parent), timeout_s=2400)
+
+
+def _collected(tests) -> int:
+    """How many tests a suite selects: the emulated run must have run exactly these."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
+                             "no:cacheprovider"] + tests, cwd=HERE.parent, capture_output=True,
+                            text=True)
+    match = re.search(r"(\d+)(?:/\d+)? tests? collected", result.stdout)
+    assert match, result.stdout[-2000:] + result.stderr[-2000:]
+    return int(match.group(1))
 
 
 def _junit(path: Path):
@@ -48,10 +60,11 @@ def test_cuda_kernels_pass_the_cpu_parity_suites_under_emulation(background_resu
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"emulated CUDA kernels failed:\n{log[-8000:]}"
     assert "the cpu backend runs" in log and "emulated.so" in log, log[-3000:]
-    for report, least in SUITES.items():
+    for report, tests in (("kernel.xml", KERNEL_TESTS), ("op.xml", OP_TESTS)):
         ran, failed, skipped = _junit(result.scratch / report)
         assert not failed, f"{report}: {failed}"
         assert not skipped, f"{report}: skipped {skipped}"  # the emulated backend runs them all
-        assert ran >= least, f"{report}: only {ran} tests ran"
+        selected = _collected(tests)
+        assert ran == selected, f"{report}: {ran} tests ran of the {selected} it selects"
         print(f"{report}: {ran} tests passed on the emulated CUDA kernels")
     print(log.splitlines()[0])  # AddressSanitizer: on / off
