@@ -15,6 +15,9 @@ GATES = {
     "sigmoid": nn.Sigmoid,
     "hardsigmoid": nn.Hardsigmoid,
 }
+# Every kind a kernel applies or differentiates, in the kernels' order: "identity" (the project
+# BatchNorm, which has none), the block activations, then the SE gates.
+KERNEL_ACTIVATIONS = ("identity",) + tuple(ACTIVATIONS) + tuple(GATES)
 
 
 def make_activation(name: str, argument: str = "activation") -> nn.Module:
