@@ -127,11 +127,15 @@ def _operand(img, aux_img, n, c, mc, p, mp, C, HW, c0, c1, c2, c3, c4, gate_ptr,
 def _dot(a, b, acc, UPCAST: tl.constexpr):
     """acc + a·b with IEEE fp32 products. UPCAST: the operands (already rounded to bfloat16)
     go in as float32, exactly: Triton's interpreter multiplies bfloat16 bit patterns as
-    integers, so it is set for bfloat16 under TRITON_INTERPRET only."""
+    integers, so it is set for bfloat16 under TRITON_INTERPRET only.
+
+    out_dtype is the accumulator's own (float64 for float64 operands): Triton 3.7
+    defaults it to float32 whatever acc is and asserts that acc has that dtype (3.8: acc's)."""
     if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee",
+                     out_dtype=acc.dtype)
     else:
-        out = tl.dot(a, b, acc, input_precision="ieee")
+        out = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     return out
 
 
