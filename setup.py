@@ -64,7 +64,8 @@ setup(
     package_dir={"fused_mbconv": "fused_mbconv", "fused_mbconv.kernels": "kernels"},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
-    install_requires=["torch>=2.5", "triton; platform_system == 'Linux'", "ninja"],
+    # The range CI tests: .ci/oldest (torch 2.13.0, triton 3.6.0) and .ci/run (the newest).
+    install_requires=["torch>=2.13", "triton>=3.6; platform_system == 'Linux'", "ninja"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision", "matplotlib",
                  "onnx", "onnxscript"],
