@@ -2,7 +2,8 @@
 
 Used by ``fused-mbconv verify`` / ``bench`` / ``train``. Models are built with random weights
 (nothing is downloaded). Checks follow ``fused_mbconv.tolerances``: the fused model in dtype T
-and the eager model in dtype T are both compared with a float64 copy of the eager model.
+and the eager model in dtype T (``eager_in``) are both compared with a float64 copy of the eager
+model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn as nn
 
 import fused_mbconv as fm
 
-from .tolerances import compare
+from .tolerances import compare, eager_in
 
 OWN_MODELS = tuple(f"efficientnet_b{i}" for i in range(8))
 
@@ -171,7 +172,7 @@ def verify(name: str, batch: int = 2, resolution: int = 64, dtype: torch.dtype =
     eager = disable_stochastic(build_model(name)).to(device)
     fused = convert(eager).to(device=device, dtype=dtype)
     ref = copy.deepcopy(eager).double()
-    eager = eager.to(dtype)
+    eager = eager_in(eager, dtype)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, resolution, resolution, generator=generator,
                     dtype=torch.float64).to(device)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fused_mbconv as fm
-from tolerances import assert_close_by_rule
+from tolerances import assert_close_by_rule, eager_in
 
 BACKENDS = fm.available_backends("cpu")
 
@@ -47,12 +47,8 @@ def make_case(shape, dtype, channels_last):
 
 
 def run_eager(eager, x, dtype, training, grad_out):
-    """Activations and conv weight in ``dtype``; BatchNorm parameters and statistics stay
-    float32 (float64 for the reference), as under autocast."""
-    model = _copy(eager).train(training)
-    model.conv.to(dtype)
-    if dtype == torch.float64:
-        model.bn.double()
+    """In ``dtype``, BatchNorm in float32 in a low-precision dtype (the rule's eager run)."""
+    model = eager_in(eager, dtype).train(training)
     xi = x.to(dtype).requires_grad_()
     out = model(xi)
     out.backward(grad_out.to(dtype))

@@ -16,7 +16,7 @@ from fused_mbconv.backends import implements
 from fused_mbconv.functional import BatchNormParams
 from fused_mbconv.ops.mbconv import GRAD_INPUTS, KERNELS
 from parity import check
-from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule
+from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule, eager_in
 
 BACKENDS = [b for b in fm.available_backends("cpu") if implements(b, KERNELS)]
 GPU_BACKENDS = ([b for b in fm.available_backends("cuda")
@@ -72,10 +72,11 @@ def run(block, x, dtype, training, grad_out, fused, backend="torch", seed=11):
     """Forward + backward of a copy of ``block`` in ``dtype`` on x's device; returns (out,
     grads, bn state). The seed fixes the stochastic-depth draw: eager and fused must drop the
     same samples."""
-    model = copy.deepcopy(block)
     if fused:
-        model = fm.FusedMBConv.from_module(model)
-    model.to(x.device, dtype).train(training)
+        model = fm.FusedMBConv.from_module(copy.deepcopy(block)).to(x.device, dtype)
+    else:
+        model = eager_in(block, dtype).to(x.device)
+    model.train(training)
     xi = x.detach().to(dtype).clone().requires_grad_()  # a fresh leaf for every run
     with fm.use_backend(backend):
         torch.manual_seed(seed)
@@ -104,7 +105,7 @@ def check_parity(block, x, dtype, training, backend, what=""):
     for name in ref[1]:
         g = fused[1][name]
         assert g is not None, f"{what}: no gradient for {name}"
-        assert g.dtype == eager[1][name].dtype, name
+        assert g.dtype == dtype, name
         assert_close_by_rule(g, eager[1][name], ref[1][name], dtype, f"{what} grad {name}")
     for name, value in ref[2].items():
         if name.endswith("num_batches_tracked"):
@@ -695,10 +696,19 @@ def test_autocast_gives_eager_autocast_dtypes_and_values(config):
     fused = fm.FusedMBConv.from_module(copy.deepcopy(eager))
     reference = copy.deepcopy(eager).double()
     x = torch.randn(2, config[0], 7, 7)
+    inputs = [x.clone().requires_grad_() for _ in range(3)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_eager, out_fused = eager(x), fused(x)
+        out_eager, out_fused = eager(inputs[0]), fused(inputs[1])
+    out_ref = reference(inputs[2].double())
     assert out_fused.dtype == out_eager.dtype
-    assert_close_by_rule(out_fused.float(), out_eager.float(), reference(x.double()),
-                         torch.bfloat16, "output")
-    out_fused.float().sum().backward()
-    assert all(p.grad.dtype == torch.float32 for p in fused.parameters())
+    assert_close_by_rule(out_fused.float(), out_eager.float(), out_ref, torch.bfloat16, "output")
+    grad_out = torch.randn(out_ref.shape, dtype=torch.float64)
+    for out in (out_eager, out_fused, out_ref):
+        out.backward(grad_out.to(out.dtype))
+    assert_close_by_rule(inputs[1].grad, inputs[0].grad, inputs[2].grad, torch.bfloat16,
+                         "grad input")
+    for (name, p_fused), p_eager, p_ref in zip(fused.named_parameters(), eager.parameters(),
+                                              reference.parameters()):
+        assert p_fused.grad.dtype == torch.float32, name
+        assert_close_by_rule(p_fused.grad, p_eager.grad, p_ref.grad, torch.bfloat16,
+                             f"grad {name}")

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from fused_mbconv.tolerances import ATOL, compare  # noqa: F401  (ATOL re-exported)
+from fused_mbconv.tolerances import ATOL, compare, eager_in  # noqa: F401  (re-exported)
 from fused_mbconv.verification import GRADIENT_FACTOR
 
 # Gradients at the end of a whole network's backward: the rule compounded as `verify` does.
