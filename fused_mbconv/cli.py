@@ -20,7 +20,7 @@ import torch
 import fused_mbconv as fm
 
 from . import profiling, synthetic, verification
-from .backends import BACKENDS, backend_status
+from .backends import BACKENDS, DEVICE_TYPES, TABLE, backend_status, machine_device_types
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -71,14 +71,12 @@ def cmd_info(args) -> int:
                     for i in range(torch.cuda.device_count())]
     print(f"devices: {', '.join(devices)}")
     rows = []
-    for name in BACKENDS:
-        for device_type in ("cpu", "cuda"):
-            if (name, device_type) in (("cpu", "cuda"), ("cuda", "cpu")):
-                continue
-            usable, reason = backend_status(name, device_type)
-            if device_type == "cuda" and not torch.cuda.is_available():
-                usable, reason = False, "no CUDA device"
-            rows.append([name, device_type, "yes" if usable else "no", reason])
+    for backend in TABLE:
+        for device_type in filter(backend.runs, DEVICE_TYPES):
+            usable, reason = backend_status(backend.name, device_type)
+            if device_type not in machine_device_types():
+                usable, reason = False, f"no {device_type.upper()} device"
+            rows.append([backend.name, device_type, "yes" if usable else "no", reason])
     print("backends:")
     _print_table(["backend", "device", "usable", "why"], rows)
     return 0

@@ -90,10 +90,11 @@ def block_backends(device) -> List[str]:
 
 
 def timed_block_backends(device) -> List[str]:
-    """``block_backends`` worth timing: on CPU the triton backend is its interpreter, a
-    correctness tool far too slow to time a block or a network (ask for it explicitly)."""
-    interpreted = torch.device(device).type == "cpu"
-    return [b for b in block_backends(device) if not (b == "triton" and interpreted)]
+    """``block_backends`` worth timing: those the default may choose on ``device`` (not the
+    CPU Triton interpreter, a correctness tool far too slow to time a block or a network: ask
+    for it explicitly)."""
+    defaults = fm.backends.preference(torch.device(device).type)
+    return [b for b in block_backends(device) if b in defaults]
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -32,11 +32,14 @@ def required_backends():
 
 
 def pytest_sessionstart(session):
-    from fused_mbconv.backends import backend_status
+    from fused_mbconv.backends import backend_status, record
+    # Each backend is required on this machine's preferred device type when it runs that one
+    # (triton on CUDA where there is a GPU, on CPU under TRITON_INTERPRET=1 elsewhere).
+    preferred = "cuda" if torch.cuda.is_available() else "cpu"
     missing = []
     for name in required_backends():
-        device = "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) \
-            else "cpu"
+        backend = record(name)
+        device = preferred if backend.runs(preferred) else backend.devices[0]
         usable, reason = backend_status(name, device)
         if not usable:
             missing.append(f"{name} ({device} tensors): {reason}")

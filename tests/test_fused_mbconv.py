@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import fused_mbconv as fm
 from fused_mbconv.backends import implements
 from fused_mbconv.functional import BatchNormParams
-from fused_mbconv.ops.mbconv import GRAD_INPUTS, KERNELS
+from fused_mbconv.ops.mbconv import (GRAD_INPUTS, INPUTS, KERNELS, OPTIONS, SAVED, MBConvInputs,
+                                     MBConvOutputs)
 from parity import check
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule, eager_in
 
@@ -358,9 +359,9 @@ def _op_args(training, expanded=True, se=True, residual=True, keep=True):
             torch.randn(cout, hidden, 1, 1), *bn(cout),
             torch.tensor([0.0, 2.0]) if residual else None, 1, training, [1e-5, 1e-3, 1e-5],
             "silu", "silu", "sigmoid", residual, keep]
-    for i in (0, 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17):
-        if args[i] is not None:
-            args[i].requires_grad_()
+    for arg, value in zip(INPUTS, args, strict=True):
+        if arg.grad and value is not None:
+            value.requires_grad_()
     return args
 
 
@@ -378,16 +379,16 @@ def test_opcheck(backend, training, variant):
     args = _op_args(training, **variant)
     with fm.use_backend(backend):
         torch.library.opcheck(torch.ops.fused_mbconv.mbconv.default, args)
-        out, e, d, m1, v1, m2, v2, m3, v3, pooled, gate = torch.ops.fused_mbconv.mbconv(*args)
-        detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-        (x, ew, b1w, b1b, _, _, dw, b2w, b2b, _, _, f1w, f1b, f2w, f2b, pw, b3w, b3b, _, _,
-         scale, stride, tr, eps, act, se_act, gate_name, residual, _) = detached
-        mask = [True] * len(GRAD_INPUTS)
-        mask[1] = False  # a masked-off gradient comes back empty
-        backward_args = (torch.randn_like(out), x, e, d, ew, b1w, b1b, m1, v1, dw, b2w, b2b, m2,
-                         v2, f1w, f1b, f2w, f2b, pooled, gate, pw, b3w, b3b, m3, v3, scale,
-                         stride, tr, eps, act, se_act, gate_name, residual, mask)
-        torch.library.opcheck(torch.ops.fused_mbconv.mbconv_backward.default, backward_args)
+        outputs = MBConvOutputs(*torch.ops.fused_mbconv.mbconv(*args))
+        detached = MBConvInputs(*(a.detach() if isinstance(a, torch.Tensor) else a
+                                  for a in args))
+        values = {**detached._asdict(), **outputs._asdict()}
+        mask = [n != "expand_weight" for n in GRAD_INPUTS]  # masked off: comes back empty
+        # By name: the schema's argument names are checked, not only their order.
+        backward_kwargs = dict(grad_out=torch.randn_like(outputs.out),
+                               **{n: values[n] for n in SAVED + OPTIONS}, output_mask=mask)
+        torch.library.opcheck(torch.ops.fused_mbconv.mbconv_backward.default, (),
+                              backward_kwargs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,13 +18,13 @@ from timm.models.efficientnet import EfficientNet
 from torch.utils.checkpoint import checkpoint
 
 import fused_mbconv as fm
-from fused_mbconv.backends import BACKENDS, backend_status, implements
+from fused_mbconv.backends import TABLE, backend_status, implements
 from fused_mbconv.ops.mbconv import KERNELS
 from parity import check, fuse
 from tolerances import NETWORK_GRADIENT_ROUNDS
 
-# Every backend but "cuda" can run CPU tensors ("triton" under TRITON_INTERPRET=1).
-CPU_BACKENDS = [b for b in BACKENDS if b != "cuda"]
+# Every backend that runs CPU tensors ("triton" under TRITON_INTERPRET=1, when chosen).
+CPU_BACKENDS = [b.name for b in TABLE if b.runs("cpu")]
 # (in, out, kernel, stride, expand): a residual block with expansion and stochastic depth,
 # and a stride-2 block without expansion.
 BLOCKS = {"res": (16, 16, 3, 1, 4), "s2": (16, 24, 3, 2, 1)}

@@ -35,7 +35,7 @@ follow; the output and x's gradient come back in x's own memory format.
 
 from __future__ import annotations
 
-from typing import List, Optional, Protocol, Tuple
+from typing import Dict, List, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor
@@ -43,6 +43,8 @@ from torch import Tensor
 from ..backends import kernels_for
 from ..tensors import NormArgs, accumulate_dtype, empty_like_input, memory_format_of
 from .dwconv_bn_silu import conv_output_size
+from .signature import (Arg, backward_args, grad_names, input_grads, needs_grad, schema,
+                        tensors, values_type)
 
 KERNELS = (
     "mbconv_expand_forward", "mbconv_dwconv_forward", "mbconv_squeeze_forward",
@@ -51,12 +53,43 @@ KERNELS = (
     "mbconv_dwconv_backward_stats", "mbconv_dwconv_backward", "mbconv_expand_backward",
 )
 
-# Differentiable inputs of fused_mbconv::mbconv, in schema order, and their positions there;
-# fused_mbconv::mbconv_backward returns one gradient per name, in this order.
-GRAD_INPUTS = ("x", "expand_weight", "bn1_weight", "bn1_bias", "dw_weight", "bn2_weight",
-               "bn2_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias",
-               "project_weight", "bn3_weight", "bn3_bias")
-_GRAD_POSITIONS = (0, 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17)
+# fused_mbconv::mbconv's inputs, in schema order: the one list of them.
+INPUTS = (
+    Arg("x", "Tensor", grad=True),
+    Arg("expand_weight", "Tensor?", grad=True),
+    Arg("bn1_weight", "Tensor?", grad=True), Arg("bn1_bias", "Tensor?", grad=True),
+    Arg("bn1_running_mean", "Tensor?"), Arg("bn1_running_var", "Tensor?"),
+    Arg("dw_weight", "Tensor", grad=True),
+    Arg("bn2_weight", "Tensor?", grad=True), Arg("bn2_bias", "Tensor?", grad=True),
+    Arg("bn2_running_mean", "Tensor?"), Arg("bn2_running_var", "Tensor?"),
+    Arg("fc1_weight", "Tensor?", grad=True), Arg("fc1_bias", "Tensor?", grad=True),
+    Arg("fc2_weight", "Tensor?", grad=True), Arg("fc2_bias", "Tensor?", grad=True),
+    Arg("project_weight", "Tensor", grad=True),
+    Arg("bn3_weight", "Tensor?", grad=True), Arg("bn3_bias", "Tensor?", grad=True),
+    Arg("bn3_running_mean", "Tensor?"), Arg("bn3_running_var", "Tensor?"),
+    Arg("sample_scale", "Tensor?"),
+    Arg("stride", "SymInt"), Arg("training", "bool"), Arg("eps", "float[]"),
+    Arg("activation", "str"), Arg("se_activation", "str"), Arg("gate", "str"),
+    Arg("residual", "bool"), Arg("keep_dwconv_output", "bool"),
+)
+MBConvInputs = values_type("MBConvInputs", INPUTS)
+# Its differentiable inputs, in the block's data-flow order (so the inputs before a layer's
+# are those upstream of it); fused_mbconv::mbconv_backward returns one gradient per name.
+GRAD_INPUTS = grad_names(INPUTS)
+# Its outputs, in order (see ``mbconv``'s docstring).
+OUTPUTS = ("out", "e", "d", "mean1", "var1", "mean2", "var2", "mean3", "var3", "pooled",
+           "gate_values")
+MBConvOutputs = values_type("MBConvOutputs", [Arg(n, "Tensor") for n in OUTPUTS])
+# Inputs and outputs saved for backward, in fused_mbconv::mbconv_backward's order.
+SAVED = ("x", "e", "d", "expand_weight", "bn1_weight", "bn1_bias", "mean1", "var1",
+         "dw_weight", "bn2_weight", "bn2_bias", "mean2", "var2", "fc1_weight", "fc1_bias",
+         "fc2_weight", "fc2_bias", "pooled", "gate_values", "project_weight", "bn3_weight",
+         "bn3_bias", "mean3", "var3", "sample_scale")
+# The forward's options that backward takes: all but keep_dwconv_output (d shows whether the
+# forward kept it).
+OPTIONS = ("stride", "training", "eps", "activation", "se_activation", "gate", "residual")
+BACKWARD_INPUTS = backward_args(INPUTS, SAVED, OPTIONS)
+MBConvBackwardInputs = values_type("MBConvBackwardInputs", BACKWARD_INPUTS)
 
 
 def _kernels(device: torch.device):
@@ -103,7 +136,7 @@ def kernel_input(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
-def run_forward(k, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
+def run_forward(k, *, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
                 bn1_bias: Optional[Tensor], bn1_running_mean: Optional[Tensor],
                 bn1_running_var: Optional[Tensor], dw_weight: Tensor,
                 bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor],
@@ -115,8 +148,9 @@ def run_forward(k, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optio
                 sample_scale: Optional[Tensor], stride: int, training: bool, eps: List[float],
                 activation: str, se_activation: str, gate: str, residual: bool,
                 keep_dwconv_output: bool, sync: Optional[BatchStatsSync] = None):
-    """``fused_mbconv::mbconv`` on the kernel-interface functions ``k``; with ``sync``, each
-    BatchNorm's batch statistics are reduced across processes before they are applied."""
+    """``fused_mbconv::mbconv`` on the kernel-interface functions ``k`` (its inputs by name),
+    returning its OUTPUTS; with ``sync``, each BatchNorm's batch statistics are reduced across
+    processes before they are applied."""
     acc = accumulate_dtype(x.dtype)
     out_format = memory_format_of(x)
     x = kernel_input(x)
@@ -150,10 +184,10 @@ def run_forward(k, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optio
     out = out.contiguous(memory_format=out_format)
     if not keep_dwconv_output:
         d = x.new_empty(0)
-    return out, e, d, mean1, var1, mean2, var2, mean3, var3, pooled, gate_values
+    return MBConvOutputs(out, e, d, mean1, var1, mean2, var2, mean3, var3, pooled, gate_values)
 
 
-def run_backward(k, grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
+def run_backward(k, *, grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
                  expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
                  bn1_bias: Optional[Tensor], mean1: Tensor, var1: Tensor, dw_weight: Tensor,
                  bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], mean2: Tensor,
@@ -163,21 +197,25 @@ def run_backward(k, grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
                  bn3_bias: Optional[Tensor], mean3: Tensor, var3: Tensor,
                  sample_scale: Optional[Tensor], stride: int, training: bool, eps: List[float],
                  activation: str, se_activation: str, gate: str, residual: bool,
-                 output_mask: List[bool], sync: Optional[BatchStatsSync] = None) -> List[Tensor]:
-    """``fused_mbconv::mbconv_backward`` on the kernel-interface functions ``k``; with
-    ``sync`` (training only), each BatchNorm's gradient sums are reduced across processes
+                 output_mask: List[bool], sync: Optional[BatchStatsSync] = None
+                 ) -> Dict[str, Tensor]:
+    """``fused_mbconv::mbconv_backward``'s math on the kernel-interface functions ``k`` (its
+    inputs by name): the wanted GRAD_INPUTS' gradients by name, as the kernels return them;
+    with ``sync`` (training only), each BatchNorm's gradient sums are reduced across processes
     before the input gradient uses them."""
     def reduced(bn, sums, t):
         if sync is None or not training:
             return sums
         return sync.grad_sums(bn, sums[0], sums[1], _count(t))
 
-    inputs = (x, expand_weight, bn1_weight, bn1_bias, dw_weight, bn2_weight, bn2_bias,
-              fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, bn3_weight, bn3_bias)
     x = kernel_input(x)
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
-    grads: List[Optional[Tensor]] = [None] * len(GRAD_INPUTS)
-    mask = dict(zip(GRAD_INPUTS, output_mask))
+    grads: Dict[str, Tensor] = {}
+    mask = dict(zip(GRAD_INPUTS, output_mask, strict=True))
+
+    def wanted_upstream_of(name):  # any gradient wanted for an input before ``name``'s layer
+        return any(output_mask[:GRAD_INPUTS.index(name)])
+
     expanded, se = expand_weight is not None, fc1_weight is not None
     bn1 = NormArgs(mean1, var1, bn1_weight, bn1_bias, eps[0]) if expanded else None
     bn2 = NormArgs(mean2, var2, bn2_weight, bn2_bias, eps[1])
@@ -189,108 +227,93 @@ def run_backward(k, grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
     pw = _matrix(project_weight)
     q = k.mbconv_project_forward(d, gv, pw, bn2, activation, False)[0]
     sums3 = k.mbconv_output_backward_stats(grad_out, q, bn3, sample_scale)
-    grads[12], grads[13] = sums3[1], sums3[0]  # each process's own share: DDP averages them
+    # each process's own share: DDP averages them
+    grads["bn3_weight"], grads["bn3_bias"] = sums3[1], sums3[0]
     sums3 = reduced("bn3", sums3, q)
-    upstream = any(output_mask[:11])
-    grad_a2, grad_gate, grads[11] = k.mbconv_project_backward(
+    upstream = wanted_upstream_of("project_weight")
+    grad_a2, grad_gate, grads["project_weight"] = k.mbconv_project_backward(
         grad_out, q, d, gv, pw, bn2, activation, bn3, *sums3, sample_scale, training,
         [upstream, mask["project_weight"]])
     if upstream:
         grad_pooled = None
         if se:
-            grad_pooled, *grads[7:11] = k.mbconv_excite_backward(
+            (grad_pooled, grads["fc1_weight"], grads["fc1_bias"], grads["fc2_weight"],
+             grads["fc2_bias"]) = k.mbconv_excite_backward(
                 grad_gate, pooled, _matrix(fc1_weight), fc1_bias, _matrix(fc2_weight), fc2_bias,
                 se_activation, gate)
         sums2 = k.mbconv_dwconv_backward_stats(grad_a2, grad_pooled, d, bn2, activation)
-        grads[5], grads[6] = sums2[1], sums2[0]
+        grads["bn2_weight"], grads["bn2_bias"] = sums2[1], sums2[0]
         sums2 = reduced("bn2", sums2, d)
-        below = any(output_mask[:4])
-        grad_h, grads[4], sum_dy1, sum_dy1_xhat1 = k.mbconv_dwconv_backward(
+        below = wanted_upstream_of("dw_weight")
+        grad_h, grads["dw_weight"], sum_dy1, sum_dy1_xhat1 = k.mbconv_dwconv_backward(
             grad_a2, grad_pooled, d, h, dw_weight, stride, bn2, activation, *sums2, bn1,
             training, [below, mask["dw_weight"]])
         residual_grad = grad_out if residual and mask["x"] else None
         if expanded and below:
-            grads[2], grads[3] = sum_dy1_xhat1, sum_dy1
+            grads["bn1_weight"], grads["bn1_bias"] = sum_dy1_xhat1, sum_dy1
             sum_dy1, sum_dy1_xhat1 = reduced("bn1", (sum_dy1, sum_dy1_xhat1), e)
-            grads[0], grads[1] = k.mbconv_expand_backward(
+            grads["x"], grads["expand_weight"] = k.mbconv_expand_backward(
                 grad_h, e, x, _matrix(expand_weight), bn1, sum_dy1, sum_dy1_xhat1, training,
                 residual_grad, [mask["x"], mask["expand_weight"]])
         elif not expanded and mask["x"]:
-            grads[0] = grad_h if residual_grad is None else grad_h + residual_grad
-    return [_shaped_grad(g, t, m) for g, t, m in zip(grads, inputs, output_mask)]
+            grads["x"] = grad_h if residual_grad is None else grad_h + residual_grad
+    return grads
 
 
-@torch.library.custom_op("fused_mbconv::mbconv", mutates_args=())
-def mbconv(x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
-           bn1_bias: Optional[Tensor], bn1_running_mean: Optional[Tensor],
-           bn1_running_var: Optional[Tensor], dw_weight: Tensor, bn2_weight: Optional[Tensor],
-           bn2_bias: Optional[Tensor], bn2_running_mean: Optional[Tensor],
-           bn2_running_var: Optional[Tensor], fc1_weight: Optional[Tensor],
-           fc1_bias: Optional[Tensor], fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor],
-           project_weight: Tensor, bn3_weight: Optional[Tensor], bn3_bias: Optional[Tensor],
-           bn3_running_mean: Optional[Tensor], bn3_running_var: Optional[Tensor],
-           sample_scale: Optional[Tensor], stride: int, training: bool, eps: List[float],
-           activation: str, se_activation: str, gate: str, residual: bool,
-           keep_dwconv_output: bool
-           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                      Tensor, Tensor]:
-    """Returns (out, e, d, mean1, var1, mean2, var2, mean3, var3, pooled, gate_values).
+@torch.library.custom_op("fused_mbconv::mbconv", mutates_args=(),
+                         schema=schema(INPUTS, tensors(len(OUTPUTS))))
+def mbconv(*inputs) -> Tuple[Tensor, ...]:
+    """INPUTS in order; returns OUTPUTS: (out, e, d, mean1, var1, mean2, var2, mean3, var3,
+    pooled, gate_values).
 
     e, mean1, var1 are empty without expansion; pooled and gate_values without SE; d when
     ``keep_dwconv_output`` is False. The statistics are those used to normalize: the batch's
     in training, copies of the running ones in eval."""
-    return run_forward(_kernels(x.device), x, expand_weight, bn1_weight, bn1_bias,
-                       bn1_running_mean, bn1_running_var, dw_weight, bn2_weight, bn2_bias,
-                       bn2_running_mean, bn2_running_var, fc1_weight, fc1_bias, fc2_weight,
-                       fc2_bias, project_weight, bn3_weight, bn3_bias, bn3_running_mean,
-                       bn3_running_var, sample_scale, stride, training, eps, activation,
-                       se_activation, gate, residual, keep_dwconv_output)
+    return tuple(run_forward(_kernels(inputs[0].device), **MBConvInputs(*inputs)._asdict()))
 
 
 @mbconv.register_fake
-def _(x, expand_weight, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var, dw_weight,
-      bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var, fc1_weight, fc1_bias,
-      fc2_weight, fc2_bias, project_weight, bn3_weight, bn3_bias, bn3_running_mean,
-      bn3_running_var, sample_scale, stride, training, eps, activation, se_activation, gate,
-      residual, keep_dwconv_output):
+def _(*inputs):
+    a = MBConvInputs(*inputs)
+    x = a.x
     n, _, h, w = x.shape
     acc = accumulate_dtype(x.dtype)
-    hidden, cout, kernel = dw_weight.shape[0], project_weight.shape[0], dw_weight.shape[-1]
-    ho, wo = conv_output_size(h, kernel, stride), conv_output_size(w, kernel, stride)
+    hidden, cout = a.dw_weight.shape[0], a.project_weight.shape[0]
+    kernel = a.dw_weight.shape[-1]
+    ho, wo = conv_output_size(h, kernel, a.stride), conv_output_size(w, kernel, a.stride)
 
     def vector(*shape):
         return x.new_empty(shape, dtype=acc)
 
-    expanded = expand_weight is not None
-    se = fc1_weight is not None
+    expanded = a.expand_weight is not None
+    se = a.fc1_weight is not None
     xk = kernel_input(x)
-    return (empty_like_input(x, (n, cout, ho, wo)),
-            empty_like_input(xk, (n, hidden, h, w)) if expanded else x.new_empty(0),
-            empty_like_input(xk, (n, hidden, ho, wo)) if keep_dwconv_output else x.new_empty(0),
-            vector(hidden if expanded else 0), vector(hidden if expanded else 0),
-            vector(hidden), vector(hidden), vector(cout), vector(cout),
-            vector(n, hidden) if se else vector(0), vector(n, hidden) if se else vector(0))
+    return tuple(MBConvOutputs(
+        out=empty_like_input(x, (n, cout, ho, wo)),
+        e=empty_like_input(xk, (n, hidden, h, w)) if expanded else x.new_empty(0),
+        d=empty_like_input(xk, (n, hidden, ho, wo)) if a.keep_dwconv_output else x.new_empty(0),
+        mean1=vector(hidden if expanded else 0), var1=vector(hidden if expanded else 0),
+        mean2=vector(hidden), var2=vector(hidden), mean3=vector(cout), var3=vector(cout),
+        pooled=vector(n, hidden) if se else vector(0),
+        gate_values=vector(n, hidden) if se else vector(0)))
 
 
-@torch.library.custom_op("fused_mbconv::mbconv_backward", mutates_args=())
-def mbconv_backward(grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
-                    expand_weight: Optional[Tensor], bn1_weight: Optional[Tensor],
-                    bn1_bias: Optional[Tensor], mean1: Tensor, var1: Tensor, dw_weight: Tensor,
-                    bn2_weight: Optional[Tensor], bn2_bias: Optional[Tensor], mean2: Tensor,
-                    var2: Tensor, fc1_weight: Optional[Tensor], fc1_bias: Optional[Tensor],
-                    fc2_weight: Optional[Tensor], fc2_bias: Optional[Tensor], pooled: Tensor,
-                    gate_values: Tensor, project_weight: Tensor, bn3_weight: Optional[Tensor],
-                    bn3_bias: Optional[Tensor], mean3: Tensor, var3: Tensor,
-                    sample_scale: Optional[Tensor], stride: int, training: bool,
-                    eps: List[float], activation: str, se_activation: str, gate: str,
-                    residual: bool, output_mask: List[bool]) -> List[Tensor]:
-    """Gradients of GRAD_INPUTS, in that order, each in its input's dtype; empty where
-    output_mask is False or the input is absent. ``d`` may be empty: it is recomputed."""
-    return run_backward(_kernels(x.device), grad_out, x, e, d, expand_weight, bn1_weight,
-                        bn1_bias, mean1, var1, dw_weight, bn2_weight, bn2_bias, mean2, var2,
-                        fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gate_values,
-                        project_weight, bn3_weight, bn3_bias, mean3, var3, sample_scale, stride,
-                        training, eps, activation, se_activation, gate, residual, output_mask)
+def _backward_op(k, inputs, sync: Optional[BatchStatsSync] = None) -> List[Tensor]:
+    """fused_mbconv::mbconv_backward on BACKWARD_INPUTS ``inputs``: ``run_backward``'s
+    gradients shaped as the op returns them."""
+    a = MBConvBackwardInputs(*inputs)
+    grads = run_backward(k, **a._asdict(), sync=sync)
+    return [_shaped_grad(grads.get(n), getattr(a, n), m)
+            for n, m in zip(GRAD_INPUTS, a.output_mask, strict=True)]
+
+
+@torch.library.custom_op("fused_mbconv::mbconv_backward", mutates_args=(),
+                         schema=schema(BACKWARD_INPUTS, "Tensor[]"))
+def mbconv_backward(*inputs) -> List[Tensor]:
+    """BACKWARD_INPUTS in order; returns the gradients of GRAD_INPUTS, in that order, each in
+    its input's dtype; empty where output_mask is False or the input is absent. ``d`` may be
+    empty: it is recomputed."""
+    return _backward_op(_kernels(inputs[0].device), inputs)
 
 
 def _shaped_grad(g: Optional[Tensor], t: Optional[Tensor], wanted: bool) -> Tensor:
@@ -308,27 +331,19 @@ def _fake_grad(t: Optional[Tensor], wanted: bool) -> Tensor:
 
 
 @mbconv_backward.register_fake
-def _(grad_out, x, e, d, expand_weight, bn1_weight, bn1_bias, mean1, var1, dw_weight,
-      bn2_weight, bn2_bias, mean2, var2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled,
-      gate_values, project_weight, bn3_weight, bn3_bias, mean3, var3, sample_scale, stride,
-      training, eps, activation, se_activation, gate, residual, output_mask):
-    inputs = (x, expand_weight, bn1_weight, bn1_bias, dw_weight, bn2_weight, bn2_bias,
-              fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, bn3_weight, bn3_bias)
-    return [_fake_grad(t, m) for t, m in zip(inputs, output_mask)]
+def _(*inputs):
+    a = MBConvBackwardInputs(*inputs)
+    return [_fake_grad(getattr(a, n), m)
+            for n, m in zip(GRAD_INPUTS, a.output_mask, strict=True)]
 
 
 def _setup_context(ctx, inputs, output):
-    (x, expand_weight, bn1_weight, bn1_bias, _, _, dw_weight, bn2_weight, bn2_bias, _, _,
-     fc1_weight, fc1_bias, fc2_weight, fc2_bias, project_weight, bn3_weight, bn3_bias, _, _,
-     sample_scale, stride, training, eps, activation, se_activation, gate, residual,
-     _) = inputs
-    _, e, d, mean1, var1, mean2, var2, mean3, var3, pooled, gate_values = output
-    ctx.save_for_backward(x, e, d, expand_weight, bn1_weight, bn1_bias, mean1, var1, dw_weight,
-                          bn2_weight, bn2_bias, mean2, var2, fc1_weight, fc1_bias, fc2_weight,
-                          fc2_bias, pooled, gate_values, project_weight, bn3_weight, bn3_bias,
-                          mean3, var3, sample_scale)
-    ctx.options = (stride, training, list(eps), activation, se_activation, gate, residual)
-    ctx.present = [inputs[i] is not None for i in _GRAD_POSITIONS]
+    values = {**MBConvInputs(*inputs)._asdict(), **MBConvOutputs(*output)._asdict()}
+    ctx.save_for_backward(*(values[n] for n in SAVED))
+    # A list option is copied: the caller keeps its own.
+    ctx.options = tuple(list(values[n]) if isinstance(values[n], (list, tuple)) else values[n]
+                        for n in OPTIONS)
+    ctx.present = [values[n] is not None for n in GRAD_INPUTS]
     ctx.mark_non_differentiable(*output[1:])
     # Backward uses grad_out only: without this, autograd zero-fills a gradient for each other
     # output, e and d among them (two expanded-size memsets per step, ~15% of a B0 block's
@@ -337,14 +352,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _wanted(ctx, needs_input_grad) -> List[bool]:
-    return [present and needs_input_grad[i] for present, i in zip(ctx.present, _GRAD_POSITIONS)]
+    needs = needs_grad(INPUTS, needs_input_grad)
+    return [present and needs[n] for present, n in zip(ctx.present, GRAD_INPUTS)]
 
 
 def _input_grads(grads: List[Tensor], mask: List[bool]) -> Tuple[Optional[Tensor], ...]:
-    result: List[Optional[Tensor]] = [None] * 29
-    for g, i, m in zip(grads, _GRAD_POSITIONS, mask):
-        result[i] = g if m else None
-    return tuple(result)
+    """autograd's result for INPUTS from the op's gradients of GRAD_INPUTS."""
+    return input_grads(INPUTS, {n: g for n, g, m in zip(GRAD_INPUTS, grads, mask) if m})
 
 
 def _backward(ctx, grad_out, *_unused):
@@ -365,18 +379,19 @@ class _SyncedMBConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sync, *inputs):
-        output = run_forward(_kernels(inputs[0].device), *inputs, sync=sync)
+        output = run_forward(_kernels(inputs[0].device), **MBConvInputs(*inputs)._asdict(),
+                             sync=sync)
         _setup_context(ctx, inputs, output)
         ctx.sync = sync
-        return output
+        return tuple(output)
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):
         if grad_out is None:
             return (None, *_input_grads([], []))
         mask = _wanted(ctx, ctx.needs_input_grad[1:])
-        grads = run_backward(_kernels(grad_out.device), grad_out, *ctx.saved_tensors,
-                             *ctx.options, mask, sync=ctx.sync)
+        grads = _backward_op(_kernels(grad_out.device),
+                             (grad_out, *ctx.saved_tensors, *ctx.options, mask), sync=ctx.sync)
         return (None, *_input_grads(grads, mask))
 
 

@@ -1,0 +1,84 @@
+"""The backend table (fused_mbconv/backends.py) and the rules derived from it: names, the
+per-device defaults, device checks, and the errors for unknown names."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import fused_mbconv as fm
+from fused_mbconv import backends
+
+
+def test_names_follow_the_table():
+    assert backends.BACKENDS == tuple(b.name for b in backends.TABLE)
+    assert backends.BACKENDS == ("triton", "cuda", "cpu", "torch")  # fastest first
+    for b in backends.TABLE:
+        assert backends.record(b.name) is b
+
+
+def test_records_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backends.record("cpu").devices = ("cuda",)
+
+
+def test_default_preference_per_device_type():
+    assert backends.preference("cuda") == ("triton", "cuda", "torch")
+    # The Triton interpreter runs CPU tensors only when chosen.
+    assert backends.preference("cpu") == ("cpu", "torch")
+    assert backends.preference("meta") == ("torch",)  # the aten composite runs anything
+
+
+@pytest.mark.parametrize("name, device_type, message", [
+    ("cuda", "cpu", "the cuda backend runs CUDA tensors only"),
+    ("cpu", "cuda", "the cpu backend runs CPU tensors only"),
+    ("cuda", "meta", "the cuda backend runs CUDA tensors only"),
+    ("triton", "meta", "the triton backend runs CUDA and CPU tensors only"),
+])
+def test_a_backend_refuses_device_types_it_does_not_run(name, device_type, message):
+    assert backends.backend_status(name, device_type) == (False, message)
+
+
+def test_default_device_type_of_backend_status():
+    assert backends.backend_status("cuda") == backends.backend_status("cuda", "cuda")
+    for name in ("triton", "cpu", "torch"):
+        assert backends.backend_status(name) == backends.backend_status(name, "cpu")
+
+
+def test_the_cpu_triton_interpreter_is_listed_last_and_never_the_default(monkeypatch):
+    if not backends.backend_status("triton", "cpu")[0]:
+        pytest.skip("triton is not usable on CPU tensors here")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fm.available_backends("cpu")[-1] == "triton"
+    assert backends.resolve_backend(torch.device("cpu")) != "triton"
+    with fm.use_backend("triton"):
+        assert backends.resolve_backend(torch.device("cpu")) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at every call, never cached
+    assert "triton" not in fm.available_backends("cpu")
+    assert "TRITON_INTERPRET=1" in backends.backend_status("triton", "cpu")[1]
+
+
+def test_a_chosen_backend_that_cannot_run_the_device_raises_with_its_reason():
+    with fm.use_backend("cuda"), pytest.raises(
+            RuntimeError, match="backend 'cuda' cannot run cpu tensors: the cuda backend runs "
+                                "CUDA tensors only"):
+        backends.resolve_backend(torch.device("cpu"))
+
+
+def test_kernels_come_from_the_resolved_backends_module():
+    device = torch.device("cpu")
+    module = backends.kernels_for(device)
+    assert module.__name__ == backends.record(backends.resolve_backend(device)).module
+    with fm.use_backend("torch"):
+        assert backends.kernels_for(device).__name__ == "fused_mbconv.reference"
+
+
+@pytest.mark.parametrize("call", [
+    lambda: backends.record("tpu"), lambda: backends.backend_status("tpu"),
+    lambda: fm.set_backend("tpu"), lambda: fm.use_backend("tpu").__enter__(),
+    lambda: backends.implements("tpu", ["mbconv_expand_forward"])])
+def test_unknown_names_raise_naming_the_choices(call):
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'; choose from \['triton', "
+                                         r"'cuda', 'cpu', 'torch'\]"):
+        call()
+    assert backends.get_backend() is None  # a failing call changes no state
