@@ -709,7 +709,7 @@ def test_autocast_gives_eager_autocast_dtypes_and_values(config):
     assert_close_by_rule(inputs[1].grad, inputs[0].grad, inputs[2].grad, torch.bfloat16,
                          "grad input")
     for (name, p_fused), p_eager, p_ref in zip(fused.named_parameters(), eager.parameters(),
-                                              reference.parameters()):
+                                               reference.parameters()):
         assert p_fused.grad.dtype == torch.float32, name
         assert_close_by_rule(p_fused.grad, p_eager.grad, p_ref.grad, torch.bfloat16,
                              f"grad {name}")
