@@ -67,7 +67,8 @@ def cmd_arch(args) -> int:
     return 0
 
 
-def cmd_env(args) -> int:
+def collect_env(dry_run: bool) -> dict:
+    """Device, versions, commit, and the slug the output files are named with."""
     import torch
 
     import fused_mbconv as fm
@@ -78,8 +79,9 @@ def cmd_env(args) -> int:
         triton_version = "not installed"
     now = datetime.datetime.now(datetime.timezone.utc)
     nvcc = _run(["nvcc", "--version"]).splitlines()
-    info = dict(mode="dry run" if args.dry_run else "gpu",
+    info = dict(mode="dry run" if dry_run else "gpu",
                 date=now.isoformat(timespec="seconds"),
+                # a copy of the tree without .git (a lent GPU machine) says it in GPU_CHECK_COMMIT
                 commit=(os.environ.get("GPU_CHECK_COMMIT") or _run(["git", "rev-parse", "HEAD"])
                         or "unknown"),
                 dirty=bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),
@@ -87,7 +89,7 @@ def cmd_env(args) -> int:
                 triton=triton_version, cuda=torch.version.cuda, nvcc=nvcc[-1] if nvcc else None,
                 fused_mbconv=fm.__version__, cores=os.cpu_count(),
                 host=platform.processor() or platform.machine())
-    if torch.cuda.is_available() and not args.dry_run:
+    if torch.cuda.is_available() and not dry_run:
         props = torch.cuda.get_device_properties(0)
         info.update(device=torch.cuda.get_device_name(0),
                     capability="%d.%d" % torch.cuda.get_device_capability(0),
@@ -100,6 +102,11 @@ def cmd_env(args) -> int:
         label = f"dry run {os.cpu_count()}-core cpu"
     info["label"] = label
     info["slug"] = f"{_slug(label)}-{now.date().isoformat()}-gpu-check"
+    return info
+
+
+def cmd_env(args) -> int:
+    info = collect_env(args.dry_run)
     Path(args.output).write_text(json.dumps(info, indent=1) + "\n")
     for key, value in info.items():
         print(f"{key}: {value}")
@@ -360,7 +367,7 @@ def cmd_summary(args) -> int:
     import report
 
     scratch, out = Path(args.scratch), Path(args.out)
-    env = _load(scratch / "env.json") or dict(slug="gpu-check", device="unknown", label="unknown")
+    env = _load(scratch / "env.json") or collect_env(args.dry_run)  # the env stage failed
     stages = _stages(scratch)
     suites = {"gpu": parity_results(scratch, "gpu"),
               "interpreter": parity_results(scratch, "interpreter")}

@@ -28,7 +28,7 @@ def dry_run_job():
         return None
     return Job(["bash", "-c", f'bash "{SCRIPT}" --dry-run "$OUT/check"'],
                env=dict(os.environ, PYTHON=sys.executable), scratch_env={"OUT": "."},
-               cwd=str(ROOT), timeout_s=1800)
+               cwd=str(ROOT), timeout_s=3600)
 
 
 def _section(summary: str, title: str) -> str:
