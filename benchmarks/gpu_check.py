@@ -291,6 +291,10 @@ def _stages(scratch: Path) -> List[dict]:
     return rows
 
 
+def _rate(images_per_s: float) -> str:
+    return f"{images_per_s:.0f}" if images_per_s >= 100 else f"{images_per_s:.3g}"
+
+
 def _block_tables(records: List[dict]) -> List[str]:
     timed = [r for r in records if r.get("time_s")]
     if not timed:
@@ -300,7 +304,7 @@ def _block_tables(records: List[dict]) -> List[str]:
     for r in timed:
         base = eager.get(r["case"])
         rows.append([r["case"], r["provider"], f"{r['time_s'] * 1e3:.3f}",
-                     f"{r['batch'] / r['time_s']:.0f}",
+                     _rate(r["batch"] / r["time_s"]),
                      "–" if r.get("peak_bytes") is None else f"{r['peak_bytes'] / MB:.1f}",
                      "–" if base is None else f"{base / r['time_s']:.2f}×"])
     return _table(["block", "provider", "ms", "img/s", "peak MB", "speed-up vs eager"], rows)
@@ -318,7 +322,7 @@ def _network_table(network: Optional[dict]) -> List[str]:
              f"{meta['steps']} steps after {meta['warmup']} warm-up"
              + (f"; not measured (time box): {', '.join(missing)}" if missing else "") + ".",
              ""]
-    rows = [[r["provider"], f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['images_per_s']:.0f}",
+    rows = [[r["provider"], f"{r['seconds_per_step'] * 1e3:.1f}", _rate(r["images_per_s"]),
              "–" if r["peak_bytes"] is None else f"{r['peak_bytes'] / MB:.0f}",
              f"{r['saved_bytes'] / MB:.0f}", f"{base / r['seconds_per_step']:.2f}×"]
             for r in results]
