@@ -2,7 +2,12 @@
 
 Providers are discovered, never assumed: "compile" when torch.compile works here, one
 "fused-<backend>" per ``fm.available_backends(device)``, and fused blocks / networks only
-once ``fm.FusedMBConv`` / ``fm.convert`` exist.
+once ``fm.FusedMBConv`` / ``fm.convert`` exist. ``FUSED_MBCONV_BENCH_PROVIDERS`` names them
+instead (e.g. the GPU check's ``eager,fused-triton,fused-cuda``; or the interpreted triton
+backend, which discovery leaves out on CPU).
+
+Every level runs in ``FUSED_MBCONV_BENCH_DTYPE`` (modules and inputs; default float32) and,
+with ``FUSED_MBCONV_BENCH_CHANNELS_LAST=1``, on channels_last modules and inputs.
 """
 
 from __future__ import annotations
@@ -17,8 +22,13 @@ import torch.nn as nn
 import fused_mbconv as fm
 from fused_mbconv import profiling, verification
 
-SIZE_ENV = "FUSED_MBCONV_BENCH_SIZE"      # tiny | cpu | cuda
+SIZE_ENV = "FUSED_MBCONV_BENCH_SIZE"      # tiny | cpu | cuda | gpu-check
 DEVICE_ENV = "FUSED_MBCONV_BENCH_DEVICE"  # cpu | cuda
+PROVIDERS_ENV = "FUSED_MBCONV_BENCH_PROVIDERS"  # comma-separated, e.g. eager,fused-cuda
+DTYPE_ENV = "FUSED_MBCONV_BENCH_DTYPE"    # float32 | bfloat16 | float16 | float64
+CHANNELS_LAST_ENV = "FUSED_MBCONV_BENCH_CHANNELS_LAST"  # 1: channels_last, 0 (default): NCHW
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
 
 
 def device() -> torch.device:
@@ -41,6 +51,8 @@ SIZES = {
     "tiny": Size("tiny", 2, 2, 32, 2, 1, 1),
     "cpu": Size("cpu", 4, 4, 224, 4, 3, 1),
     "cuda": Size("cuda", 64, 64, 224, 256, 20, 5),
+    # benchmarks/gpu_check.sh: blocks at batch 128 (the network step runs through the CLI)
+    "gpu-check": Size("gpu-check", 128, 128, 224, 256, 20, 5),
 }
 
 
@@ -51,10 +63,41 @@ def size() -> Size:
     return SIZES[name]
 
 
+def dtype() -> torch.dtype:
+    name = os.environ.get(DTYPE_ENV) or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"{DTYPE_ENV}={name!r}: choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def memory_format() -> torch.memory_format:
+    value = os.environ.get(CHANNELS_LAST_ENV) or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"{CHANNELS_LAST_ENV}={value!r}: choose 0 (NCHW) or 1 (channels_last)")
+    return torch.channels_last if value == "1" else torch.contiguous_format
+
+
 # ---------------------------------------------------------------- providers
 
+def requested_providers() -> Optional[List[str]]:
+    """The providers ``FUSED_MBCONV_BENCH_PROVIDERS`` names, in its order; None when unset."""
+    value = os.environ.get(PROVIDERS_ENV)
+    if not value:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    known = ["eager", "compile"] + [f"fused-{b}" for b in fm.backends.BACKENDS]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{PROVIDERS_ENV}: unknown provider(s) {unknown}; choose from {known}")
+    return names
+
+
 def providers(level: str) -> List[str]:
-    """Providers measurable at ``level`` now."""
+    """Providers measurable at ``level`` now (or those ``FUSED_MBCONV_BENCH_PROVIDERS``
+    names)."""
+    requested = requested_providers()
+    if requested is not None:
+        return requested
     names = ["eager", "compile"]
     if size().name == "tiny" and level != "op":
         names.remove("compile")  # the smoke preset compiles once (op level): compiling is slow
@@ -151,8 +194,14 @@ def op_shapes(resolution: int) -> List[BlockShape]:
 
 
 def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` from seed 0, in the benchmark's device, dtype and memory format."""
     torch.manual_seed(0)
-    return build()
+    return build().to(device(), dtype(), memory_format=memory_format())
+
+
+def _input(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, device=device(), dtype=dtype()).contiguous(
+        memory_format=memory_format())
 
 
 def _wrap(provider: str, eager: nn.Module, fuse: Callable[[nn.Module], nn.Module]) -> nn.Module:
@@ -180,28 +229,25 @@ def cached(build):
 
 @cached
 def op_workload(shape: BlockShape, provider: str, batch: int) -> profiling.Workload:
-    dev = device()
     eager = _seeded(lambda: DWConvBNSiLU(shape.hidden_channels, shape.kernel_size,
-                                         shape.stride)).to(dev).train()
+                                         shape.stride)).train()
     # The depthwise conv sees the expanded map at the block's input resolution.
-    x = torch.randn(batch, shape.hidden_channels, shape.resolution, shape.resolution,
-                    device=dev)
+    x = _input(batch, shape.hidden_channels, shape.resolution, shape.resolution)
     module = _wrap(provider, eager, FusedDWConvBNSiLU)
     return profiling.Workload.build(module, x, shape_from=eager)
 
 
 @cached
 def block_workload(shape: BlockShape, provider: str, batch: int) -> profiling.Workload:
-    dev = device()
     eager = _seeded(lambda: fm.MBConv(shape.in_channels, shape.out_channels, shape.kernel_size,
-                                      shape.stride, shape.expand_ratio)).to(dev).train()
-    x = torch.randn(batch, shape.in_channels, shape.resolution, shape.resolution, device=dev)
+                                      shape.stride, shape.expand_ratio)).train()
+    x = _input(batch, shape.in_channels, shape.resolution, shape.resolution)
     module = _wrap(provider, eager, lambda m: fm.FusedMBConv.from_module(m))
     return profiling.Workload.build(module, x, shape_from=eager)
 
 
 def network_step(provider: str, batch: int, resolution: int) -> profiling.TrainStep:
-    dev = device()
-    eager = _seeded(fm.efficientnet_b0).to(dev).train()
+    eager = _seeded(fm.efficientnet_b0).train()
     module = _wrap(provider, eager, verification.convert)
-    return profiling.TrainStep.build(module, batch, resolution, num_classes=1000)
+    return profiling.TrainStep.build(module, batch, resolution, num_classes=1000,
+                                     dtype=dtype(), memory_format=memory_format())

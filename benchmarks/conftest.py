@@ -3,7 +3,9 @@
 
 Environment: FUSED_MBCONV_BENCH_SIZE (tiny | cpu | cuda), FUSED_MBCONV_BENCH_DEVICE,
 FUSED_MBCONV_BENCH_LABEL (machine description kept with the results),
-FUSED_MBCONV_BENCH_RESULTS (results JSON path; default benchmarks/results/<label>-<date>.json).
+FUSED_MBCONV_BENCH_RESULTS (results JSON path; default benchmarks/results/<label>-<date>.json);
+what runs: FUSED_MBCONV_BENCH_PROVIDERS, FUSED_MBCONV_BENCH_DTYPE,
+FUSED_MBCONV_BENCH_CHANNELS_LAST (cases.py).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def metadata() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "size": cases.size().__dict__,
+        "dtype": str(cases.dtype()).replace("torch.", ""),
+        "channels_last": cases.memory_format() == torch.channels_last,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,

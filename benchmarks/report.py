@@ -55,7 +55,9 @@ def markdown(results: dict) -> str:
     out = [f"# Benchmarks: {meta['label']}", "",
            f"device `{meta['device']}` ({meta['device_name']}), torch {meta['torch']}, "
            f"triton {meta['triton']}, commit `{meta['commit'][:12]}`, {meta['date']}, "
-           f"size preset `{meta['size']['name']}`, {meta.get('torch_threads')} CPU thread(s); "
+           f"size preset `{meta['size']['name']}`, {meta.get('dtype', 'float32')}, "
+           f"{'channels_last' if meta.get('channels_last') else 'NCHW'}, "
+           f"{meta.get('torch_threads')} CPU thread(s); "
            f"fused backends here: "
            f"{', '.join(meta['backends']) or 'none'}; compile: {meta['compile']}.", "",
            "Ratios are eager / provider: > 1 is better than eager. Time is measured on this "

@@ -24,6 +24,7 @@ from .backends import BACKENDS, DEVICE_TYPES, TABLE, backend_status, machine_dev
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class UsageError(Exception):
@@ -108,16 +109,13 @@ def cmd_verify(args) -> int:
 
 # ---------------------------------------------------------------- bench
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _bench_providers(args, device) -> List[str]:
-    names = ["eager"]
-    usable, reason = profiling.compile_status()
-    if args.no_compile:
-        pass
-    elif usable:
-        names.append("compile")
-    else:
-        print(f"compile: skipped ({reason})")
-    backends = [args.backend] if args.backend else verification.timed_block_backends(device)
+    """eager, the fused backends, then torch.compile (slowest to warm up: last, so that an
+    interrupted run has already measured the others)."""
+    backends = args.backend or verification.timed_block_backends(device)
     for backend in backends:
         usable, reason = backend_status(backend, device.type)
         if not usable:
@@ -125,21 +123,59 @@ def _bench_providers(args, device) -> List[str]:
         if backend not in verification.block_backends(device):
             raise UsageError(f"--backend {backend}: does not implement the fused block's "
                              f"kernels yet")
-    return names + [f"fused-{b}" for b in backends]
+    names = ["eager"] + [f"fused-{b}" for b in dict.fromkeys(backends)]
+    usable, reason = profiling.compile_status()
+    if args.no_compile:
+        pass
+    elif usable:
+        names.append("compile")
+    else:
+        print(f"compile: skipped ({reason})")
+    return names
+
+
+def _bench_settings(args, device) -> dict:
+    """What cmd_bench runs, with the CUDA / CPU defaults filled in; UsageError for a
+    combination that means nothing."""
+    cuda = device.type == "cuda"
+    settings = dict(batch=args.batch or (256 if cuda else 8),
+                    resolution=args.resolution or (224 if cuda else 128),
+                    steps=args.steps or (20 if cuda else 5),
+                    warmup=args.warmup if args.warmup is not None else (5 if cuda else 2),
+                    dtype=args.dtype, amp=AMP_DTYPES[args.amp] if args.amp else None,
+                    channels_last=args.channels_last)
+    if settings["amp"] is not None and args.dtype != "float32":
+        raise UsageError(f"--amp {args.amp} runs float32 parameters under autocast; got "
+                         f"--dtype {args.dtype} (drop one of them)")
+    return settings
+
+
+def _describe(settings: dict) -> str:
+    amp = settings["amp"]
+    return (f"{settings['dtype']} parameters and inputs, "
+            f"{'AMP ' + DTYPE_NAMES[amp] if amp else 'no AMP'}, "
+            f"{'channels_last' if settings['channels_last'] else 'NCHW'}")
 
 
 def cmd_bench(args) -> int:
     device = _device(args.device)
-    batch = args.batch or (256 if device.type == "cuda" else 8)
-    resolution = args.resolution or (224 if device.type == "cuda" else 128)
-    steps = args.steps or (20 if device.type == "cuda" else 5)
-    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
+    settings = _bench_settings(args, device)
+    batch, resolution = settings["batch"], settings["resolution"]
+    steps, warmup = settings["steps"], settings["warmup"]
+    memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     torch.manual_seed(args.seed)
-    eager = verification.build_model(args.model).to(device)
+    eager = verification.build_model(args.model).to(device, DTYPES[settings["dtype"]],
+                                                    memory_format=memory_format)
     fused_model = verification.convert(eager)
     providers = _bench_providers(args, device)
     print(f"bench {args.model}: training step (forward, loss, backward, SGD) at batch {batch}, "
-          f"{resolution}x{resolution}, {device}; {warmup} warm-up + {steps} timed steps each")
+          f"{resolution}x{resolution}, {device}, {_describe(settings)}; {warmup} warm-up + "
+          f"{steps} timed steps each; providers {', '.join(providers)}")
+    meta = dict(model=args.model, device=str(device), batch=batch, resolution=resolution,
+                steps=steps, warmup=warmup, dtype=settings["dtype"],
+                amp=DTYPE_NAMES[settings["amp"]] if settings["amp"] else None,
+                channels_last=settings["channels_last"], providers=providers,
+                torch=torch.__version__, fused_mbconv=fm.__version__)
     results = []
     with _progress(len(providers) * (warmup + steps), "bench") as bar:
         for provider in providers:
@@ -149,7 +185,10 @@ def cmd_bench(args) -> int:
                 model = torch.compile(model)
             with fm.use_backend(backend):
                 step = profiling.TrainStep.build(model, batch, resolution, num_classes=1000,
-                                                 seed=args.seed)
+                                                 seed=args.seed,
+                                                 dtype=DTYPES[settings["dtype"]],
+                                                 memory_format=memory_format,
+                                                 autocast=settings["amp"])
                 timing = profiling.time_fn(step, device, warmup, steps,
                                            progress=bar.update if bar else None)
                 saved = profiling.saved_bytes(step.loss, step.activation_exclusions())
@@ -157,6 +196,9 @@ def cmd_bench(args) -> int:
             results.append(dict(provider=provider, seconds_per_step=timing.median,
                                 seconds_min=timing.min, images_per_s=batch / timing.median,
                                 saved_bytes=saved.bytes, peak_bytes=peak))
+            if args.json:  # after every provider: an interrupted run keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"meta": meta, "results": results}, f, indent=1)
     base = results[0]
     rows = [[r["provider"], f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['images_per_s']:.1f}",
              f"{base['seconds_per_step'] / r['seconds_per_step']:.2f}x",
@@ -168,11 +210,6 @@ def cmd_bench(args) -> int:
     print(f"(median of {steps} steps on this machine; saved = activations kept for backward, "
           f"excluding input and parameters; peak memory on CUDA only)")
     if args.json:
-        meta = dict(model=args.model, device=str(device), batch=batch, resolution=resolution,
-                    steps=steps, warmup=warmup, torch=torch.__version__,
-                    fused_mbconv=fm.__version__)
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
 
@@ -273,8 +310,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, help="default 224 on CUDA, 128 on CPU")
     p.add_argument("--steps", type=int, help="timed steps (default 20 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed steps (default 5 on CUDA, 2 on CPU)")
-    p.add_argument("--backend", choices=BACKENDS, help="only this fused backend")
+    p.add_argument("--backend", choices=BACKENDS, action="append",
+                   help="only this fused backend (repeat for several)")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="parameter and input dtype (default float32)")
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES),
+                   help="mixed precision: forward and loss under torch.autocast in this dtype "
+                        "(float32 parameters; fp16 scales the loss)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels_last model and inputs (default NCHW)")
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")

@@ -329,31 +329,49 @@ def compile_status() -> tuple:
 
 @dataclass
 class TrainStep:
-    """One classification training step: forward, cross-entropy loss, backward, SGD step."""
+    """One classification training step: forward, cross-entropy loss, backward, SGD step.
+
+    ``images`` carry the step's dtype and memory format (the model is expected in the same);
+    with ``autocast`` the forward and loss run under ``torch.autocast`` in that dtype, and a
+    float16 step scales the loss with a ``GradScaler``, as float16 mixed-precision training
+    does."""
 
     model: torch.nn.Module
     images: torch.Tensor
     labels: torch.Tensor
     optimizer: torch.optim.Optimizer
+    autocast: Optional[torch.dtype] = None
+    scaler: Optional[Any] = None
 
     @classmethod
     def build(cls, model: torch.nn.Module, batch: int, resolution: int, num_classes: int,
-              seed: int = 0) -> "TrainStep":
+              seed: int = 0, dtype: torch.dtype = torch.float32,
+              memory_format: torch.memory_format = torch.contiguous_format,
+              autocast: Optional[torch.dtype] = None) -> "TrainStep":
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(seed)
         images = torch.randn(batch, 3, resolution, resolution, generator=generator)
         labels = torch.randint(0, num_classes, (batch,), generator=generator)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        return cls(model, images.to(device), labels.to(device), optimizer)
+        scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
+        images = images.to(device, dtype).contiguous(memory_format=memory_format)
+        return cls(model, images, labels.to(device), optimizer, autocast, scaler)
 
     def loss(self) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
-        return torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
+        with torch.autocast(self.images.device.type, dtype=self.autocast,
+                            enabled=self.autocast is not None):
+            return torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
 
     def __call__(self) -> torch.Tensor:
         loss = self.loss()
-        loss.backward()
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss.detach()
 
     def activation_exclusions(self) -> List[torch.Tensor]:

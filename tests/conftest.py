@@ -55,6 +55,7 @@ def _seed():
 
 # ---- background jobs (tests/background.py) --------------------------------------------------
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only the selected tests' jobs
 def pytest_collection_modifyitems(session, config, items):
     """Start the background jobs and run their tests last, when they are most likely done."""
     import background
