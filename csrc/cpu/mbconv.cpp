@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "fused_mbconv/block_checks.h"
+#include "fused_mbconv/bn.h"
 #include "fused_mbconv/host.h"
 #include "fused_mbconv/math.h"
 
@@ -109,20 +110,19 @@ Norm<acc_t> norm_of(const Tensor& x, const Tensor& mean, const Tensor& var, cons
   Norm<acc_t> n{std::vector<acc_t>(C), std::vector<acc_t>(C), std::vector<acc_t>(C),
                 std::vector<acc_t>(C)};
   for (int64_t c = 0; c < C; ++c) {
-    n.mean[c] = m.const_data_ptr<acc_t>()[c];
-    n.invstd[c] = rsqrt_(v.const_data_ptr<acc_t>()[c] + static_cast<acc_t>(eps));
-    const BnAffine<acc_t> a = bn_affine<acc_t>(n.mean[c], v.const_data_ptr<acc_t>()[c],
-                                               g.const_data_ptr<acc_t>()[c],
-                                               be.const_data_ptr<acc_t>()[c],
-                                               static_cast<acc_t>(eps));
-    n.scale[c] = a.scale;
-    n.shift[c] = a.shift;
+    const BnConstants<acc_t> k = bn_constants<acc_t>(
+        m.const_data_ptr<acc_t>()[c], v.const_data_ptr<acc_t>()[c], g.const_data_ptr<acc_t>()[c],
+        be.const_data_ptr<acc_t>()[c], static_cast<acc_t>(eps));
+    n.mean[c] = k.mean;
+    n.invstd[c] = k.invstd;
+    n.scale[c] = k.scale;
+    n.shift[c] = k.shift;
   }
   return n;
 }
 
-// BN backward as dx = (dy - a - x_hat * b) * gi; in training a, b are the means of dy and
-// dy * x_hat (the batch statistics' own gradient), in eval 0.
+// BN backward constants (bn.h's bn_input_grad): a, b the means of dy and dy * x_hat in
+// training, 0 in eval; gi = scale.
 template <typename acc_t>
 struct NormGrad {
   std::vector<acc_t> a, b;
@@ -138,8 +138,8 @@ NormGrad<acc_t> norm_grad_of(const Norm<acc_t>& n, const Tensor& sum_dy,
   if (training) {
     const Tensor s = sum_dy.to(acc).contiguous(), sx = sum_dy_xhat.to(acc).contiguous();
     for (int64_t c = 0; c < C; ++c) {
-      g.a[c] = s.const_data_ptr<acc_t>()[c] / static_cast<acc_t>(count);
-      g.b[c] = sx.const_data_ptr<acc_t>()[c] / static_cast<acc_t>(count);
+      g.a[c] = bn_grad_mean(s.const_data_ptr<acc_t>()[c], static_cast<acc_t>(count));
+      g.b[c] = bn_grad_mean(sx.const_data_ptr<acc_t>()[c], static_cast<acc_t>(count));
     }
   }
   return g;
@@ -834,7 +834,7 @@ Tensor squeeze_forward(const Tensor& d_in, const Tensor& mean, const Tensor& var
 
 // ---- K4 / B4 excite (per-sample vectors: a few small GEMMs) --------------------------------
 
-template <bool kGrad>
+template <bool kGrad, ActRole kRole>
 Tensor map_activation(const Tensor& t, Act a) {
   Tensor out = at::empty_like(t);
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "mbconv_excite", [&] {
@@ -846,8 +846,7 @@ Tensor map_activation(const Tensor& t, Act a) {
                        : activate<decltype(A)::value>(src[i]);
       }
     };
-    if (a == Act::kSigmoid || a == Act::kHardsigmoid) dispatch_gate(a, run);
-    else dispatch_activation(a, run);
+    dispatch_role<kRole>(a, run);
   });
   return out;
 }
@@ -858,8 +857,9 @@ Tensor excite_forward(const Tensor& pooled, const Tensor& w1, const Tensor& b1,
   const auto [se, gt] = check_excite_forward(pooled, w1, b1, w2, b2, se_activation, gate, kCPU);
   const auto acc = pooled.scalar_type();
   const Tensor p = pooled.contiguous();
-  const Tensor s = map_activation<false>(at::addmm(b1.to(acc), p, w1.to(acc).t()), se);
-  return map_activation<false>(at::addmm(b2.to(acc), s, w2.to(acc).t()), gt);
+  const Tensor z1 = at::addmm(b1.to(acc), p, w1.to(acc).t());
+  const Tensor s = map_activation<false, ActRole::Block>(z1, se);
+  return map_activation<false, ActRole::Gate>(at::addmm(b2.to(acc), s, w2.to(acc).t()), gt);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> excite_backward(
@@ -870,10 +870,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> excite_backward(
   const auto acc = pooled.scalar_type();
   const Tensor p = pooled.contiguous(), w1a = w1.to(acc), w2a = w2.to(acc);
   const Tensor z1 = at::addmm(b1.to(acc), p, w1a.t());
-  const Tensor s = map_activation<false>(z1, se);
+  const Tensor s = map_activation<false, ActRole::Block>(z1, se);
   const Tensor z2 = at::addmm(b2.to(acc), s, w2a.t());
-  const Tensor gz2 = grad_gate.to(acc) * map_activation<true>(z2, gt);
-  const Tensor gz1 = at::mm(gz2, w2a) * map_activation<true>(z1, se);
+  const Tensor gz2 = grad_gate.to(acc) * map_activation<true, ActRole::Gate>(z2, gt);
+  const Tensor gz1 = at::mm(gz2, w2a) * map_activation<true, ActRole::Block>(z1, se);
   return {at::mm(gz1, w1a), at::mm(gz1.t(), p), gz1.sum(0), at::mm(gz2.t(), s), gz2.sum(0)};
 }
 
@@ -1091,8 +1091,9 @@ std::tuple<Tensor, Tensor, Tensor> project_backward(
               acc_t* dst = gq + r * Cout;
 #pragma omp simd
               for (int64_t c = 0; c < Cout; ++c) {
-                const acc_t xh = (static_cast<acc_t>(qr[c]) - m[c]) * inv[c];
-                dst[c] = (static_cast<acc_t>(gr[c]) * sn - a[c] - xh * b[c]) * gi[c];
+                dst[c] = bn_input_grad(static_cast<acc_t>(gr[c]) * sn,
+                                       bn_xhat(static_cast<acc_t>(qr[c]), m[c], inv[c]), a[c],
+                                       b[c], gi[c]);
               }
             }
             acc_t* buf = s.buf.get();
@@ -1153,13 +1154,14 @@ inline void dy2_row(const scalar_t* ga, const scalar_t* dr, const acc_t* share,
     for (int64_t c = 0; c < C; ++c) {
       const acc_t v = static_cast<acc_t>(dr[c]);
       f(c, (static_cast<acc_t>(ga[c]) + share[c]) * activate_grad<A>(v * sc[c] + sh[c]),
-        (v - m[c]) * inv[c]);
+        bn_xhat(v, m[c], inv[c]));
     }
   } else {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const acc_t v = static_cast<acc_t>(dr[c]);
-      f(c, static_cast<acc_t>(ga[c]) * activate_grad<A>(v * sc[c] + sh[c]), (v - m[c]) * inv[c]);
+      f(c, static_cast<acc_t>(ga[c]) * activate_grad<A>(v * sc[c] + sh[c]),
+        bn_xhat(v, m[c], inv[c]));
     }
   }
 }
@@ -1294,7 +1296,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
               const int64_t pos = n * Po + r;
               dy2_row<kA>(gap + pos * C, dp + pos * C, sh, bn2, C,
                           [&](int64_t c, acc_t dy, acc_t xh) {
-                            dst[c] = (dy - ma[c] - xh * mb[c]) * gi[c];
+                            dst[c] = bn_input_grad(dy, xh, ma[c], mb[c], gi[c]);
                           });
             }
             // a1 of input rows from a0: pixel (hi, wi) at a_at(hi, wi)
@@ -1453,8 +1455,9 @@ std::tuple<Tensor, Tensor> expand_backward(
             acc_t* dst = ge + r * Ce;
 #pragma omp simd
             for (int64_t c = 0; c < Ce; ++c) {
-              const acc_t xh = (static_cast<acc_t>(er[c]) - m[c]) * inv[c];
-              dst[c] = (static_cast<acc_t>(gr[c]) - a[c] - xh * b[c]) * gi[c];
+              dst[c] = bn_input_grad(static_cast<acc_t>(gr[c]),
+                                     bn_xhat(static_cast<acc_t>(er[c]), m[c], inv[c]), a[c], b[c],
+                                     gi[c]);
             }
           }
           if (dgrad) {
