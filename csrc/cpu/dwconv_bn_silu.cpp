@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "fused_mbconv/bn.h"
 #include "fused_mbconv/checks.h"
 #include "fused_mbconv/host.h"
 #include "fused_mbconv/math.h"
@@ -282,7 +283,7 @@ void backward_kernel(const Tensor& go, const Tensor& x, const Tensor& weight, co
   std::vector<BnSiluGrad<acc_t>> coef(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
     coef[c] = {mean_c.const_data_ptr<acc_t>()[c],
-               rsqrt_(var_c.const_data_ptr<acc_t>()[c] + static_cast<acc_t>(eps)),
+               bn_invstd(var_c.const_data_ptr<acc_t>()[c], static_cast<acc_t>(eps)),
                gamma.const_data_ptr<acc_t>()[c], beta.const_data_ptr<acc_t>()[c], 0, 0};
   }
 
@@ -317,8 +318,8 @@ void backward_kernel(const Tensor& go, const Tensor& x, const Tensor& weight, co
     gbp[c] = sg;
     ggp[c] = sgx;
     if (training) {
-      coef[c].mean_g = sg / count;
-      coef[c].mean_g_xhat = sgx / count;
+      coef[c].mean_g = bn_grad_mean(sg, count);
+      coef[c].mean_g_xhat = bn_grad_mean(sgx, count);
     }
   }
   if (!gx.defined() && !gw.defined()) return;

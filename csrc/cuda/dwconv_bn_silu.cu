@@ -14,6 +14,7 @@
 #include <array>
 #include <tuple>
 
+#include "fused_mbconv/bn.h"
 #include "fused_mbconv/checks.h"
 #include "fused_mbconv/cuda/reduce.cuh"
 #include "fused_mbconv/cuda/runtime.cuh"
@@ -168,8 +169,8 @@ __global__ void finalize_grad_kernel(const Sums<acc_t, 2>* __restrict__ partial,
   grad_beta[c] = sg;
   grad_gamma[c] = sgx;
   if (training) {
-    coef[c].mean_g = div_(sg, count);
-    coef[c].mean_g_xhat = div_(sgx, count);
+    coef[c].mean_g = bn_grad_mean(sg, count);
+    coef[c].mean_g_xhat = bn_grad_mean(sgx, count);
   }
 }
 

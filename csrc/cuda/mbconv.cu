@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "fused_mbconv/block_checks.h"
+#include "fused_mbconv/bn.h"
 #include "fused_mbconv/cuda/reduce.cuh"
 #include "fused_mbconv/cuda/runtime.cuh"
 #include "fused_mbconv/host.h"
@@ -96,10 +97,9 @@ void map(const char* name, const Plane& pl, const F& f) {
 
 // ---- per-channel BatchNorm constants -------------------------------------------------------
 
-// One BatchNorm as the passes apply it: y = v * scale + shift, x_hat = (v - mean) * invstd;
-// its input gradient is (dy - a - x_hat * b) * scale, where a, b are the means of dy and
-// dy * x_hat in training (the batch statistics' own gradient) and 0 in eval. Device pointers
-// into one (6, C) tensor.
+// One BatchNorm's per-channel constants as the passes apply them (bn.h): bn_constants' four,
+// and a, b the means of dy and dy * x_hat of bn_input_grad (0 in eval). Device pointers into one
+// (6, C) tensor.
 template <typename T>
 struct Norm {
   const T *mean, *invstd, *scale, *shift, *a, *b;
@@ -112,14 +112,14 @@ __global__ void norm_kernel(int64_t C, const T* __restrict__ mean, const T* __re
                             T count, T* __restrict__ out) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const BnAffine<T> af = bn_affine(mean[c], var[c], gamma ? gamma[c] : T(1),
-                                   beta ? beta[c] : T(0), eps);
-  out[c] = mean[c];
-  out[C + c] = rsqrt_(var[c] + eps);
-  out[2 * C + c] = af.scale;
-  out[3 * C + c] = af.shift;
-  out[4 * C + c] = sum_dy ? div_(sum_dy[c], count) : T(0);
-  out[5 * C + c] = sum_dy_xhat ? div_(sum_dy_xhat[c], count) : T(0);
+  const BnConstants<T> k = bn_constants(mean[c], var[c], gamma ? gamma[c] : T(1),
+                                        beta ? beta[c] : T(0), eps);
+  out[c] = k.mean;
+  out[C + c] = k.invstd;
+  out[2 * C + c] = k.scale;
+  out[3 * C + c] = k.shift;
+  out[4 * C + c] = sum_dy ? bn_grad_mean(sum_dy[c], count) : T(0);
+  out[5 * C + c] = sum_dy_xhat ? bn_grad_mean(sum_dy_xhat[c], count) : T(0);
 }
 
 template <typename T>
@@ -657,9 +657,9 @@ struct ProjectGradOut {  // gq = BN3 backward of dy3 = grad_out * sample_scale[n
   scalar_t* gq;
   __device__ void operator()(int64_t i, int n, int c) const {
     const acc_t s = sample_scale ? sample_scale[n] : acc_t(1);
-    const acc_t xh = (static_cast<acc_t>(q[i]) - bn3.mean[c]) * bn3.invstd[c];
+    const acc_t xh = bn_xhat(static_cast<acc_t>(q[i]), bn3.mean[c], bn3.invstd[c]);
     gq[i] = static_cast<scalar_t>(
-        (static_cast<acc_t>(grad_out[i]) * s - bn3.a[c] - xh * bn3.b[c]) * bn3.scale[c]);
+        bn_input_grad(static_cast<acc_t>(grad_out[i]) * s, xh, bn3.a[c], bn3.b[c], bn3.scale[c]));
   }
 };
 
@@ -754,7 +754,7 @@ struct Dy2 {
     acc_t upstream = static_cast<acc_t>(grad_a2[i]);
     if (grad_pooled) upstream += div_(grad_pooled[n * dp.C + c], static_cast<acc_t>(dp.P));
     *dy = upstream * activate_grad<A>(v * bn2.scale[c] + bn2.shift[c]);
-    *x_hat = (v - bn2.mean[c]) * bn2.invstd[c];
+    *x_hat = bn_xhat(v, bn2.mean[c], bn2.invstd[c]);
   }
 };
 
@@ -811,7 +811,7 @@ struct GradD {
     acc_t dy, xh;
     dy2.at(i, n, c, &dy, &xh);
     const Norm<acc_t>& bn = dy2.bn2;
-    gd[i] = (dy - bn.a[c] - xh * bn.b[c]) * bn.scale[c];
+    gd[i] = bn_input_grad(dy, xh, bn.a[c], bn.b[c], bn.scale[c]);
   }
 };
 
@@ -937,9 +937,9 @@ struct ExpandGrad {  // ge = BN1 backward of grad_y1
   Norm<acc_t> bn1;
   scalar_t* ge;
   __device__ void operator()(int64_t i, int, int c) const {
-    const acc_t xh = (static_cast<acc_t>(e[i]) - bn1.mean[c]) * bn1.invstd[c];
-    ge[i] = static_cast<scalar_t>((static_cast<acc_t>(grad_y1[i]) - bn1.a[c] - xh * bn1.b[c]) *
-                                  bn1.scale[c]);
+    const acc_t xh = bn_xhat(static_cast<acc_t>(e[i]), bn1.mean[c], bn1.invstd[c]);
+    ge[i] = static_cast<scalar_t>(
+        bn_input_grad(static_cast<acc_t>(grad_y1[i]), xh, bn1.a[c], bn1.b[c], bn1.scale[c]));
   }
 };
 

@@ -8,6 +8,7 @@
 
 #include <c10/util/string_view.h>
 
+#include "fused_mbconv/activations.h"
 #include "fused_mbconv/checks.h"
 
 namespace fused_mbconv {
@@ -74,20 +75,44 @@ inline void check_dw_weight(const char* op, const Tensor& weight, const Tensor& 
   TORCH_CHECK_VALUE(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
 }
 
-inline Act activation_of(const char* op, const std::string& name) {
-  if (name == "silu") return Act::kSilu;
-  if (name == "relu") return Act::kRelu;
-  if (name == "relu6") return Act::kRelu6;
-  TORCH_CHECK_VALUE(name == "hardswish", op,
-                    ": activation must be one of silu, relu, relu6, hardswish, got '", name, "'");
-  return Act::kHardswish;
+// ---- activation names: activations.h's list --------------------------------------------------
+
+struct ActivationName {
+  Act kind;
+  const char* name;
+  ActRole role;
+};
+
+#define FM_ACTIVATION_NAME(kind, name, role) {Act::kind, name, ActRole::role},
+inline constexpr ActivationName kActivationNames[] = {
+    FUSED_MBCONV_FOR_EACH_ACTIVATION(FM_ACTIVATION_NAME)};
+#undef FM_ACTIVATION_NAME
+
+// The names `role` takes, in the list's order: "silu, relu, ...".
+inline std::string activation_names(ActRole role) {
+  std::string names;
+  for (const ActivationName& a : kActivationNames) {
+    if (a.role != role) continue;
+    if (!names.empty()) names += ", ";
+    names += a.name;
+  }
+  return names;
 }
 
-inline Act gate_of(const char* op, const std::string& name) {
-  if (name == "sigmoid") return Act::kSigmoid;
-  TORCH_CHECK_VALUE(name == "hardsigmoid", op, ": gate must be sigmoid or hardsigmoid, got '",
-                    name, "'");
-  return Act::kHardsigmoid;
+// The kind of activation `name`, passed as `argument` of `op`, which takes `role`'s names.
+inline Act parse_activation(const char* op, const char* argument, ActRole role,
+                            c10::string_view name) {
+  const ActivationName* found = nullptr;
+  for (const ActivationName& a : kActivationNames) {
+    if (a.role == role && name == a.name) found = &a;
+  }
+  TORCH_CHECK_VALUE(found, op, ": ", argument, " must be one of ", activation_names(role),
+                    ", got '", std::string(name), "'");
+  return found->kind;
+}
+
+inline Act activation_of(const char* op, c10::string_view name) {
+  return parse_activation(op, "activation", ActRole::Block, name);
 }
 
 inline bool given(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
@@ -118,7 +143,7 @@ inline Act check_dwconv_forward(const Tensor& h, const Tensor& weight, int64_t s
   check_block_input(op, "h", h, device);
   check_dw_weight(op, weight, h, stride);
   check_in_bn(op, h, in_mean, in_var, in_weight, in_bias, in_eps);
-  return activation_of(op, std::string(activation));
+  return activation_of(op, activation);
 }
 
 inline Act check_squeeze_forward(const Tensor& d, const Tensor& mean, const Tensor& var,
@@ -127,7 +152,7 @@ inline Act check_squeeze_forward(const Tensor& d, const Tensor& mean, const Tens
   const char* op = "mbconv_squeeze_forward";
   check_block_input(op, "d", d, device);
   check_norm(op, "bn2", mean, var, weight, bias, eps, d);
-  return activation_of(op, std::string(activation));
+  return activation_of(op, activation);
 }
 
 inline void check_excite(const char* op, const Tensor& pooled, const Tensor& w1, const Tensor& b1,
@@ -157,7 +182,8 @@ inline std::pair<Act, Act> check_excite_forward(const Tensor& pooled, const Tens
                                                 c10::string_view gate, c10::DeviceType device) {
   const char* op = "mbconv_excite_forward";
   check_excite(op, pooled, w1, b1, w2, b2, device);
-  return {activation_of(op, std::string(se_activation)), gate_of(op, std::string(gate))};
+  return {parse_activation(op, "se_activation", ActRole::Block, se_activation),
+          parse_activation(op, "gate", ActRole::Gate, gate)};
 }
 
 inline std::pair<Act, Act> check_excite_backward(const Tensor& grad_gate, const Tensor& pooled,
@@ -168,7 +194,8 @@ inline std::pair<Act, Act> check_excite_backward(const Tensor& grad_gate, const 
   const char* op = "mbconv_excite_backward";
   check_excite(op, pooled, w1, b1, w2, b2, device);
   check_vector(op, "grad_gate", grad_gate, pooled, pooled.sizes());
-  return {activation_of(op, std::string(se_activation)), gate_of(op, std::string(gate))};
+  return {parse_activation(op, "se_activation", ActRole::Block, se_activation),
+          parse_activation(op, "gate", ActRole::Gate, gate)};
 }
 
 inline void check_gate_values(const char* op, const OptTensor& gate, const Tensor& d) {
@@ -184,7 +211,7 @@ inline Act check_project_forward(const Tensor& d, const OptTensor& gate, const T
   check_gate_values(op, gate, d);
   check_matrix(op, "weight", weight, d, -1, d.size(1));
   check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d);
-  return activation_of(op, std::string(activation));
+  return activation_of(op, activation);
 }
 
 inline void check_sample_scale(const char* op, const OptTensor& s, const Tensor& x) {
@@ -232,7 +259,7 @@ inline Act check_project_backward(const Tensor& grad_out, const Tensor& q, const
   check_channel_vector(op, "sum_dy3", sum_dy3, q);
   check_channel_vector(op, "sum_dy3_xhat3", sum_dy3_xhat3, q);
   check_sample_scale(op, sample_scale, d);
-  return activation_of(op, std::string(activation));
+  return activation_of(op, activation);
 }
 
 inline void check_grad_a2(const char* op, const Tensor& grad_a2, const OptTensor& grad_pooled,
@@ -249,7 +276,7 @@ inline Act check_dwconv_backward_stats(const Tensor& grad_a2, const OptTensor& g
   check_block_input(op, "d", d, device);
   check_grad_a2(op, grad_a2, grad_pooled, d);
   check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d);
-  return activation_of(op, std::string(activation));
+  return activation_of(op, activation);
 }
 
 inline Act check_dwconv_backward(const Tensor& grad_a2, const OptTensor& grad_pooled,
@@ -265,7 +292,7 @@ inline Act check_dwconv_backward(const Tensor& grad_a2, const OptTensor& grad_po
   check_block_input(op, "h", h, device);
   check_dw_weight(op, weight, h, stride);
   check_in_bn(op, h, in_mean, in_var, in_weight, in_bias, in_eps);
-  const Act act = activation_of(op, std::string(activation));
+  const Act act = activation_of(op, activation);
   const int k = static_cast<int>(weight.size(2)), s = static_cast<int>(stride);
   check_block_input(op, "d", d, device);
   check_activation(op, "d", d, h, {h.size(0), h.size(1), conv_out_size(h.size(2), k, s),
@@ -295,21 +322,28 @@ inline void check_expand_backward(const Tensor& grad_y1, const Tensor& e, const 
   }
 }
 
-// Calls f(std::integral_constant<Act, A>{}) for a block activation.
+// f(std::integral_constant<Act, A>{}) for the kind `a` of `kRole`: a case per kind of the list,
+// instantiated for that role's kinds only (an argument takes a block activation or a gate).
+template <ActRole kRole, typename F>
+void dispatch_role(Act a, F&& f) {
+#define FM_DISPATCH_CASE(kind, name, role)                                    \
+  if constexpr (ActRole::role == kRole) {                                     \
+    if (a == Act::kind) return f(std::integral_constant<Act, Act::kind>{}); \
+  }
+  FUSED_MBCONV_FOR_EACH_ACTIVATION(FM_DISPATCH_CASE)
+#undef FM_DISPATCH_CASE
+  TORCH_INTERNAL_ASSERT(false, "fused_mbconv: activation kind ", static_cast<int>(a),
+                        " is not one of ", activation_names(kRole));
+}
+
 template <typename F>
 void dispatch_activation(Act a, F&& f) {
-  switch (a) {
-    case Act::kSilu: return f(std::integral_constant<Act, Act::kSilu>{});
-    case Act::kRelu: return f(std::integral_constant<Act, Act::kRelu>{});
-    case Act::kRelu6: return f(std::integral_constant<Act, Act::kRelu6>{});
-    default: return f(std::integral_constant<Act, Act::kHardswish>{});
-  }
+  dispatch_role<ActRole::Block>(a, std::forward<F>(f));
 }
 
 template <typename F>
 void dispatch_gate(Act a, F&& f) {
-  if (a == Act::kSigmoid) return f(std::integral_constant<Act, Act::kSigmoid>{});
-  return f(std::integral_constant<Act, Act::kHardsigmoid>{});
+  dispatch_role<ActRole::Gate>(a, std::forward<F>(f));
 }
 
 }  // namespace fused_mbconv

@@ -201,7 +201,7 @@ FM_HOST_DEVICE Moments<T> moments_merge(Moments<T> a, Moments<T> b) {
   return {n, a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.count * wb};
 }
 
-// ---- BatchNorm + SiLU ---------------------------------------------------------------------
+// ---- sigmoid, SiLU ------------------------------------------------------------------------
 
 template <typename T>
 FM_HOST_DEVICE T sigmoid(T y) {
@@ -220,73 +220,9 @@ FM_HOST_DEVICE T silu_grad(T y) {
   return sg * (T(1) + y * (T(1) - sg));
 }
 
-// ---- activations of the block (template flags of the kernels) ------------------------------
-
-// The block activations (silu, relu, relu6, hardswish) and SE gates (sigmoid, hardsigmoid).
-enum class Act : int { kSilu, kRelu, kRelu6, kHardswish, kSigmoid, kHardsigmoid };
-
 template <typename T>
 FM_HOST_DEVICE T clamp_(T v, T lo, T hi) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
-
-template <Act A, typename T>
-FM_HOST_DEVICE T activate(T y) {
-  if constexpr (A == Act::kSilu) return silu(y);
-  else if constexpr (A == Act::kRelu) return y > T(0) ? y : T(0);
-  else if constexpr (A == Act::kRelu6) return clamp_(y, T(0), T(6));
-  else if constexpr (A == Act::kHardswish) return div_(y * clamp_(y + T(3), T(0), T(6)), T(6));
-  else if constexpr (A == Act::kSigmoid) return sigmoid(y);
-  else return div_(clamp_(y + T(3), T(0), T(6)), T(6));
-}
-
-// d act(y) / dy, with aten's choices at the kinks.
-template <Act A, typename T>
-FM_HOST_DEVICE T activate_grad(T y) {
-  if constexpr (A == Act::kSilu) return silu_grad(y);
-  else if constexpr (A == Act::kRelu) return y > T(0) ? T(1) : T(0);
-  else if constexpr (A == Act::kRelu6) return (y > T(0) && y < T(6)) ? T(1) : T(0);
-  else if constexpr (A == Act::kHardswish) {
-    return y < T(-3) ? T(0) : (y <= T(3) ? div_(y, T(3)) + T(0.5) : T(1));
-  } else if constexpr (A == Act::kSigmoid) {
-    const T s = sigmoid(y);
-    return s * (T(1) - s);
-  } else {
-    return (y > T(-3) && y < T(3)) ? div_(T(1), T(6)) : T(0);
-  }
-}
-
-// BN as one multiply-add per element: y = d * scale + shift.
-template <typename T>
-struct BnAffine {
-  T scale, shift;
-};
-
-template <typename T>
-FM_HOST_DEVICE BnAffine<T> bn_affine(T mean, T var, T gamma, T beta, T eps) {
-  const T scale = gamma * rsqrt_(var + eps);
-  return {scale, beta - mean * scale};
-}
-
-// Per-channel constants of the backward of SiLU(BN(d)). The forward is recomputed from the
-// saved depthwise output d: x_hat = (d - mean) * invstd, y = x_hat * gamma + beta.
-template <typename T>
-struct BnSiluGrad {
-  T mean, invstd, gamma, beta;
-  T mean_g, mean_g_xhat;  // training: sum(g) / count, sum(g * x_hat) / count; eval: 0
-
-  // g = d loss / d y (the SiLU input) and x_hat, for the per-channel reductions.
-  FM_HOST_DEVICE void terms(T d, T grad_out, T* g, T* x_hat) const {
-    *x_hat = (d - mean) * invstd;
-    *g = grad_out * silu_grad(*x_hat * gamma + beta);
-  }
-
-  // d loss / d conv_out once the reductions are known.
-  FM_HOST_DEVICE T conv_grad(T d, T grad_out) const {
-    T g, x_hat;
-    terms(d, grad_out, &g, &x_hat);
-    return (g - mean_g - x_hat * mean_g_xhat) * (gamma * invstd);
-  }
-};
 
 }  // namespace fused_mbconv
