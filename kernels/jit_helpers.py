@@ -11,8 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# ----------------------------------------------------------------------------- tiles
 
+# ----------------------------------------------------------------------------- tiles
 
 @triton.jit
 def tile(pid_p, pid_c, HW, C, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
