@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.fused_mbconv)
-from .activations import ACTIVATIONS, GATES
+from .activations import ACTIVATIONS, GATES, check_name
 from .ops.dwconv_bn_silu import conv_output_size
 from .ops.mbconv import BatchStatsSync, mbconv_synced
 from .tensors import accumulate_dtype
@@ -269,8 +269,7 @@ def check_mbconv_args(x: Tensor, expand_weight: Optional[Tensor], bn1: Optional[
     for name, value, choices in (("activation", activation, ACTIVATIONS),
                                  ("se_activation", se_activation, ACTIVATIONS),
                                  ("se_gate", se_gate, GATES)):
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+        check_name(value, choices, name)
     if training:
         ho, wo = (conv_output_size(s, k, stride) for s in x.shape[2:])
         values = x.shape[0] * ho * wo

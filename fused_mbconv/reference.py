@@ -59,6 +59,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .activations import KINDS, kernel_kind
 from .tensors import NormArgs, accumulate_dtype, like_input
 
 Tensor = torch.Tensor
@@ -110,37 +111,13 @@ def _bn_grad_input(dy: Tensor, x_hat: Tensor, gamma_invstd: Tensor, sum_dy: Tens
     return dy * _channel(gamma_invstd)
 
 
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "hardswish": F.hardswish,
-    "sigmoid": torch.sigmoid,
-    "hardsigmoid": F.hardsigmoid,
-}
-
-
 def _act(name: str, y: Tensor) -> Tensor:
-    return _ACTIVATIONS[name](y)
+    return KINDS[kernel_kind(name)].forward(y)
 
 
 def _act_grad(name: str, y: Tensor) -> Tensor:
     """d act(y) / dy, with aten's choices at the kinks."""
-    if name == "silu":
-        s = torch.sigmoid(y)
-        return s * (1 + y * (1 - s))
-    if name == "sigmoid":
-        s = torch.sigmoid(y)
-        return s * (1 - s)
-    if name == "relu":
-        return (y > 0).to(y.dtype)
-    if name == "relu6":
-        return ((y > 0) & (y < 6)).to(y.dtype)
-    if name == "hardswish":
-        return torch.where(y < -3, 0.0, torch.where(y <= 3, y / 3 + 0.5, 1.0)).to(y.dtype)
-    if name == "hardsigmoid":
-        return ((y > -3) & (y < 3)).to(y.dtype) / 6
-    raise ValueError(f"unknown activation {name!r}")
+    return KINDS[kernel_kind(name)].grad(y)
 
 
 def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor],
@@ -161,7 +138,7 @@ def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor
     else:
         mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
     _, y, _ = _normalized(d, NormArgs(mean, var, bn_weight, bn_bias, eps))
-    out = F.silu(y).to(x.dtype)
+    out = _act("silu", y).to(x.dtype)
     conv_out = like_input(d, x) if need_conv_out else d.new_empty(0)
     return like_input(out, x), conv_out, mean, var
 

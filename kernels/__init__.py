@@ -1,7 +1,11 @@
 """Triton kernels and their launchers: the "triton" backend's kernel interface.
 
 Installed as ``fused_mbconv.kernels``. Imported only when the triton backend is chosen, so a
-missing Triton never breaks ``import fused_mbconv``.
+missing Triton never breaks ``import fused_mbconv``. Modules: ``jit_helpers`` (the JIT
+functions every kernel shares: tiles, activations by name, BatchNorm math), ``common`` (the
+problem, argument packing, the reduction kernels), ``dwconv_bn_silu`` (depthwise kernels and
+that op), ``mbconv`` (the block's GEMM, SE and output kernels), ``registry`` (every compiled
+variant, for ``compile_report``).
 """
 
 from .dwconv_bn_silu import dwconv_bn_silu_backward, dwconv_bn_silu_forward

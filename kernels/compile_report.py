@@ -1,9 +1,8 @@
 """Compile every registered Triton kernel specialization for real GPUs, without one.
 
-Each kernel module listed in ``MODULES`` exposes ``SPECIALIZATIONS``: (kernel, signature,
-constexprs, label, options) tuples covering the variants its launchers produce for
-EfficientNet-B0, and ``COMPILE_OPTIONS`` (num_warps, ...) as its launchers pass them (options,
-when not None, are a variant's own, as its launcher passes them). Each is compiled with
+``registry.specializations()`` lists (kernel, signature, constexprs, label, options) tuples
+covering the variants the launchers produce for EfficientNet-B0, with the compile options
+(num_warps, ...) the launchers pass. Each is compiled with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, whose PTX Triton
 assembles with the ``ptxas -v`` it ships; that log gives registers and spills.
 
@@ -18,31 +17,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import importlib
 import io
 import os
 import re
 import sys
 
-MODULES = ("fused_mbconv.kernels.dwconv_bn_silu", "fused_mbconv.kernels.mbconv")
 DTYPE_TOKENS = ("fp16", "bf16", "fp32")
 
 
 def registry(dtypes=DTYPE_TOKENS):
-    """Specializations of every module, keeping labels whose activation dtype is in dtypes
-    (labels without one, e.g. fp32 statistics kernels, are kept when fp32 is asked for or
-    nothing narrower matches). A variant registered by two modules (the block reuses the
-    depthwise kernels) is listed once: a second compile would hit Triton's cache, no ptxas."""
-    specs, seen = [], set()
-    for name in MODULES:
-        for spec in importlib.import_module(name).SPECIALIZATIONS:
-            tokens = set(spec[3].split())
-            key = (spec[0].__name__, tuple(spec[1].values()),
-                   tuple(sorted((k, str(v)) for k, v in spec[2].items())))
-            if (tokens & set(dtypes) or not tokens & set(DTYPE_TOKENS)) and key not in seen:
-                seen.add(key)
-                specs.append(spec)
-    return specs
+    """The registry's specializations whose label's activation dtype is in dtypes (labels
+    without one, e.g. fp32 statistics kernels, are always kept)."""
+    from .registry import specializations
+    return [spec for spec in specializations()
+            if set(spec[3].split()) & set(dtypes) or not set(spec[3].split()) & set(DTYPE_TOKENS)]
 
 
 def compile_one(index: int, arch: int, dtypes) -> dict:
@@ -53,7 +41,6 @@ def compile_one(index: int, arch: int, dtypes) -> dict:
     from triton.compiler import ASTSource
 
     kernel, signature, constexprs, label, options = registry(dtypes)[index]
-    options = options or importlib.import_module(kernel.__module__).COMPILE_OPTIONS
     row = dict(label=label, arch=arch, regs=None, spill_stores=None, spill_loads=None,
                error=None)
     try:

@@ -19,7 +19,9 @@ The kernel-interface functions below have exactly the contracts of ``fused_mbcon
 - the depthwise kernels of ``dwconv_bn_silu`` with their flags (input-BN prologue, activation
   kind, statistics, pooled-gradient share, drop-path scale): K2, B6, B3, B2.
 
-Activations and gates are constexpr kinds (``ACTIVATION_IDS``); math and statistics in ACC
+Activations and gates are string constexprs (names of
+``fused_mbconv.activations.KERNEL_ACTIVATIONS``), and so are the GEMM's operand prologues and
+epilogues (``PROLOGUES``, ``EPILOGUES``); math and statistics in ACC
 (float32, float64 for float64 inputs), GEMM operands in the activation dtype with ACC
 accumulation (fp32 operands with IEEE, not TF32, products).
 """
@@ -34,46 +36,37 @@ import triton
 import triton.language as tl
 
 from fused_mbconv.accounting import note_launch
+from fused_mbconv.activations import kernel_kind
 from fused_mbconv.tensors import NormArgs, accumulate_dtype
 
-from .dwconv_bn_silu import (ACTIVATION_IDS, BLOCK_T, TL_NAMES, Problem, Registry, _act,
-                             _act_grad, _bn_coefficients, _bn_scale_shift, _image, _offsets,
-                             _tile, add_depthwise_specializations, bn_args, bn_bytes,
-                             bn_grad_sums, bn_silu_bwd_reduce_kernel, bn_stats_finalize_kernel,
-                             conv_backward, conv_forward, finalize_stats, nbytes, sum_rows,
-                             sum_rows_kernel, tile_sizes)
+from .common import (COMPILE_OPTIONS, NUM_WARPS, TILE_ELEMENTS, Problem, acc_type, bn_args,
+                     bn_bytes, finalize_stats, nbytes, sum_rows, tile_sizes)
+from .dwconv_bn_silu import bn_grad_sums, conv_backward, conv_forward
+from .jit_helpers import (act, act_grad, bn_batch_grad, bn_coefficients, bn_grad_means,
+                          bn_normalized, bn_scale_shift, chan_merge, flat_offsets, image,
+                          offsets, tile)
 
 Tensor = torch.Tensor
 
-NUM_WARPS = 8  # 4 warps spill in the gate-gradient GEMM epilogue and the SE backward
-COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
 # Uncapped, ptxas holds some 8-warp GEMM variants to 128 registers and spills a few bytes; a
 # 168 cap lets them fit. The gate-gradient epilogue needs ~240 and spills under that cap.
 # Launchers and the compile report use the same options.
 CAPPED_OPTIONS = dict(num_warps=NUM_WARPS, maxnreg=168)
 
 
-def gemm_options(epilogue: int) -> dict:
+WGRAD_PROGRAMS = 512  # enough weight-gradient programs to fill a GPU: splits = this / tiles
+
+# The GEMM's operand prologues (A_KIND) and epilogues (EPILOGUE), string constexprs the kernels
+# compare against these names.
+PROLOGUES = RAW, ACT_BN, BN_BWD = "raw", "act_bn", "bn_bwd"
+EPILOGUES = PLAIN, STATS, GATE_GRAD, RESIDUAL = "plain", "stats", "gate_grad", "residual"
+
+
+def gemm_options(epilogue: str) -> dict:
     return COMPILE_OPTIONS if epilogue == GATE_GRAD else CAPPED_OPTIONS
 
 
-WGRAD_PROGRAMS = 512  # enough weight-gradient programs to fill a GPU: splits = this / tiles
-
-# operand prologues
-RAW, ACT_BN, BN_BWD = 0, 1, 2
-# GEMM epilogues
-PLAIN, STATS, GATE_GRAD, RESIDUAL = 0, 1, 2, 3
-
-
 # ----------------------------------------------------------------------------- helpers (jit)
-
-@triton.jit
-def _flat(c, p, C, HW, CHANNELS_LAST: tl.constexpr):
-    """Offsets of a [positions p, channels c] tile within one image."""
-    if CHANNELS_LAST:
-        return p[:, None] * C + c[None, :]
-    return c[None, :] * HW + p[:, None]
-
 
 @triton.jit
 def _operand_coeffs(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, sdy_ptr, sdyx_ptr, eps,
@@ -86,15 +79,14 @@ def _operand_coeffs(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, sdy_ptr, sdyx
     c2 = c0
     c3 = c0
     c4 = c0
-    if KIND == 1:
-        c0, c1 = _bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
-                                 HAS_GAMMA, HAS_BETA, ACC)
-    if KIND == 2:
-        c0, c1, gamma, _ = _bn_coefficients(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
-                                            HAS_GAMMA, False, ACC)
+    if KIND == "act_bn":
+        c0, c1 = bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                HAS_GAMMA, HAS_BETA, ACC)
+    if KIND == "bn_bwd":
+        c0, c1, gamma, _ = bn_coefficients(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                           HAS_GAMMA, False, ACC)
         c2 = gamma * c1
-        c3 = tl.load(sdy_ptr + c, mask=mc, other=0.0).to(ACC) / count
-        c4 = tl.load(sdyx_ptr + c, mask=mc, other=0.0).to(ACC) / count
+        c3, c4 = bn_grad_means(c, mc, sdy_ptr, sdyx_ptr, count, ACC)
     return c0, c1, c2, c3, c4
 
 
@@ -106,19 +98,19 @@ def _operand(img, aux_img, n, c, mc, p, mp, C, HW, c0, c1, c2, c3, c4, gate_ptr,
     values; ACT_BN act(BN(v)) (· gate[n, c]); BN_BWD the BN input gradient of dy = v
     (· scale[n]) with x̂ from aux (batch-statistics terms in TRAINING)."""
     mask = mp[:, None] & mc[None, :]
-    offs = _flat(c, p, C, HW, CHANNELS_LAST)
+    offs = flat_offsets(c, p, C, HW, CHANNELS_LAST)
     v = tl.load(img + offs, mask=mask, other=0.0).to(ACC)
-    if KIND == 1:
-        v = _act(v * c0[None, :] + c1[None, :], ACT)
+    if KIND == "act_bn":
+        v = act(v * c0[None, :] + c1[None, :], ACT)
         if GATE:
             v *= tl.load(gate_ptr + n * C + c, mask=mc, other=0.0).to(ACC)[None, :]
-    if KIND == 2:
+    if KIND == "bn_bwd":
         if SCALE:
             v *= tl.load(scale_ptr + n).to(ACC)
         if TRAINING:
-            x_hat = (tl.load(aux_img + offs, mask=mask, other=0.0).to(ACC) - c0[None, :]) \
-                * c1[None, :]
-            v = v - c3[None, :] - x_hat * c4[None, :]
+            x_hat = bn_normalized(tl.load(aux_img + offs, mask=mask, other=0.0).to(ACC), c0,
+                                  c1)
+            v = bn_batch_grad(v, x_hat, c3, c4)
         v *= c2[None, :]
     return tl.where(mask, v, 0.0)
 
@@ -158,13 +150,13 @@ def pointwise_conv_kernel(
     co = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mco = co < NC
     dt = out_ptr.dtype.element_ty
-    a_img = _image(a_ptr, n, KC, 1, HW)
-    aux_img = _image(aux_ptr, n, KC, 1, HW)
-    out_img = _image(out_ptr, n, NC, 1, HW)
-    epi_img = _image(epi_ptr, n, NC, 1, HW)
-    if EPILOGUE == 2:
-        e_scale, e_shift = _bn_scale_shift(co, mco, e_mean_ptr, e_var_ptr, e_gamma_ptr,
-                                           e_beta_ptr, e_eps, E_HAS_GAMMA, E_HAS_BETA, ACC)
+    a_img = image(a_ptr, n, KC, 1, HW)
+    aux_img = image(aux_ptr, n, KC, 1, HW)
+    out_img = image(out_ptr, n, NC, 1, HW)
+    epi_img = image(epi_ptr, n, NC, 1, HW)
+    if EPILOGUE == "gate_grad":
+        e_scale, e_shift = bn_scale_shift(co, mco, e_mean_ptr, e_var_ptr, e_gamma_ptr,
+                                          e_beta_ptr, e_eps, E_HAS_GAMMA, E_HAS_BETA, ACC)
         gate = tl.load(gate_ptr + n * NC + co, mask=mco, other=0.0).to(ACC)
     gate_sum = tl.zeros([BLOCK_N], ACC)
     n_a = tl.zeros([BLOCK_N], ACC)
@@ -187,30 +179,27 @@ def pointwise_conv_kernel(
                         mask=mk[:, None] & mco[None, :], other=0.0)
             acc = _dot(a.to(dt), w, acc, UPCAST)
         mask = mp[:, None] & mco[None, :]
-        offs = _flat(co, p, NC, HW, CHANNELS_LAST)
+        offs = flat_offsets(co, p, NC, HW, CHANNELS_LAST)
         v = acc.to(dt)  # what the unfused conv stores; everything after sees that
-        if EPILOGUE == 2:
-            a2 = _act(tl.load(epi_img + offs, mask=mask, other=0.0).to(ACC) * e_scale[None, :]
-                      + e_shift[None, :], ACT)
+        if EPILOGUE == "gate_grad":
+            a2 = act(tl.load(epi_img + offs, mask=mask, other=0.0).to(ACC) * e_scale[None, :]
+                     + e_shift[None, :], ACT)
             gate_sum += tl.sum(tl.where(mask, v.to(ACC) * a2, 0.0), axis=0)
             v = (v.to(ACC) * gate[None, :]).to(dt)
-        if EPILOGUE == 3:
+        if EPILOGUE == "residual":
             v = (v.to(ACC) + tl.load(epi_img + offs, mask=mask, other=0.0).to(ACC)).to(dt)
         tl.store(out_img + offs, v, mask=mask)
-        if EPILOGUE == 1:  # Chan merge of this tile into the image's running (mean, M2)
+        if EPILOGUE == "stats":  # this tile merged into the image's running (mean, M2)
             vt = tl.where(mask, v.to(ACC), 0.0)
             n_b = tl.sum(tl.where(mp, 1.0, 0.0).to(ACC), axis=0)
             mean_b = tl.sum(vt, axis=0) / n_b
             dev = tl.where(mask, vt - mean_b[None, :], 0.0)
-            n_ab = n_a + n_b
-            delta = mean_b - mean_a
-            mean_a += delta * (n_b / n_ab)
-            m2_a += tl.sum(dev * dev, axis=0) + delta * delta * (n_a * n_b / n_ab)
-            n_a = n_ab
-    if EPILOGUE == 1:
+            n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b,
+                                           tl.sum(dev * dev, axis=0))
+    if EPILOGUE == "stats":
         tl.store(part_ptr + n * (2 * NC) + co, mean_a, mask=mco)
         tl.store(part_ptr + n * (2 * NC) + NC + co, m2_a, mask=mco)
-    if EPILOGUE == 2:
+    if EPILOGUE == "gate_grad":
         tl.store(ggate_ptr + n * NC + co, gate_sum, mask=mco)
 
 
@@ -234,21 +223,22 @@ def pointwise_wgrad_kernel(
     mk = k < AC
     dt = g_ptr.dtype.element_ty
     g0, g1, g2, g3, g4 = _operand_coeffs(m, mm, g_mean_ptr, g_var_ptr, g_gamma_ptr, g_beta_ptr,
-                                         g_sdy_ptr, g_sdyx_ptr, g_eps, count, 2, G_HAS_GAMMA,
-                                         False, ACC)
+                                         g_sdy_ptr, g_sdyx_ptr, g_eps, count, "bn_bwd",
+                                         G_HAS_GAMMA, False, ACC)
     a0, a1, a2, a3, a4 = _operand_coeffs(k, mk, a_mean_ptr, a_var_ptr, a_gamma_ptr, a_beta_ptr,
                                          a_mean_ptr, a_mean_ptr, a_eps, count, A_KIND,
                                          A_HAS_GAMMA, A_HAS_BETA, ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for n in range(split, NB, tl.num_programs(2)):
-        g_img = _image(g_ptr, n, GC, 1, HW)
-        g_aux_img = _image(g_aux_ptr, n, GC, 1, HW)
-        a_img = _image(a_ptr, n, AC, 1, HW)
+        g_img = image(g_ptr, n, GC, 1, HW)
+        g_aux_img = image(g_aux_ptr, n, GC, 1, HW)
+        a_img = image(a_ptr, n, AC, 1, HW)
         for p0 in range(0, HW, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             mp = p < HW
             g = _operand(g_img, g_aux_img, n, m, mm, p, mp, GC, HW, g0, g1, g2, g3, g4, gate_ptr,
-                         scale_ptr, 2, 0, False, SCALE, TRAINING, CHANNELS_LAST, ACC)
+                         scale_ptr, "bn_bwd", "identity", False, SCALE, TRAINING, CHANNELS_LAST,
+                         ACC)
             a = _operand(a_img, a_img, n, k, mk, p, mp, AC, HW, a0, a1, a2, a3, a4, gate_ptr,
                          scale_ptr, A_KIND, ACT, GATE, False, False, CHANNELS_LAST, ACC)
             acc = _dot(tl.trans(g.to(dt)), a.to(dt), acc, UPCAST)
@@ -266,15 +256,15 @@ def squeeze_kernel(d_ptr, pooled_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, C,
     n = tl.program_id(1)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = c < C
-    scale, shift = _bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
-                                   HAS_GAMMA, HAS_BETA, ACC)
-    img = _image(d_ptr, n, C, 1, HW)
+    scale, shift = bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                  HAS_GAMMA, HAS_BETA, ACC)
+    img = image(d_ptr, n, C, 1, HW)
     total = tl.zeros([BLOCK_C], ACC)
     for p0 in range(0, HW, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < HW)[:, None] & mc[None, :]
-        v = tl.load(img + _flat(c, p, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(ACC)
-        total += tl.sum(tl.where(mask, _act(v * scale[None, :] + shift[None, :], ACT), 0.0),
+        v = tl.load(img + flat_offsets(c, p, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(ACC)
+        total += tl.sum(tl.where(mask, act(v * scale[None, :] + shift[None, :], ACT), 0.0),
                         axis=0)
     tl.store(pooled_ptr + n * C + c, total / HW, mask=mc)
 
@@ -297,6 +287,14 @@ def _excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC: tl.constexpr,
 
 
 @triton.jit
+def _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC: tl.constexpr):
+    """(fc2 weight block [S, channels c], z2 = fc2(h) at channels c)."""
+    w2 = tl.load(w2_ptr + c[None, :] * S + s[:, None], mask=ms[:, None] & mc[None, :],
+                 other=0.0).to(ACC)
+    return w2, tl.sum(w2 * h[:, None], axis=0) + tl.load(b2_ptr + c, mask=mc, other=0.0).to(ACC)
+
+
+@triton.jit
 def excite_kernel(pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, C, S,
                   SE_ACT: tl.constexpr, GATE_ACT: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -304,15 +302,13 @@ def excite_kernel(pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, C, S,
     n = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     ms = s < S
-    h = tl.where(ms, _act(_excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC, BLOCK_S,
-                                         BLOCK_C), SE_ACT), 0.0)
+    h = tl.where(ms, act(_excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC, BLOCK_S,
+                                        BLOCK_C), SE_ACT), 0.0)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         mc = c < C
-        w2 = tl.load(w2_ptr + c[None, :] * S + s[:, None], mask=ms[:, None] & mc[None, :],
-                     other=0.0).to(ACC)
-        z2 = tl.sum(w2 * h[:, None], axis=0) + tl.load(b2_ptr + c, mask=mc, other=0.0).to(ACC)
-        tl.store(gate_ptr + n * C + c, _act(z2, GATE_ACT), mask=mc)
+        _, z2 = _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC)
+        tl.store(gate_ptr + n * C + c, act(z2, GATE_ACT), mask=mc)
 
 
 @triton.jit
@@ -326,20 +322,18 @@ def excite_bwd_sample_kernel(gg_ptr, pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     s = tl.arange(0, BLOCK_S)
     ms = s < S
     z1 = _excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC, BLOCK_S, BLOCK_C)
-    h = tl.where(ms, _act(z1, SE_ACT), 0.0)
+    h = tl.where(ms, act(z1, SE_ACT), 0.0)
     tl.store(h_ptr + n * S + s, h, mask=ms)
     gh = tl.zeros([BLOCK_S], ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         mc = c < C
-        w2 = tl.load(w2_ptr + c[None, :] * S + s[:, None], mask=ms[:, None] & mc[None, :],
-                     other=0.0).to(ACC)
-        z2 = tl.sum(w2 * h[:, None], axis=0) + tl.load(b2_ptr + c, mask=mc, other=0.0).to(ACC)
-        gz2 = tl.load(gg_ptr + n * C + c, mask=mc, other=0.0).to(ACC) * _act_grad(z2, GATE_ACT)
+        w2, z2 = _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC)
+        gz2 = tl.load(gg_ptr + n * C + c, mask=mc, other=0.0).to(ACC) * act_grad(z2, GATE_ACT)
         gz2 = tl.where(mc, gz2, 0.0)
         tl.store(gz2_ptr + n * C + c, gz2, mask=mc)
         gh += tl.sum(w2 * gz2[None, :], axis=1)
-    gz1 = tl.where(ms, gh * _act_grad(z1, SE_ACT), 0.0)
+    gz1 = tl.where(ms, gh * act_grad(z1, SE_ACT), 0.0)
     tl.store(gz1_ptr + n * S + s, gz1, mask=ms)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -388,18 +382,18 @@ def output_kernel(q_ptr, res_ptr, out_ptr, scale_ptr, mean_ptr, var_ptr, gamma_p
                   ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """out = BN(q) (· scale[n]) (+ residual), one tile of image program_id(2)."""
     n = tl.program_id(2)
-    mp, c, mc, h, w = _tile(tl.program_id(0), tl.program_id(1), H * W, C, W, BLOCK_P, BLOCK_C)
-    scale, shift = _bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
-                                   HAS_GAMMA, HAS_BETA, ACC)
+    mp, c, mc, h, w = tile(tl.program_id(0), tl.program_id(1), H * W, C, W, BLOCK_P, BLOCK_C)
+    scale, shift = bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
+                                  HAS_GAMMA, HAS_BETA, ACC)
     mask = mp[:, None] & mc[None, :]
-    offs = _offsets(c, h, w, C, H, W, CHANNELS_LAST)
-    y = tl.load(_image(q_ptr, n, C, H, W) + offs, mask=mask, other=0.0).to(ACC) \
+    offs = offsets(c, h, w, C, H, W, CHANNELS_LAST)
+    y = tl.load(image(q_ptr, n, C, H, W) + offs, mask=mask, other=0.0).to(ACC) \
         * scale[None, :] + shift[None, :]
     if SCALE:
         y *= tl.load(scale_ptr + n).to(ACC)
     if RESIDUAL:
-        y += tl.load(_image(res_ptr, n, C, H, W) + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(_image(out_ptr, n, C, H, W) + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        y += tl.load(image(res_ptr, n, C, H, W) + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(image(out_ptr, n, C, H, W) + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -424,10 +418,6 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _acc_tl(dtype: torch.dtype):
-    return tl.float64 if accumulate_dtype(dtype) == torch.float64 else tl.float32
-
-
 def _prologue_args(bn: Optional[NormArgs], sums, placeholder: Tensor, prefix: str):
     ptrs, eps, flags = bn_args(bn, placeholder, prefix)
     sums = sums if sums is not None else (placeholder, placeholder)
@@ -435,10 +425,10 @@ def _prologue_args(bn: Optional[NormArgs], sums, placeholder: Tensor, prefix: st
 
 
 def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, channels_last: bool, *,
-          kind: int = RAW,
+          kind: str = RAW,
           aux: Optional[Tensor] = None, a_bn: Optional[NormArgs] = None, sums=None,
           gate: Optional[Tensor] = None, scale: Optional[Tensor] = None,
-          activation: str = "identity", training: bool = False, epilogue: int = PLAIN,
+          activation: str = "identity", training: bool = False, epilogue: str = PLAIN,
           epi: Optional[Tensor] = None, e_bn: Optional[NormArgs] = None,
           part: Optional[Tensor] = None, ggate: Optional[Tensor] = None) -> None:
     """One pointwise_conv_kernel launch: out = conv1x1(prologue(a)) with weight (out, in), or
@@ -457,9 +447,9 @@ def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, channels_last
         part if part is not None else out, gate if gate is not None else a,
         scale if scale is not None else a, ggate if ggate is not None else out, *a_ptrs,
         *e_ptrs, kc, nc, hw, stride_wk, stride_wn, n * hw, a_eps, e_eps, A_KIND=kind,
-        ACT=ACTIVATION_IDS[activation], GATE=gate_in, SCALE=scale is not None,
+        ACT=kernel_kind(activation), GATE=gate_in, SCALE=scale is not None,
         TRAINING=training, EPILOGUE=epilogue, CHANNELS_LAST=channels_last,
-        UPCAST=_upcast_dot(a.dtype), ACC=_acc_tl(a.dtype), BLOCK_P=block_p, BLOCK_K=block_k,
+        UPCAST=_upcast_dot(a.dtype), ACC=acc_type(a.dtype), BLOCK_P=block_p, BLOCK_K=block_k,
         BLOCK_N=block_n, **gemm_options(epilogue), **a_flags, **e_flags)
     reads = nbytes(a, weight, gate, scale) + bn_bytes(a_bn) + bn_bytes(e_bn)
     if kind == BN_BWD and training:
@@ -471,7 +461,7 @@ def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, channels_last
 
 def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weight: Tensor,
            channels_last: bool, *,
-           kind: int = RAW, a_bn: Optional[NormArgs] = None, gate: Optional[Tensor] = None,
+           kind: str = RAW, a_bn: Optional[NormArgs] = None, gate: Optional[Tensor] = None,
            scale: Optional[Tensor] = None, activation: str = "identity",
            training: bool = False) -> None:
     """grad_weight (G channels, A channels) = Σ BN_backward(g) prologue(a)ᵀ: one
@@ -490,16 +480,16 @@ def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weigh
     pointwise_wgrad_kernel[(triton.cdiv(gc, block_m), triton.cdiv(ac, block_n), splits)](
         g, g_aux, a, part, gate if gate is not None else a, scale if scale is not None else a,
         *g_ptrs, *a_ptrs, gc, ac, n, hw, n * hw, g_eps, a_eps, A_KIND=kind,
-        ACT=ACTIVATION_IDS[activation], GATE=gate is not None, SCALE=scale is not None,
+        ACT=kernel_kind(activation), GATE=gate is not None, SCALE=scale is not None,
         TRAINING=training, CHANNELS_LAST=channels_last,
-        UPCAST=_upcast_dot(g.dtype), ACC=_acc_tl(g.dtype),
+        UPCAST=_upcast_dot(g.dtype), ACC=acc_type(g.dtype),
         BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_N=block_n, **CAPPED_OPTIONS,
         **g_flags, **a_flags)
     note_launch("pointwise_wgrad_kernel", "triton",
                 nbytes(g, a, gate, scale) + bn_bytes(g_bn) + bn_bytes(a_bn)
                 + (nbytes(g_aux, *sums) if training else 0), nbytes(part))
     if splits > 1:
-        sum_rows(part, (grad_weight,), _acc_tl(g.dtype))
+        sum_rows(part, (grad_weight,), acc_type(g.dtype))
 
 
 def _check_matrix(w: Tensor, x: Tensor, shape, what: str) -> None:
@@ -536,7 +526,7 @@ def _gemm_forward(a: Tensor, weight: Tensor, need_stats: bool, **prologue
     mean = torch.empty(cout, dtype=acc, device=a.device)
     var = torch.empty(cout, dtype=acc, device=a.device)
     hw = pr.h * pr.w
-    finalize_stats(part, mean, var, hw, 1, hw, _acc_tl(a.dtype))
+    finalize_stats(part, mean, var, hw, 1, hw, acc_type(a.dtype))
     return out, mean, var
 
 
@@ -566,17 +556,23 @@ def mbconv_squeeze_forward(d: Tensor, bn2: NormArgs, activation: str) -> Tensor:
     d = pr.layout(d)
     pooled = torch.empty((pr.n, pr.c), dtype=pr.acc_dtype, device=d.device)
     ptrs, eps, flags = bn_args(bn2, d)
-    block_c = pr.block_c
-    block_p = max(16, 1024 // block_c)
+    block_p, block_c = squeeze_tile(pr.c, pr.h * pr.w, pr.channels_last)
     squeeze_kernel[(triton.cdiv(pr.c, block_c), pr.n)](
-        d, pooled, *ptrs, pr.c, pr.h * pr.w, eps, ACT=ACTIVATION_IDS[activation],
+        d, pooled, *ptrs, pr.c, pr.h * pr.w, eps, ACT=kernel_kind(activation),
         CHANNELS_LAST=pr.channels_last, ACC=pr.acc, BLOCK_P=block_p, BLOCK_C=block_c,
         **COMPILE_OPTIONS, **flags)
     note_launch("squeeze_kernel", "triton", nbytes(d) + bn_bytes(bn2), nbytes(pooled))
     return pooled
 
 
-def _excite_blocks(channels: int, hidden: int) -> Tuple[int, int]:
+def squeeze_tile(channels: int, positions: int, channels_last: bool) -> Tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of squeeze_kernel: the elementwise tile's channels, positions filling
+    a full tile."""
+    block_c = tile_sizes(channels, positions, channels_last)[1]
+    return max(16, TILE_ELEMENTS // block_c), block_c
+
+
+def excite_blocks(channels: int, hidden: int) -> Tuple[int, int]:
     """(BLOCK_S, BLOCK_C): all S hidden units at once, [S, C] tiles of <= 4096 elements."""
     block_s = triton.next_power_of_2(hidden)
     return block_s, _pow2_clamp(channels, 16, max(16, 4096 // block_s))
@@ -588,12 +584,13 @@ def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
     """K4; contract of ``fused_mbconv.reference.mbconv_excite_forward``."""
     n, c = pooled.shape
     s = fc1_weight.shape[0]
-    block_s, block_c = _excite_blocks(c, s)
+    block_s, block_c = excite_blocks(c, s)
     out = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
     weights = [t.contiguous() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
     excite_kernel[(n,)](pooled.contiguous(), *weights, out, c, s,
-                        SE_ACT=ACTIVATION_IDS[se_activation], GATE_ACT=ACTIVATION_IDS[gate],
-                        ACC=_acc_tl(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
+                        SE_ACT=kernel_kind(se_activation, "se_activation"),
+                        GATE_ACT=kernel_kind(gate, "gate"),
+                        ACC=acc_type(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
                         **COMPILE_OPTIONS)
     note_launch("excite_kernel", "triton", nbytes(pooled, *weights), nbytes(out))
     return out
@@ -676,17 +673,18 @@ def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor
     n, c = pooled.shape
     s = fc1_weight.shape[0]
     acc, dev = pooled.dtype, pooled.device
-    block_s, block_c = _excite_blocks(c, s)
+    block_s, block_c = excite_blocks(c, s)
     weights = [t.contiguous() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
     grad_gate, pooled = grad_gate.contiguous(), pooled.contiguous()
     grad_pooled = torch.empty((n, c), dtype=acc, device=dev)
     gz1, h = (torch.empty((n, s), dtype=acc, device=dev) for _ in range(2))
     gz2 = torch.empty((n, c), dtype=acc, device=dev)
-    flags = dict(ACC=_acc_tl(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
+    flags = dict(ACC=acc_type(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
                  **COMPILE_OPTIONS)
     excite_bwd_sample_kernel[(n,)](
         grad_gate, pooled, *weights, grad_pooled, gz1, gz2, h, c, s,
-        SE_ACT=ACTIVATION_IDS[se_activation], GATE_ACT=ACTIVATION_IDS[gate], **flags)
+        SE_ACT=kernel_kind(se_activation, "se_activation"), GATE_ACT=kernel_kind(gate, "gate"),
+        **flags)
     note_launch("excite_bwd_sample_kernel", "triton", nbytes(grad_gate, pooled, *weights),
                 nbytes(grad_pooled, gz1, gz2, h))
     gw1 = torch.empty((s, c), dtype=acc, device=dev)
@@ -746,108 +744,3 @@ def mbconv_expand_backward(grad_y1: Tensor, e: Tensor, x: Tensor, weight: Tensor
         grad_weight = torch.empty(tuple(weight.shape), dtype=weight.dtype, device=x.device)
         _wgrad(gy, e, bn1, sums, x, grad_weight, pr.channels_last, training=training)
     return grad_x, grad_weight
-
-
-# ----------------------------------------------------------------------------- compile registry
-
-# (in, out, kernel, stride, expand) of every distinct EfficientNet-B0 block, real channels.
-B0_BLOCKS = ((32, 16, 3, 1, 1), (16, 24, 3, 2, 6), (24, 24, 3, 1, 6), (24, 40, 5, 2, 6),
-             (40, 40, 5, 1, 6), (40, 80, 3, 2, 6), (80, 80, 3, 1, 6), (80, 112, 5, 1, 6),
-             (112, 112, 5, 1, 6), (112, 192, 5, 2, 6), (192, 192, 5, 1, 6),
-             (192, 320, 3, 1, 6))
-_ACT_PTRS = {"a_ptr", "aux_ptr", "w_ptr", "out_ptr", "epi_ptr", "g_ptr", "g_aux_ptr", "d_ptr",
-             "q_ptr", "res_ptr", "x_ptr", "gc_ptr", "gx_ptr", "go_ptr"}
-
-
-def specializations(blocks=B0_BLOCKS, dtypes=tuple(TL_NAMES)):
-    """(kernel, signature, constexprs, label) of every variant the block launchers compile
-    for ``blocks`` at a large batch and resolution (train and eval, NCHW and channels_last):
-    SiLU / sigmoid, as EfficientNet uses."""
-    reg = Registry()
-    silu, sigmoid = ACTIVATION_IDS["silu"], ACTIVATION_IDS["sigmoid"]
-    big = 56 * 56  # every position tile at full size
-    f32 = dict(ACC=tl.float32)
-    for dtype in dtypes:
-        act = TL_NAMES[dtype]
-        for channels_last in (False, True):
-            fmt = "nhwc" if channels_last else "nchw"
-            for cin, cout, k, stride, expand in blocks:
-                hidden = cin * expand
-                squeeze = max(1, int(cin * 0.25))
-                residual = stride == 1 and cin == cout
-                where = f"{cin}->{hidden}->{cout} k{k} s{stride} {act} {fmt}"
-                layout = dict(CHANNELS_LAST=channels_last, **f32)
-
-                def gemm(label, kc, nc, **flags):
-                    bp, bk, bn = gemm_blocks(kc, nc, big)
-                    base = dict(A_KIND=RAW, ACT=silu, GATE=False, SCALE=False, TRAINING=False,
-                                A_HAS_GAMMA=False, A_HAS_BETA=False, EPILOGUE=PLAIN,
-                                E_HAS_GAMMA=False, E_HAS_BETA=False, UPCAST=False,
-                                BLOCK_P=bp, BLOCK_K=bk,
-                                BLOCK_N=bn, **layout)
-                    base.update(flags)
-                    reg.add(pointwise_conv_kernel, act, f"{label} {where}", base,
-                            options=gemm_options(base["EPILOGUE"]), activation_ptrs=_ACT_PTRS)
-
-                def wgrad(label, gc, ac, **flags):
-                    bp, bm, bn = wgrad_blocks(gc, ac, big)
-                    base = dict(A_KIND=RAW, ACT=silu, GATE=False, SCALE=False, TRAINING=True,
-                                G_HAS_GAMMA=True, A_HAS_GAMMA=False, A_HAS_BETA=False,
-                                UPCAST=False, BLOCK_P=bp, BLOCK_M=bm, BLOCK_N=bn, **layout)
-                    base.update(flags)
-                    reg.add(pointwise_wgrad_kernel, act, f"{label} {where}", base,
-                            options=CAPPED_OPTIONS, activation_ptrs=_ACT_PTRS)
-
-                bn_in = dict(A_HAS_GAMMA=True, A_HAS_BETA=True)
-                if expand != 1:
-                    gemm("K1 train", cin, hidden, EPILOGUE=STATS)
-                    gemm("K1 eval", cin, hidden)
-                    gemm("B1 dgrad", hidden, cin, A_KIND=BN_BWD, TRAINING=True,
-                         A_HAS_GAMMA=True, EPILOGUE=RESIDUAL if residual else PLAIN)
-                    wgrad("B1 wgrad", hidden, cin)
-                gemm("K5 train", hidden, cout, A_KIND=ACT_BN, GATE=True, EPILOGUE=STATS,
-                     **bn_in)
-                gemm("K5 eval/recompute", hidden, cout, A_KIND=ACT_BN, GATE=True, **bn_in)
-                gemm("B5 dgrad", cout, hidden, A_KIND=BN_BWD, SCALE=residual, TRAINING=True,
-                     A_HAS_GAMMA=True, EPILOGUE=GATE_GRAD, E_HAS_GAMMA=True, E_HAS_BETA=True)
-                wgrad("B5 wgrad", cout, hidden, A_KIND=ACT_BN, GATE=True, SCALE=residual,
-                      **bn_in)
-                pr_p, pr_c = _tile_of(hidden, channels_last)
-                reg.add(squeeze_kernel, act, f"K3 {where}",
-                        dict(HAS_GAMMA=True, HAS_BETA=True, ACT=silu, BLOCK_P=max(16, 1024 // pr_c),
-                             BLOCK_C=pr_c, **layout), activation_ptrs=_ACT_PTRS)
-                bs, bc = _excite_blocks(hidden, squeeze)
-                ex = dict(ACC=tl.float32, BLOCK_S=bs, BLOCK_C=bc)
-                reg.add(excite_kernel, "fp32", f"K4 {hidden}/{squeeze}",
-                        dict(SE_ACT=silu, GATE_ACT=sigmoid, **ex))
-                reg.add(excite_bwd_sample_kernel, "fp32", f"B4 {hidden}/{squeeze}",
-                        dict(SE_ACT=silu, GATE_ACT=sigmoid, **ex))
-                reg.add(excite_bwd_weight_kernel, "fp32", f"B4 {hidden}/{squeeze}", ex)
-                op, oc = _tile_of(cout, channels_last)
-                for training in (True, False):
-                    reg.add(output_kernel, act,
-                            f"K6 {where} {'train' if training else 'eval'}",
-                            dict(HAS_GAMMA=True, HAS_BETA=True, SCALE=residual and training,
-                                 RESIDUAL=residual, BLOCK_P=op, BLOCK_C=oc, **layout),
-                            activation_ptrs=_ACT_PTRS)
-                reg.add(bn_silu_bwd_reduce_kernel, act, f"B6 {act} {fmt} {op}x{oc}",
-                        dict(HAS_GAMMA=True, HAS_BETA=True, ACT=ACTIVATION_IDS["identity"],
-                             POOLED=False, SCALE=residual, CHANNELS_LAST=channels_last,
-                             BLOCK_P=op, BLOCK_C=oc, **f32))
-                add_depthwise_specializations(reg, act, channels_last, hidden, k, stride,
-                                              block=True, in_bn=expand != 1)
-                for c in (hidden, cout):
-                    finalize_c = min(triton.next_power_of_2(c), 32)
-                    reg.add(bn_stats_finalize_kernel, "fp32", f"statistics {finalize_c}",
-                            dict(ACC=tl.float32, BLOCK_T=BLOCK_T, BLOCK_C=finalize_c))
-        reg.add(sum_rows_kernel, act, f"{act} grad weight",
-                dict(ACC=tl.float32, BLOCK_T=BLOCK_T, BLOCK_M=128),
-                activation_ptrs={"out0_ptr", "out1_ptr"})
-    return reg.list()
-
-
-def _tile_of(channels: int, channels_last: bool) -> Tuple[int, int]:
-    return tile_sizes(channels, 56 * 56, channels_last)
-
-
-SPECIALIZATIONS = specializations()

@@ -14,7 +14,7 @@ from fused_mbconv.tensors import memory_format_of
 
 pytest.importorskip("triton")  # an optional dependency (Linux only)
 import fused_mbconv.kernels as kernels  # noqa: E402
-from fused_mbconv.kernels import dwconv_bn_silu as dw  # noqa: E402
+from fused_mbconv.kernels import common, dwconv_bn_silu as dw  # noqa: E402
 
 # (N, C, H, W, kernel, stride), tiny: the interpreter is slow.
 CASES = {
@@ -116,8 +116,9 @@ def test_many_tiles_statistics_and_reductions(monkeypatch, poison):
     """Tiny tiles force many partial rows (more than one BLOCK_T chunk), several channel blocks
     and ragged edges: the Chan merge and the row sums must still give the reference. A large
     common offset checks the variance has no E[x²]−E[x]² cancellation."""
-    monkeypatch.setattr(dw, "tile_sizes", lambda c, p, cl: (4, 2))
-    monkeypatch.setattr(dw, "BLOCK_T", 4)  # 2 images x 9 tiles = 18 rows: 5 chunks
+    for module in (common, dw):  # the problem's tiles, and the input-gradient kernel's
+        monkeypatch.setattr(module, "tile_sizes", lambda c, p, cl: (4, 2))
+    monkeypatch.setattr(common, "BLOCK_T", 4)  # 2 images x 9 tiles = 18 rows: 5 chunks
     x, weight, gamma, beta, (rm, rv), stride = make((2, 3, 5, 7, 3, 1), torch.float32, False)
     x = x + 300.0
     got = kernels.dwconv_bn_silu_forward(x, weight, gamma, beta, rm, rv, stride, True, 1e-5,

@@ -1,0 +1,201 @@
+"""What both Triton kernel modules launch with: the problem description (shapes, layout,
+tiling), argument packing, byte accounting, and the cross-program reduction kernels (batch
+statistics from per-tile (mean, M2) partials; column sums of partial rows) with their
+launchers. Every cross-program reduction goes through partials summed in a fixed order:
+deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_mbconv.accounting import note_launch
+from fused_mbconv.tensors import NormArgs, accumulate_dtype, memory_format_of
+
+from .jit_helpers import chan_merge
+
+Tensor = torch.Tensor
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float32: tl.float32, torch.float64: tl.float64}
+# 4 elements of a 1024-element tile per thread: the depthwise K² tap loop needs ~half the
+# registers; 4 warps spill in the GEMM gate-gradient epilogue and the SE backward.
+NUM_WARPS = 8
+COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
+BLOCK_T = 64  # partial rows merged per step by the finalize / sum kernels
+TILE_ELEMENTS = 1024
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, HW, TILES, T, TILE_P,
+                             ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge per-tile (mean, M2) into the batch mean and biased variance (Chan et al.); row t
+    is tile t % TILES (of TILE_P positions) of an image of HW positions. A
+    block of BLOCK_T tiles is combined around its own mean, then merged into the running
+    result; no E[x²]−E[x]² cancellation anywhere."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    n_a = tl.zeros([BLOCK_C], ACC)
+    mean_a = tl.zeros([BLOCK_C], ACC)
+    m2_a = tl.zeros([BLOCK_C], ACC)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        count = tl.minimum(HW - (t % TILES) * TILE_P, TILE_P)
+        count = tl.where(t < T, count, 0).to(ACC)[:, None]
+        m = (t < T)[:, None] & mc[None, :]
+        rows = part_ptr + t[:, None] * (2 * C) + c[None, :]
+        mu = tl.load(rows, mask=m, other=0.0)
+        q = tl.load(rows + C, mask=m, other=0.0)
+        n_b = tl.sum(count, axis=0)
+        mean_b = tl.sum(count * mu, axis=0) / n_b
+        m2_b = tl.sum(q + count * (mu - mean_b[None, :]) * (mu - mean_b[None, :]), axis=0)
+        n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+    tl.store(mean_ptr + c, mean_a, mask=mc)
+    tl.store(var_ptr + c, m2_a / n_a, mask=mc)
+
+
+@triton.jit
+def sum_rows_kernel(part_ptr, out0_ptr, out1_ptr, T, M, ACC: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out_j[m] = Σ_t part[t, j·M + m] in a fixed order (deterministic), j = program_id(1)
+    in {0, 1} for two-output rows [a | b] (separate tensors, as custom ops must not return
+    views of one buffer); stored in the output's dtype."""
+    half = tl.program_id(1)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = m < M
+    row_len = M * tl.num_programs(1)
+    total = tl.zeros([BLOCK_M], ACC)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        total += tl.sum(tl.load(part_ptr + t[:, None].to(tl.int64) * row_len + half * M
+                                + m[None, :], mask=(t < T)[:, None] & mm[None, :], other=0.0),
+                        axis=0)
+    if half == 0:
+        tl.store(out0_ptr + m, total.to(out0_ptr.dtype.element_ty), mask=mm)
+    else:
+        tl.store(out1_ptr + m, total.to(out1_ptr.dtype.element_ty), mask=mm)
+
+
+# ----------------------------------------------------------------------------- launch config
+
+def tile_sizes(channels: int, positions: int, channels_last: bool) -> Tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) for ``positions`` per image: wide along the unit-stride dimension."""
+    block_c = min(triton.next_power_of_2(channels), 32 if channels_last else 16)
+    block_p = min(triton.next_power_of_2(positions), TILE_ELEMENTS // block_c)
+    return block_p, block_c
+
+
+def finalize_block_c(channels: int) -> int:
+    """BLOCK_C of bn_stats_finalize_kernel."""
+    return min(triton.next_power_of_2(channels), 32)
+
+
+def acc_type(dtype: torch.dtype):
+    """The Triton type math and statistics run in for ``dtype`` inputs."""
+    return _TL_DTYPES[accumulate_dtype(dtype)]
+
+
+def check_dtype(x: Tensor, op: str = "dwconv_bn_silu") -> None:
+    if x.dtype not in _TL_DTYPES:
+        raise TypeError(f"triton {op} supports float16, bfloat16, float32 and float64 inputs, "
+                        f"got {x.dtype}")
+
+
+def _check_depthwise(x: Tensor, weight: Tensor, op: str) -> None:
+    check_dtype(x, op)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"triton {op}: conv weight dtype {weight.dtype} must match the input "
+                        f"dtype {x.dtype}")
+    k = weight.shape[-1]
+    if weight.shape != (x.shape[1], 1, k, k) or k % 2 == 0:
+        raise ValueError(f"triton {op}: conv weight must be (C, 1, k, k) with odd k and "
+                         f"C={x.shape[1]}, got {tuple(weight.shape)}")
+
+
+def nbytes(*tensors: Optional[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def bn_args(bn: Optional[NormArgs], placeholder: Tensor, prefix: str = ""):
+    """(pointer tuple (mean, var, gamma, beta), eps, constexpr flags) of an optional BN; absent
+    pointers are ``placeholder`` (never read)."""
+    if bn is None:
+        return (placeholder,) * 4, 1.0, {f"{prefix}HAS_GAMMA": False, f"{prefix}HAS_BETA": False}
+    ptrs = (bn.mean, bn.var, bn.weight if bn.weight is not None else placeholder,
+            bn.bias if bn.bias is not None else placeholder)
+    return ptrs, bn.eps, {f"{prefix}HAS_GAMMA": bn.weight is not None,
+                          f"{prefix}HAS_BETA": bn.bias is not None}
+
+
+def bn_bytes(bn: Optional[NormArgs]) -> int:
+    return 0 if bn is None else nbytes(bn.mean, bn.var, bn.weight, bn.bias)
+
+
+class Problem:
+    """Shapes, layout and tiling of one depthwise call (or, without ``weight``, of one
+    elementwise pass over ``x``), shared by the forward and backward launchers."""
+
+    def __init__(self, x: Tensor, weight: Optional[Tensor] = None, stride: int = 1,
+                 op: str = "dwconv_bn_silu"):
+        if weight is None:
+            check_dtype(x, op)
+        else:
+            _check_depthwise(x, weight, op)
+        self.fmt = memory_format_of(x)
+        self.channels_last = self.fmt == torch.channels_last
+        self.n, self.c, self.h, self.w = x.shape
+        self.k = 1 if weight is None else weight.shape[-1]
+        self.stride = stride
+        pad = self.k // 2
+        self.oh = (self.h + 2 * pad - self.k) // stride + 1
+        self.ow = (self.w + 2 * pad - self.k) // stride + 1
+        self.count = self.n * self.oh * self.ow  # values per channel
+        self.block_p, self.block_c = tile_sizes(self.c, self.oh * self.ow, self.channels_last)
+        self.tiles = triton.cdiv(self.oh * self.ow, self.block_p)  # per image
+        self.rows = self.n * self.tiles  # partial-result rows, one per (image, tile)
+        self.grid = (self.tiles, triton.cdiv(self.c, self.block_c), self.n)
+        self.acc_dtype = accumulate_dtype(x.dtype)
+        self.acc = acc_type(x.dtype)
+
+    def layout(self, t: Tensor) -> Tensor:
+        return t.contiguous(memory_format=self.fmt)
+
+    def empty_out(self, x: Tensor, dtype=None) -> Tensor:
+        return torch.empty((self.n, self.c, self.oh, self.ow), dtype=dtype or x.dtype,
+                           device=x.device, memory_format=self.fmt)
+
+    def stats(self, x: Tensor) -> Tensor:
+        return torch.empty(self.c, dtype=self.acc_dtype, device=x.device)
+
+    def partials(self, x: Tensor, width: int) -> Tensor:
+        return torch.empty((self.rows, width), dtype=self.acc_dtype, device=x.device)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def sum_rows(part: Tensor, outs: Tuple[Tensor, ...], acc) -> None:
+    """Column sums of ``part`` [T, len(outs)·M] into the M-element tensors ``outs``."""
+    m = outs[0].numel()
+    block_m = min(triton.next_power_of_2(m), 128)
+    sum_rows_kernel[(triton.cdiv(m, block_m), len(outs))](
+        part, outs[0], outs[-1], part.shape[0], m, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_M=block_m,
+        **COMPILE_OPTIONS)
+    note_launch("sum_rows_kernel", "triton", nbytes(part), nbytes(*outs))
+
+
+def finalize_stats(part: Tensor, mean: Tensor, var: Tensor, positions: int, tiles: int,
+                   tile_p: int, acc) -> None:
+    """Batch mean and biased variance from (mean, M2) rows of ``tile_p``-position tiles,
+    ``tiles`` per image of ``positions``."""
+    c = mean.numel()
+    block_c = finalize_block_c(c)
+    bn_stats_finalize_kernel[(triton.cdiv(c, block_c),)](
+        part, mean, var, c, positions, tiles, part.shape[0], tile_p, ACC=acc, BLOCK_T=BLOCK_T,
+        BLOCK_C=block_c, **COMPILE_OPTIONS)
+    note_launch("bn_stats_finalize_kernel", "triton", nbytes(part), nbytes(mean, var))
