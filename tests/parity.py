@@ -37,7 +37,7 @@ def run(model, inputs, backend=None, forward=None):
             torch.manual_seed(step)
             out = forward(model, x) if forward else model(x)
             grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(step))
-            out.backward(grad.to(dtype))
+            out.backward(grad.to(out.device, dtype))
         steps.append((out.detach(), {"input": x.grad,
                                      **{n: p.grad for n, p in model.named_parameters()}}))
     return steps, {n: b.clone() for n, b in model.named_buffers()}

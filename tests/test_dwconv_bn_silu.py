@@ -1,5 +1,6 @@
 """fused_mbconv.functional.dwconv_bn_silu against eager Conv2d(groups=C) + BatchNorm2d + SiLU,
-on every backend usable for CPU tensors (the Triton backend through TRITON_INTERPRET=1)."""
+on every backend usable for CPU tensors (the Triton backend through TRITON_INTERPRET=1) and,
+where a GPU is present, on every compiled backend for CUDA tensors."""
 
 import pytest
 import torch
@@ -9,6 +10,10 @@ import fused_mbconv as fm
 from tolerances import assert_close_by_rule, eager_in
 
 BACKENDS = fm.available_backends("cpu")
+# (device, backend): the CPU cases keep the backend's name as their id; the CUDA ones say cuda.
+TARGETS = [pytest.param("cpu", b, id=b) for b in BACKENDS] + (
+    [pytest.param("cuda", b, id=f"cuda-{b}") for b in fm.available_backends("cuda")
+     if b != "torch"] if torch.cuda.is_available() else [])
 
 # (N, C, H, W, kernel, stride): odd sizes, C not a multiple of any block, batch 1 with H*W > 1.
 SHAPES = {
@@ -82,20 +87,22 @@ def _copy(module):
     return copy.deepcopy(module)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", TARGETS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_matches_eager(shape, dtype, channels_last, training, backend):
-    check_against_eager(shape, dtype, channels_last, training, backend)
+def test_matches_eager(shape, dtype, channels_last, training, device, backend):
+    check_against_eager(shape, dtype, channels_last, training, backend, device=device)
 
 
-def check_against_eager(shape, dtype, channels_last, training, backend, compile=False):
+def check_against_eager(shape, dtype, channels_last, training, backend, compile=False,
+                        device="cpu"):
     eager, x = make_case(shape, dtype, channels_last)
     with torch.no_grad():
         out_shape = Eager(shape[1], shape[4], shape[5])(x).shape
-    grad_out = torch.randn(out_shape)
+    grad_out = torch.randn(out_shape, device=device)
+    eager, x = eager.to(device), x.to(device)
     ref_out, ref_grads, ref_bn = run_eager(eager, x, torch.float64, training, grad_out)
     eager_out, eager_grads, eager_bn = run_eager(eager, x, dtype, training, grad_out)
     out, grads, bn = run_fused(eager, x, dtype, training, grad_out, backend, compile)
@@ -115,16 +122,17 @@ def check_against_eager(shape, dtype, channels_last, training, backend, compile=
         assert torch.equal(bn.running_mean, eager.bn.running_mean)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", TARGETS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_gradcheck_float64(backend, training, stride):
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
-    gamma = torch.rand(3, dtype=torch.float64).add_(0.5).requires_grad_()
-    beta = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    mean = torch.randn(3, dtype=torch.float64)
-    var = torch.rand(3, dtype=torch.float64) + 0.5
+def test_gradcheck_float64(device, backend, training, stride):
+    f64 = dict(dtype=torch.float64, device=device)
+    x = torch.randn(2, 3, 5, 4, **f64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, **f64, requires_grad=True)
+    gamma = torch.rand(3, **f64).add_(0.5).requires_grad_()
+    beta = torch.randn(3, **f64, requires_grad=True)
+    mean = torch.randn(3, **f64)
+    var = torch.rand(3, **f64) + 0.5
 
     def f(x, w, gamma, beta):
         return fm.functional.dwconv_bn_silu(x, w, mean.clone(), var.clone(), gamma, beta,
@@ -134,18 +142,21 @@ def test_gradcheck_float64(backend, training, stride):
         assert torch.autograd.gradcheck(f, (x, w, gamma, beta), fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", TARGETS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_opcheck(backend, training):
-    x = torch.randn(2, 4, 5, 6, requires_grad=True)
-    w = torch.randn(4, 1, 3, 3, requires_grad=True)
-    gamma = torch.rand(4, requires_grad=True)
-    beta = torch.randn(4, requires_grad=True)
-    args = (x, w, gamma, beta, torch.zeros(4), torch.ones(4), 2, training, 1e-5, True)
+def test_opcheck(device, backend, training):
+    on = dict(device=device)
+    x = torch.randn(2, 4, 5, 6, **on, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, **on, requires_grad=True)
+    gamma = torch.rand(4, **on, requires_grad=True)
+    beta = torch.randn(4, **on, requires_grad=True)
+    args = (x, w, gamma, beta, torch.zeros(4, **on), torch.ones(4, **on), 2, training, 1e-5,
+            True)
     with fm.use_backend(backend):
         torch.library.opcheck(torch.ops.fused_mbconv.dwconv_bn_silu.default, args)
-        grad_args = (torch.randn(2, 4, 3, 3), x.detach(), w.detach(), torch.randn(2, 4, 3, 3),
-                     gamma.detach(), beta.detach(), torch.randn(4), torch.rand(4) + 0.5, 2,
+        grad_args = (torch.randn(2, 4, 3, 3, **on), x.detach(), w.detach(),
+                     torch.randn(2, 4, 3, 3, **on), gamma.detach(), beta.detach(),
+                     torch.randn(4, **on), torch.rand(4, **on) + 0.5, 2,
                      training, 1e-5, [True, True, True, False])
         torch.library.opcheck(torch.ops.fused_mbconv.dwconv_bn_silu_backward.default, grad_args)
 
@@ -239,10 +250,12 @@ def test_bad_input_is_rejected_and_state_untouched(case):
     assert torch.equal(before[1], args["running_var"])
 
 
+@pytest.mark.parametrize("device, backend", TARGETS[:1] + TARGETS[len(BACKENDS):])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_compile_fullgraph_matches_eager(training):
-    check_against_eager(SHAPES["7x9-k3-s2"], torch.float32, False, training,
-                        fm.available_backends("cpu")[0], compile=True)
+def test_compile_fullgraph_matches_eager(training, device, backend):
+    """The first CPU backend, and every CUDA one."""
+    check_against_eager(SHAPES["7x9-k3-s2"], torch.float32, False, training, backend,
+                        compile=True, device=device)
 
 
 def test_backend_selection():

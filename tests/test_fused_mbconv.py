@@ -25,6 +25,14 @@ GPU_BACKENDS = ([b for b in fm.available_backends("cuda")
                 if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
+
+def targets(cpu_backends):
+    """(device, backend) pairs: the CPU ones keep the backend's name as their id, the CUDA ones
+    (every compiled GPU backend, where a GPU is present) say cuda."""
+    return ([pytest.param("cpu", b, id=b) for b in cpu_backends]
+            + [pytest.param("cuda", b, id=f"cuda-{b}") for b in GPU_BACKENDS])
+
+
 # Every distinct EfficientNet-B0 block configuration, few channels, same structure:
 # (in, out, kernel, stride, expand); residual follows from stride 1 and in == out. Inputs of
 # at least 8 channels give the SE squeeze >= 2 values: the max-error rule on a one-element
@@ -299,14 +307,14 @@ def test_random_blocks_match_eager(cin, cout, kernel, stride, expand, se_ratio, 
         check_parity(block, x, torch.float32, training, backend)
 
 
-def _gradcheck_inputs(stride, residual, se):
+def _gradcheck_inputs(stride, residual, se, device="cpu"):
     cin, hidden, cout = 3, 5, 3 if residual else 4
 
     def t(*shape):
-        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        return torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
 
     def positive(c):
-        return (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+        return (torch.rand(c, dtype=torch.float64, device=device) + 0.5).requires_grad_()
 
     x = t(4, cin, 5, 4)
     params = [t(hidden, cin, 1, 1), positive(hidden), t(hidden), t(hidden, 1, 3, 3),
@@ -320,18 +328,27 @@ def _gradcheck_inputs(stride, residual, se):
 # each (train for the residual one, eval for stride 2). Every Triton kernel-interface function,
 # the no-SE and no-expand variants included, is compared in float64 with the reference (which
 # passes all of these) in tests/test_triton_mbconv_kernels.py.
-@pytest.mark.parametrize("backend, training, stride, residual, se", [
-    (backend, training, *variant) for backend in BACKENDS for training in (True, False)
-    for variant in [(1, True, True), (2, False, True), (1, False, False)]
-    if backend != "triton" or (variant[2] and training == (variant[0] == 1))])
-def test_gradcheck_float64(backend, training, stride, residual, se):
-    x, params = _gradcheck_inputs(stride, residual, se)
+GRADCHECK_VARIANTS = [(1, True, True), (2, False, True), (1, False, False)]
+
+
+@pytest.mark.parametrize("device, backend, training, stride, residual, se", [
+    pytest.param("cpu", backend, training, *variant,
+                 id="-".join(map(str, (backend, training, *variant))))
+    for backend in BACKENDS for training in (True, False) for variant in GRADCHECK_VARIANTS
+    if backend != "triton" or (variant[2] and training == (variant[0] == 1))] + [
+    pytest.param("cuda", backend, training, *variant,
+                 id="-".join(map(str, (f"cuda-{backend}", training, *variant))))
+    for backend in GPU_BACKENDS for training in (True, False) for variant in GRADCHECK_VARIANTS])
+def test_gradcheck_float64(device, backend, training, stride, residual, se):
+    x, params = _gradcheck_inputs(stride, residual, se, device)
     hidden, cout = params[0].shape[0], params[-1].shape[0]
-    stats = [(torch.randn(c, dtype=torch.float64) * 0.1, torch.rand(c, dtype=torch.float64) + 0.5)
+    f64 = dict(dtype=torch.float64, device=device)
+    stats = [(torch.randn(c, **f64) * 0.1, torch.rand(c, **f64) + 0.5)
              for c in (hidden, hidden, cout)]
 
     def f(x, *p):
-        bns = [BatchNormParams(w, b, m.clone(), v.clone(), torch.tensor(0), 0.1, 1e-5)
+        bns = [BatchNormParams(w, b, m.clone(), v.clone(), torch.tensor(0, device=device), 0.1,
+                               1e-5)
                for (w, b), (m, v) in zip([(p[1], p[2]), (p[4], p[5]), (p[-2], p[-1])], stats)]
         torch.manual_seed(0)  # the same drop-path draw on every evaluation
         return fm.functional.mbconv(
@@ -343,7 +360,7 @@ def test_gradcheck_float64(backend, training, stride, residual, se):
         assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
 
 
-def _op_args(training, expanded=True, se=True, residual=True, keep=True):
+def _op_args(training, expanded=True, se=True, residual=True, keep=True, device="cpu"):
     cin, cout = 4, 4
     hidden = 8 if expanded else cin  # the depthwise conv sees the block input unexpanded
     x = torch.randn(2, cin, 5, 6)
@@ -362,21 +379,26 @@ def _op_args(training, expanded=True, se=True, residual=True, keep=True):
     for arg, value in zip(INPUTS, args, strict=True):
         if arg.grad and value is not None:
             value.requires_grad_()
-    return args
+    return [a.detach().to(device).requires_grad_(a.requires_grad)
+            if isinstance(a, torch.Tensor) else a for a in args]
 
 
 # opcheck tests the registration (schema, fake kernel, autograd, aliasing); on the Triton
 # interpreter (~7 s a case) it runs two of the six cases, one per mode.
-@pytest.mark.parametrize("backend, training, variant", [
-    pytest.param(backend, training, variant,
+OP_VARIANTS = [("full", dict()), ("e1-nose", dict(expanded=False, se=False, residual=False)),
+               ("recompute", dict(keep=False))]
+
+
+@pytest.mark.parametrize("device, backend, training, variant", [
+    pytest.param("cpu", backend, training, variant,
                  id=f"{name}-{'train' if training else 'eval'}-{backend}")
-    for backend in BACKENDS for training in (True, False)
-    for name, variant in [("full", dict()),
-                          ("e1-nose", dict(expanded=False, se=False, residual=False)),
-                          ("recompute", dict(keep=False))]
-    if backend != "triton" or (name, training) in (("full", True), ("recompute", False))])
-def test_opcheck(backend, training, variant):
-    args = _op_args(training, **variant)
+    for backend in BACKENDS for training in (True, False) for name, variant in OP_VARIANTS
+    if backend != "triton" or (name, training) in (("full", True), ("recompute", False))] + [
+    pytest.param("cuda", backend, training, variant,
+                 id=f"{name}-{'train' if training else 'eval'}-cuda-{backend}")
+    for backend in GPU_BACKENDS for training in (True, False) for name, variant in OP_VARIANTS])
+def test_opcheck(device, backend, training, variant):
+    args = _op_args(training, **variant, device=device)
     with fm.use_backend(backend):
         torch.library.opcheck(torch.ops.fused_mbconv.mbconv.default, args)
         outputs = MBConvOutputs(*torch.ops.fused_mbconv.mbconv(*args))
@@ -391,31 +413,31 @@ def test_opcheck(backend, training, variant):
                               backward_kwargs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_fullgraph_matches_eager(backend):
+@pytest.mark.parametrize("device, backend", targets(BACKENDS))
+def test_compile_fullgraph_matches_eager(device, backend):
     def forward(model, x):
         if isinstance(model, fm.FusedMBConv):  # the fused copy, compiled without graph breaks
             model = torch.compile(model, fullgraph=True, backend="aot_eager")
         return model(x)
 
-    inputs = [torch.randn(2, 6, 7, 7, requires_grad=True) for _ in range(2)]
-    check(make_block((6, 6, 3, 1, 6), drop_path=0.2), inputs, "compiled", backend,
+    inputs = [torch.randn(2, 6, 7, 7, device=device, requires_grad=True) for _ in range(2)]
+    check(make_block((6, 6, 3, 1, 6), drop_path=0.2).to(device), inputs, "compiled", backend,
           lambda m: m.train(), forward, stat_rounds=2)
 
 
 # Not on the Triton interpreter: the whole network takes ~10 minutes there (the fused blocks
 # it is made of are compared one by one in test_block_matches_eager on every backend).
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_efficientnet_b0_training_step_matches_eager(backend):
+@pytest.mark.parametrize("device, backend", targets([b for b in BACKENDS if b != "triton"]))
+def test_efficientnet_b0_training_step_matches_eager(device, backend):
     """forward, loss, backward, SGD step of the whole fused network against the eager one
     loaded with the same state_dict (48x48 so the last stages keep 2x2 positions: at 1x1,
     training BatchNorm over 2 values is ill-conditioned for both)."""
     torch.manual_seed(0)
-    eager = fm.efficientnet_b0(num_classes=10)
-    fused = fm.efficientnet_b0(num_classes=10, fused=True)
+    eager = fm.efficientnet_b0(num_classes=10).to(device)
+    fused = fm.efficientnet_b0(num_classes=10, fused=True).to(device)
     fused.load_state_dict(eager.state_dict())
     ref = copy.deepcopy(eager).double()
-    x, target = torch.randn(2, 3, 48, 48), torch.tensor([3, 7])
+    x, target = torch.randn(2, 3, 48, 48, device=device), torch.tensor([3, 7], device=device)
 
     def step(model, dtype, backend="torch"):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -693,23 +715,35 @@ if __name__ == "__main__":  # the measurement table: python tests/test_fused_mbc
 def test_autocast_gives_eager_autocast_dtypes_and_values(config):
     """Convs run in the autocast dtype, BatchNorm keeps float32 parameters, and a float32
     residual input promotes the output to float32 -- exactly as under eager autocast."""
-    eager = make_block(config)
+    check_autocast(config, "cpu", torch.bfloat16, fm.available_backends("cpu")[0])
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device: CUDA autocast runs only where "
+                    "one is present")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"], ids=lambda b: f"cuda-{b}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("config", [(6, 6, 3, 1, 6), (6, 8, 5, 2, 1)], ids=["residual", "plain"])
+def test_autocast_on_cuda_matches_eager(config, dtype, backend):
+    check_autocast(config, "cuda", dtype, backend)
+
+
+def check_autocast(config, device, dtype, backend):
+    eager = make_block(config).to(device)
     fused = fm.FusedMBConv.from_module(copy.deepcopy(eager))
     reference = copy.deepcopy(eager).double()
-    x = torch.randn(2, config[0], 7, 7)
+    x = torch.randn(2, config[0], 7, 7, device=device)
     inputs = [x.clone().requires_grad_() for _ in range(3)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=dtype), fm.use_backend(backend):
         out_eager, out_fused = eager(inputs[0]), fused(inputs[1])
     out_ref = reference(inputs[2].double())
     assert out_fused.dtype == out_eager.dtype
-    assert_close_by_rule(out_fused.float(), out_eager.float(), out_ref, torch.bfloat16, "output")
-    grad_out = torch.randn(out_ref.shape, dtype=torch.float64)
-    for out in (out_eager, out_fused, out_ref):
-        out.backward(grad_out.to(out.dtype))
-    assert_close_by_rule(inputs[1].grad, inputs[0].grad, inputs[2].grad, torch.bfloat16,
-                         "grad input")
+    assert_close_by_rule(out_fused.float(), out_eager.float(), out_ref, dtype, "output")
+    grad_out = torch.randn(out_ref.shape, dtype=torch.float64, device=device)
+    with fm.use_backend(backend):
+        for out in (out_eager, out_fused, out_ref):
+            out.backward(grad_out.to(out.dtype))
+    assert_close_by_rule(inputs[1].grad, inputs[0].grad, inputs[2].grad, dtype, "grad input")
     for (name, p_fused), p_eager, p_ref in zip(fused.named_parameters(), eager.parameters(),
                                                reference.parameters()):
         assert p_fused.grad.dtype == torch.float32, name
-        assert_close_by_rule(p_fused.grad, p_eager.grad, p_ref.grad, torch.bfloat16,
-                             f"grad {name}")
+        assert_close_by_rule(p_fused.grad, p_eager.grad, p_ref.grad, dtype, f"grad {name}")
