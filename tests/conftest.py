@@ -19,6 +19,10 @@ settings.load_profile(HYPOTHESIS_PROFILE)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Eager float32 convolutions on a GPU in true float32: cuDNN's TF32 default would inflate eager's
+# error, which bounds the fused kernels' (theirs multiply in IEEE float32).
+torch.backends.cudnn.allow_tf32 = False
+
 # Backends a session must have (comma-separated), by default under CI: a missing build must
 # fail the run, not shrink it.
 CI_REQUIRED_BACKENDS = "cpu,torch,triton"

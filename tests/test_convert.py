@@ -16,6 +16,10 @@ from fused_mbconv.convert import NotFusable, is_block, iter_blocks, recognize
 from fused_mbconv.activations import make_activation, make_gate
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule
 
+# The compiled GPU backends, where a GPU is present ("torch" runs anywhere; the CPU tests have it).
+GPU_BACKENDS = ([b for b in fm.available_backends("cuda") if b != "torch"]
+                if torch.cuda.is_available() else [])
+
 
 def timm_model(name, **kwargs):
     return timm.create_model(name, pretrained=False, **kwargs)
@@ -333,17 +337,19 @@ def assert_state_close(fused, eager, ref, what, rounds=1):
             assert torch.equal(fused[key], ref[key]), f"{what} {key}"
 
 
-@pytest.mark.parametrize("name", PARITY_MODELS)
-def test_converted_model_trains_like_the_original(name):
+def check_converted_training(name, device="cpu"):
+    """Two SGD steps of the converted model, the original and a float64 copy, all on device:
+    outputs, step-1 gradients and final states by the rule, then eval outputs."""
     build, fusable, _ = MODELS[name]
     torch.manual_seed(0)
     original = build()
     randomize_bn_state(original)
+    original.to(device)
     converted = fm.convert(original)
     assert len(fm.convert_report(converted).converted) == fusable
     reference = copy.deepcopy(original).double()
-    x = torch.randn(2, 3, 64, 64)
-    weights = torch.randn(2, 1000) / 1000  # small, well-conditioned steps
+    x = torch.randn(2, 3, 64, 64, device=device)
+    weights = torch.randn(2, 1000, device=device) / 1000  # small, well-conditioned steps
     runs = {label: train_steps(m.train(), x, weights)
             for label, m in (("fused", converted), ("eager", original), ("ref", reference))}
     for step, ((f_out, f_grads), (e_out, e_grads), (r_out, r_grads)) in enumerate(
@@ -364,6 +370,20 @@ def test_converted_model_trains_like_the_original(name):
         outs = [m.eval()(x.to(next(m.parameters()).dtype))
                 for m in (converted, original, reference)]
     assert_close_by_rule(*outs, torch.float32, f"{name} eval output")
+
+
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_converted_model_trains_like_the_original(name):
+    check_converted_training(name)
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device: converted models run on CUDA "
+                    "tensors only where a GPU is present")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"], ids=lambda b: f"cuda-{b}")
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_converted_model_trains_like_the_original_on_cuda(name, backend):
+    with fm.use_backend(backend):
+        check_converted_training(name, "cuda")
 
 
 def test_convert_leaves_the_original_alone_unless_inplace():

@@ -9,6 +9,7 @@ one process's loss is the mean of the two processes' losses."""
 import copy
 import datetime
 import faulthandler
+import importlib
 import os
 from collections import Counter
 from functools import partial
@@ -86,14 +87,15 @@ VARIANTS = {
 }
 
 
-def count_sync_calls() -> Counter:
-    """Count, from now on in this process, the fused blocks' reductions across processes."""
+def count_sync_calls(patch=setattr) -> Counter:
+    """Count, from now on in this process, the fused blocks' reductions across processes
+    (``patch``: a ``monkeypatch.setattr`` where the process outlives the test)."""
     calls = Counter()
     for name in ("batch_stats", "grad_sums"):
         def counted(self, *args, _name=name, _method=getattr(ProcessGroupStatsSync, name)):
             calls[_name] += 1
             return _method(self, *args)
-        setattr(ProcessGroupStatsSync, name, counted)
+        patch(ProcessGroupStatsSync, name, counted)
     return calls
 
 
@@ -189,3 +191,35 @@ def test_sync_batchnorm_without_process_group_is_batchnorm():
     torch.testing.assert_close(synced(x), model(x))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(synced.state_dict()[k], v, msg=k)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()),
+                    reason="no CUDA device with NCCL: the NCCL run needs a GPU")
+@pytest.mark.parametrize("variant", ["eager_sync", "fused_sync"])
+def test_nccl_sync_batchnorm_in_one_process_matches_batchnorm(tmp_path, variant, monkeypatch):
+    """Synchronized BN over NCCL on CUDA tensors. A group of one never needs a reduction, so the
+    test forces it: every all_gather / all_reduce of the fused blocks and of SyncBatchNorm runs
+    through NCCL, and the result must be plain BatchNorm training by the rule."""
+    # the module, not fm.convert, the function of the same name
+    convert_module = importlib.import_module("fused_mbconv.convert")
+    distributed = importlib.import_module("fused_mbconv.distributed")
+    in_group = lambda process_group=None: dist.is_initialized()  # noqa: E731
+    monkeypatch.setattr(distributed, "sync_enabled", in_group)
+    monkeypatch.setattr(convert_module, "sync_enabled", in_group)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        x, weights = (t.cuda() for t in global_batch())
+        calls = count_sync_calls(monkeypatch.setattr)
+        runs = {}
+        for label, make, dtype in (("synced", VARIANTS[variant], torch.float32),
+                                   ("eager", VARIANTS["eager"], torch.float32),
+                                   ("eager64", VARIANTS["eager64"], torch.float64)):
+            model = make(0.0).cuda().train()
+            runs[label] = train(model, x.to(dtype), weights.to(dtype))
+    finally:
+        dist.destroy_process_group()
+    assert_trained_by_rule(runs["synced"], runs["eager"], runs["eager64"], f"nccl {variant}")
+    fused_reductions = STEPS * FUSED_BATCH_NORMS if variant == "fused_sync" else 0
+    assert calls == Counter(batch_stats=fused_reductions, grad_sums=fused_reductions), variant
