@@ -65,7 +65,8 @@ setup(
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     # The range CI tests: .ci/oldest (torch 2.13.0, triton 3.6.0) and .ci/run (the newest).
-    install_requires=["torch>=2.13", "triton>=3.6; platform_system == 'Linux'", "ninja"],
+    # numpy: without it, importing torch prints "Failed to initialize NumPy" on a first run.
+    install_requires=["torch>=2.13", "triton>=3.6; platform_system == 'Linux'", "ninja", "numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision", "matplotlib",
                  "onnx", "onnxscript"],
