@@ -119,8 +119,9 @@ def _runs_eager(x: torch.Tensor) -> bool:
     return torch.onnx.is_in_onnx_export() or x.numel() == 0
 
 
-class FusedConvBNAct(nn.Module):
-    """``Sequential(conv, BatchNorm, activation)`` as one fused op: conv + BN + act."""
+class FusedConvBNAct(nn.Sequential):
+    """``Sequential(conv, BatchNorm, activation)`` as one fused op: conv + BN + act. Still a
+    Sequential of the same children (``layer[0]`` is the conv), with its own forward."""
 
     pool: bool = False
     activation: str = "silu"

@@ -130,9 +130,9 @@ def test_low_precision_keeps_the_input_dtype():
 
 def _bn64(c):
     f64 = dict(dtype=torch.float64)
-    return (torch.rand(c, **f64).add_(0.5).requires_grad_(), torch.randn(c, **f64,
-                                                                          requires_grad=True),
-            torch.randn(c, **f64), torch.rand(c, **f64) + 0.5)
+    gamma = torch.rand(c, **f64).add_(0.5).requires_grad_()
+    beta = torch.randn(c, **f64, requires_grad=True)
+    return gamma, beta, torch.randn(c, **f64), torch.rand(c, **f64) + 0.5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

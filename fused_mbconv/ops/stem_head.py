@@ -214,20 +214,23 @@ def _autograd(forward_inputs, forward_values, options, backward_op):
     def backward(ctx, grad_out, *_unused):
         if grad_out is None:
             return input_grads(forward_inputs, {})
-        saved = dict(zip(SAVED, ctx.saved_tensors))
+        tensors = ctx.saved_tensors  # once: checkpointing unpacks each saved tensor once
+        saved = dict(zip(SAVED, tensors))
         needs = needs_grad(forward_inputs, ctx.needs_input_grad)
         mask = [present and needs[n] for present, n in zip(ctx.present, GRAD_INPUTS)]
-        grads = backward_op(grad_out, *ctx.saved_tensors, *ctx.options, mask)
+        grads = backward_op(grad_out, *tensors, *ctx.options, mask)
         return input_grads(forward_inputs, {n: g.to(saved[n].dtype)
                                             for n, g, m in zip(GRAD_INPUTS, grads, mask) if m})
 
     return backward, setup_context
 
 
+_BACKWARD_OPS = {"conv_bn_act": lambda *a: torch.ops.fused_mbconv.conv_bn_act_backward(*a),
+                 "pointwise_bn_act_pool":
+                     lambda *a: torch.ops.fused_mbconv.pointwise_bn_act_pool_backward(*a)}
 for _op, _args in ((conv_bn_act, (CONV_INPUTS, ConvInputs, CONV_OPTIONS,
-                                   lambda *a: torch.ops.fused_mbconv.conv_bn_act_backward(*a))),
+                                  _BACKWARD_OPS["conv_bn_act"])),
                    (pointwise_bn_act_pool, (HEAD_INPUTS, HeadInputs, HEAD_OPTIONS,
-                                            lambda *a: torch.ops.fused_mbconv.
-                                            pointwise_bn_act_pool_backward(*a)))):
+                                            _BACKWARD_OPS["pointwise_bn_act_pool"]))):
     _backward, _setup_context = _autograd(*_args)
     _op.register_autograd(_backward, setup_context=_setup_context)
