@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from .convert import BlockReport, NotFusable, _activation, _norm_act, qualified_name
-from .fused_stem_head import (FoldedBatchNorm, FusedConvBNAct, FusedHead, FusedPairConv,
-                              conv_reason, fused_layers, norm_reason)
+from .fused_stem_head import (FusedConvBNAct, FusedHead, FusedPairConv, conv_reason,
+                              fused_layers, norm_reason)
 from .ops.stem_head import kernel_sources
 
 
@@ -177,10 +177,7 @@ def fuse(model: nn.Module) -> nn.Module:
             fused_type = FusedHead if site.pool else FusedConvBNAct
             _set(owner, site.path, fused_type.from_sequential(layer, activation))
         else:
-            folded = FoldedBatchNorm.from_module(owner.get_submodule(site.norm),
-                                                 folded_into=site.path)
-            _set(owner, site.norm, folded)
-            _set(owner, site.path, FusedPairConv.from_pair(layer, folded, activation))
+            FusedPairConv.from_pair(owner, site.path, site.norm, activation)
     return model
 
 

@@ -171,13 +171,10 @@ class TvStyle(nn.Module):
 
 def fuse_layers(model):
     """The fused copy of a TimmStyle or TvStyle model, as conversion builds it."""
-    from fused_mbconv.fused_stem_head import FoldedBatchNorm, FusedPairConv
     fused = copy.deepcopy(model)
     if isinstance(fused, TimmStyle):
         for conv, bn, act in (("conv_stem", "bn1", "silu"), ("conv_head", "bn2", "hardswish")):
-            folded = FoldedBatchNorm.from_module(getattr(fused, bn), conv)
-            setattr(fused, bn, folded)
-            setattr(fused, conv, FusedPairConv.from_pair(getattr(fused, conv), folded, act))
+            fm.FusedPairConv.from_pair(fused, conv, bn, act)
     else:
         fused.stem = fm.FusedConvBNAct.from_sequential(fused.stem, "relu6")
         fused.head = fm.FusedHead.from_sequential(fused.head, "silu")
@@ -309,3 +306,57 @@ def test_fused_stem_saves_no_activation_map():
 
     stem_map = 2 * 32 * 32 * 32 * 4
     assert saved(blocks_only) - saved(fused) >= 2 * stem_map
+
+
+@pytest.mark.parametrize("name", ["timm:efficientnet_b0", "tv:efficientnet_b0"])
+def test_torchscript_scripts_the_eager_layers(name):
+    original = FAMILIES[name][0]().eval()
+    converted = fm.convert(original)
+    with pytest.warns(UserWarning, match="scripting its eager"):
+        scripted = torch.jit.script(copy.deepcopy(converted))
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(scripted(x), original(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["timm:efficientnet_b0", "tv:efficientnet_b0"])
+def test_fx_trace_keeps_stem_and_head_one_node_each(name):
+    converted = fm.convert(FAMILIES[name][0]()).eval()
+    traced = torch.fx.symbolic_trace(converted)
+    called = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    fused = [p for p, m in converted.named_modules()
+             if isinstance(m, (fm.FusedConvBNAct, fm.FusedPairConv))]
+    assert len(fused) == 2 and all(p in called for p in fused)
+    assert not any(p.startswith(tuple(f"{q}." for q in fused)) for p in called)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(traced(x), converted(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_onnx_export_records_the_eager_math(style, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model = fuse_layers(make(style)).eval()
+    path = tmp_path / "layers.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 9, 11),), str(path), dynamo=True)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Conv" in ops and not any(name in op for op in ops
+                                     for name in ("conv_bn_act", "bn_act_pool")), ops
+
+
+def test_timm_freeze_helper_swaps_the_folded_batchnorm_and_the_pair_runs_eager():
+    """timm's freeze_batch_norm_2d finds the folded BatchNormAct2d (an instance of its class)
+    and swaps it for FrozenBatchNormAct2d: the conv place then runs the conv alone, the frozen
+    BN applies itself, as in the frozen eager model."""
+    from timm.layers import freeze_batch_norm_2d
+    torch.manual_seed(0)
+    original = timm_model("efficientnet_b0")
+    randomize_bns(original)
+    converted = fm.convert(original)
+    assert isinstance(converted.bn1, BatchNormAct2d)
+    eager, fused = freeze_batch_norm_2d(original).train(), freeze_batch_norm_2d(converted).train()
+    reasons = {b.path: (b.status, b.reason) for b in fm.convert_report(fused).layers}
+    assert reasons["conv_stem+bn1"][0] == "eager"
+    assert "swapped for FrozenBatchNormAct2d" in reasons["conv_stem+bn1"][1]
+    x = torch.randn(2, 3, 64, 64)
+    ref = copy.deepcopy(eager).double()(x.double())
+    assert_close_by_rule(fused(x), eager(x), ref, torch.float32, "frozen timm output")
