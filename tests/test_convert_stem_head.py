@@ -360,3 +360,84 @@ def test_timm_freeze_helper_swaps_the_folded_batchnorm_and_the_pair_runs_eager()
     x = torch.randn(2, 3, 64, 64)
     ref = copy.deepcopy(eager).double()(x.double())
     assert_close_by_rule(fused(x), eager(x), ref, torch.float32, "frozen timm output")
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_state_dicts_load_both_ways_and_pickle(style):
+    import io
+    original = make(style).eval()
+    fused = fuse_layers(original)
+    assert list(original.state_dict()) == list(fused.state_dict())
+    shifted = make(style)
+    with torch.no_grad():
+        for p in shifted.parameters():
+            p.add_(1.0)
+    fused.load_state_dict(shifted.state_dict())  # strict
+    back = make(style)
+    back.load_state_dict(fused.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(shifted.state_dict().values(),
+                                                 back.state_dict().values()))
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(fused)
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        expected = fused.eval()(x)
+        for other in (loaded, copied):
+            assert all(m.eager_reason() is None for m in other.modules()
+                       if isinstance(m, (fm.FusedConvBNAct, fm.FusedPairConv)))
+            torch.testing.assert_close(other.eval()(x), expected, rtol=0, atol=0)
+    copied.train()(x).sum().backward()  # the copy owns its parameters
+    assert all(p.grad is None for p in fused.parameters())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("style", STYLES)
+def test_compile_fullgraph_without_graph_breaks(style, training):
+    torch._dynamo.reset()
+    model = fuse_layers(make(style)).train(training)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 9, 11, requires_grad=True)
+    out, expected = compiled(x), eager(x)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("style", STYLES)
+def test_autocast_bfloat16_matches_eager_autocast(style, training):
+    original = make(style).train(training)
+    fused, reference = fuse_layers(original), copy.deepcopy(original).double()
+    x = torch.randn(2, 3, 9, 11)
+    outs = []
+    for model in (fused, original):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        outs.append(out)
+    ref = reference(x.double())
+    ref.square().sum().backward()
+    assert outs[0].dtype == outs[1].dtype
+    assert_close_by_rule(outs[0].float(), outs[1].float(), ref, torch.bfloat16, "output")
+    for (name, p), q, r in zip(fused.named_parameters(), original.parameters(),
+                               reference.parameters()):
+        assert p.grad.dtype == q.grad.dtype == torch.float32
+        assert_close_by_rule(p.grad, q.grad, r.grad, torch.bfloat16, f"grad {name}",
+                             rounds=NETWORK_GRADIENT_ROUNDS)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_export_eval(style):
+    model = fuse_layers(make(style)).eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 9, 11),))
+    x = torch.randn(2, 3, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x))
