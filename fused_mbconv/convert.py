@@ -491,7 +491,8 @@ def _block_report(path: str, module: nn.Module) -> BlockReport:
 
 
 def convert_report(model: nn.Module) -> ConversionReport:
-    """Which blocks of ``model`` are converted, would be converted, or can't be, and why."""
+    """Which blocks of ``model`` are converted, would be converted, or can't be, and why; and
+    (``layers``) the same for its stem and head."""
     return ConversionReport(tuple(_block_report(p, m) for p, m in iter_blocks(model)),
                             _stem_head.layer_reports(model))
 
@@ -531,7 +532,8 @@ class SyncFusedMBConv(FusedMBConv):
 def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
             process_group=None) -> nn.Module:
     """Swap every block ``convert_report`` calls convertible for a ``FusedMBConv`` that adopts
-    the block's submodules under their names, so ``state_dict`` keys and values are unchanged.
+    the block's submodules under their names, so ``state_dict`` keys and values are unchanged;
+    and the model's stem and head for fused ones (``convert_stem_head``), likewise.
 
     ``sync_bn``: batch statistics over every process of ``process_group`` (default: the whole
     world), in the fused blocks and in every other BatchNorm2d (as
@@ -568,7 +570,8 @@ def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """``convert`` undone: every FusedMBConv becomes the block it replaced (its original
-    class, the same children, so ``state_dict`` is unchanged), for tools that do not know
+    class, the same children, so ``state_dict`` is unchanged), and every fused stem and head
+    the layers it replaced, for tools that do not know
     the fused ops (ONNX and other exporters). Returns the reverted model (a new one unless
     ``inplace``; when ``model`` itself is a fused block, always a new module)."""
     if not inplace:

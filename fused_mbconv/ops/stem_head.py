@@ -202,7 +202,9 @@ def _(*inputs):
 
 # ---- autograd, shared ----------------------------------------------------------------------
 
-def _autograd(forward_inputs, forward_values, options, backward_op):
+def _register_autograd(op, forward_inputs, forward_values, options, backward_op) -> None:
+    """``op``'s autograd: it saves SAVED and calls ``backward_op`` (the op's backward custom
+    op, through torch.ops, so compile and export see it) with the gradients wanted."""
     def setup_context(ctx, inputs, output):
         values = {**forward_values(*inputs)._asdict(), **Outputs(*output)._asdict()}
         ctx.save_for_backward(*(values[n] for n in SAVED))
@@ -222,15 +224,10 @@ def _autograd(forward_inputs, forward_values, options, backward_op):
         return input_grads(forward_inputs, {n: g.to(saved[n].dtype)
                                             for n, g, m in zip(GRAD_INPUTS, grads, mask) if m})
 
-    return backward, setup_context
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-_BACKWARD_OPS = {"conv_bn_act": lambda *a: torch.ops.fused_mbconv.conv_bn_act_backward(*a),
-                 "pointwise_bn_act_pool":
-                     lambda *a: torch.ops.fused_mbconv.pointwise_bn_act_pool_backward(*a)}
-for _op, _args in ((conv_bn_act, (CONV_INPUTS, ConvInputs, CONV_OPTIONS,
-                                  _BACKWARD_OPS["conv_bn_act"])),
-                   (pointwise_bn_act_pool, (HEAD_INPUTS, HeadInputs, HEAD_OPTIONS,
-                                            _BACKWARD_OPS["pointwise_bn_act_pool"]))):
-    _backward, _setup_context = _autograd(*_args)
-    _op.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd(conv_bn_act, CONV_INPUTS, ConvInputs, CONV_OPTIONS,
+                   lambda *a: torch.ops.fused_mbconv.conv_bn_act_backward(*a))
+_register_autograd(pointwise_bn_act_pool, HEAD_INPUTS, HeadInputs, HEAD_OPTIONS,
+                   lambda *a: torch.ops.fused_mbconv.pointwise_bn_act_pool_backward(*a))
