@@ -1,6 +1,7 @@
 from ._version import __version__
 from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
 from .fused_block import FusedMBConv
+from .fused_stem_head import FoldedBatchNorm, FusedConvBNAct, FusedHead, FusedPairConv
 from .efficientnet import (EfficientNet, compound_scaling, efficientnet_b0, efficientnet_b1,
                            efficientnet_b2, efficientnet_b3, efficientnet_b4, efficientnet_b5,
                            efficientnet_b6, efficientnet_b7)

@@ -21,6 +21,7 @@ import importlib
 import os
 import threading
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -213,3 +214,22 @@ def kernels_for(device: torch.device, functions: Sequence[str] = ()):
     """The kernel-interface module of the backend that runs ``device`` now; with
     ``functions``, the default skips backends that lack any of them."""
     return importlib.import_module(record(resolve_backend(device, functions)).module)
+
+
+def missing_kernels(name: str, functions: Sequence[str]) -> List[str]:
+    """The kernel-interface functions among ``functions`` that backend ``name`` lacks."""
+    return [f for f in functions if not implements(name, [f])]
+
+
+def kernels_with_reference(device: torch.device, functions: Sequence[str]
+                           ) -> Tuple[SimpleNamespace, str, List[str]]:
+    """``functions`` for tensors on ``device`` from the backend that runs them now (the chosen
+    one, else the default), taking the reference's ("torch") for those it lacks: an explicit
+    fallback, for ops whose functions not every backend has. Returns (the functions by name,
+    the backend's name, the names taken from the reference)."""
+    name = resolve_backend(device)
+    module = importlib.import_module(record(name).module)
+    missing = missing_kernels(name, functions)
+    reference = importlib.import_module(record("torch").module)
+    return (SimpleNamespace(**{f: getattr(reference if f in missing else module, f)
+                               for f in functions}), name, missing)

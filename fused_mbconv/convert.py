@@ -430,6 +430,8 @@ class BlockReport:
 @dataclass(frozen=True)
 class ConversionReport:
     blocks: Tuple[BlockReport, ...]
+    # The stems and heads (``convert_stem_head``), reported apart from the blocks.
+    layers: Tuple[BlockReport, ...] = ()
 
     def _with(self, status: str) -> List[BlockReport]:
         return [b for b in self.blocks if b.status == status]
@@ -459,7 +461,20 @@ class ConversionReport:
         for b in self.blocks:
             line = f"  {b.path or '<model>':<{width}}  {b.status:<11}  {b.block_type}"
             lines.append(f"{line}: {b.reason}" if b.reason else line)
-        return "\n".join(lines)
+        return "\n".join(lines + _layer_lines(self.layers))
+
+
+def _layer_lines(layers: Tuple[BlockReport, ...]) -> List[str]:
+    """The report's stem and head section."""
+    if not layers:
+        return []
+    converted = sum(b.status == "converted" for b in layers)
+    lines = [f"{len(layers)} stem/head layers: {converted} converted"]
+    width = max(len(b.path) for b in layers)
+    for b in layers:
+        line = f"  {b.path:<{width}}  {b.status:<11}  {b.block_type}"
+        lines.append(f"{line}: {b.reason}" if b.reason else line)
+    return lines
 
 
 def _block_report(path: str, module: nn.Module) -> BlockReport:
@@ -476,8 +491,10 @@ def _block_report(path: str, module: nn.Module) -> BlockReport:
 
 
 def convert_report(model: nn.Module) -> ConversionReport:
-    """Which blocks of ``model`` are converted, would be converted, or can't be, and why."""
-    return ConversionReport(tuple(_block_report(p, m) for p, m in iter_blocks(model)))
+    """Which blocks of ``model`` are converted, would be converted, or can't be, and why; and
+    (``layers``) the same for its stem and head."""
+    return ConversionReport(tuple(_block_report(p, m) for p, m in iter_blocks(model)),
+                            _stem_head.layer_reports(model))
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
@@ -515,7 +532,8 @@ class SyncFusedMBConv(FusedMBConv):
 def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
             process_group=None) -> nn.Module:
     """Swap every block ``convert_report`` calls convertible for a ``FusedMBConv`` that adopts
-    the block's submodules under their names, so ``state_dict`` keys and values are unchanged.
+    the block's submodules under their names, so ``state_dict`` keys and values are unchanged;
+    and the model's stem and head for fused ones (``convert_stem_head``), likewise.
 
     ``sync_bn``: batch statistics over every process of ``process_group`` (default: the whole
     world), in the fused blocks and in every other BatchNorm2d (as
@@ -526,6 +544,7 @@ def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
     """
     if not inplace:
         model = copy.deepcopy(model)
+    model = _convert_stem_head(model, sync_bn)
     fused_type = SyncFusedMBConv if sync_bn else FusedMBConv
     for path, block in list(iter_blocks(model)):
         if _is_fused(block):
@@ -551,11 +570,13 @@ def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """``convert`` undone: every FusedMBConv becomes the block it replaced (its original
-    class, the same children, so ``state_dict`` is unchanged), for tools that do not know
+    class, the same children, so ``state_dict`` is unchanged), and every fused stem and head
+    the layers it replaced, for tools that do not know
     the fused ops (ONNX and other exporters). Returns the reverted model (a new one unless
     ``inplace``; when ``model`` itself is a fused block, always a new module)."""
     if not inplace:
         model = copy.deepcopy(model)
+    _stem_head.unfuse(model)
     for path, block in list(iter_blocks(model)):
         if not _is_fused(block):
             continue
@@ -565,5 +586,14 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     return model
 
 
+def _convert_stem_head(model: nn.Module, sync_bn: bool) -> nn.Module:
+    """Stems and heads fused in place; with ``sync_bn`` left (or put back) eager, where their
+    BatchNorms become synchronized ones (the fused stem and head ops reduce nothing across
+    processes)."""
+    return _stem_head.unfuse(model) if sync_bn else _stem_head.fuse(model)
+
+
 # FusedMBConv.from_module's extension point: every block type these recognizers know.
 register_block_type(nn.Module, recognize)
+
+from . import convert_stem_head as _stem_head  # noqa: E402  (it uses this module's checks)

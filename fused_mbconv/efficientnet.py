@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .blocks import MBConv
 from .fused_block import FusedMBConv
+from .fused_stem_head import FusedConvBNAct, FusedHead
 
 
 def compound_scaling(phi: float, alpha: float = 1.2, beta: float = 1.1,
@@ -107,6 +108,8 @@ class EfficientNet(nn.Module):
 
         stem_channels = width(stages[0].in_channels)
         self.stem = ConvBNAct(3, stem_channels, 3, 2, bn_eps, bn_momentum)
+        if fused:  # the stem and the pooled head as fused ops too (same state_dict keys)
+            self.stem = FusedConvBNAct.from_sequential(self.stem, "silu")
 
         repeats = [int(math.ceil(s.repeats * depth_mult)) for s in stages]
         total_blocks = sum(repeats)
@@ -128,6 +131,8 @@ class EfficientNet(nn.Module):
         head_in = width(stages[-1].out_channels)
         head_out = 4 * head_in
         self.head = ConvBNAct(head_in, head_out, 1, 1, bn_eps, bn_momentum)
+        if fused:
+            self.head = FusedHead.from_sequential(self.head, "silu")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout, inplace=True),
                                         nn.Linear(head_out, num_classes))

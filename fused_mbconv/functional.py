@@ -385,3 +385,7 @@ class _RecomputeMarker(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         return None
+
+
+# The stem and head ops (after everything they use from this module is defined).
+from .functional_stem_head import conv_bn_act, pointwise_bn_act_pool  # noqa: E402,F401

@@ -43,6 +43,21 @@ Every function below is ONE kernel launch on a compiled backend, except the thre
     B1 mbconv_expand_backward(grad_y1, e, x, weight, bn1, sum_dy1, sum_dy1_xhat1, training,
                               grad_residual, output_mask) -> (grad_x, grad_weight)         [2]
 
+Stem and head (``fused_mbconv::conv_bn_act``, ``fused_mbconv::pointwise_bn_act_pool``;
+``fused_mbconv.ops.stem_head``). The dense conv + BN + act of a network's stem (and of timm's
+unpooled head) has its own two functions; the pooled head reuses the block's K1, K3 and B1 and
+adds one. A backend without a function runs the reference's (``backends.kernels_with_reference``
+says which)::
+
+    conv_bn_act_forward(x, weight, stride, bn_weight, bn_bias, running_mean, running_var,
+                        training, eps, activation) -> (out, mean, var)
+    conv_bn_act_backward(grad_out, x, weight, bn_weight, bn_bias, mean, var, stride, training,
+                         eps, activation, output_mask) -> (gx, gw, ggamma, gbeta)
+    head forward: K1 (e, mean, var), then K3 with the head's BN and activation: pooled
+    head backward: K1 (e recomputed, need_stats=False), then
+    act_pool_backward(grad_pooled, e, bn, activation) -> (dy, sum_dy, sum_dy_xhat)
+    and B1 with grad_y1 = dy, grad_residual None.
+
 Conventions of the block functions: activations (x, e, d, q, out, and the big gradients) are
 4-D in the input's dtype and memory format; 1x1 conv and SE weights are 2-D (out, in)
 matrices in the activation dtype; the depthwise weight is (C, 1, k, k); per-channel statistics,
@@ -164,13 +179,15 @@ def dwconv_bn_silu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, conv_ou
 
 
 def _dwconv_backward(grad_conv: Tensor, x: Tensor, weight: Tensor, stride: int,
-                     output_mask: List[bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+                     output_mask: List[bool], groups: Optional[int] = None
+                     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(grad input, grad weight) of the padding-k//2 conv: depthwise, or ``groups`` groups."""
     k = weight.shape[-1]
     if not (output_mask[0] or output_mask[1]):
         return None, None
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
         grad_conv, x, weight, None, [stride, stride], [k // 2, k // 2], [1, 1], False,
-        [0, 0], x.shape[1], [output_mask[0], output_mask[1], False])
+        [0, 0], x.shape[1] if groups is None else groups, [output_mask[0], output_mask[1], False])
     return (like_input(grad_x, x) if grad_x is not None else None), grad_w
 
 
@@ -398,3 +415,57 @@ def mbconv_expand_backward(grad_y1: Tensor, e: Tensor, x: Tensor, weight: Tensor
     if grad_x is not None and grad_residual is not None:
         grad_x = like_input(grad_x + grad_residual.to(grad_x.dtype), x)
     return grad_x, grad_weight
+
+
+# ---- stem and head ------------------------------------------------------------------------
+
+def conv_bn_act_forward(x: Tensor, weight: Tensor, stride: int, bn_weight: Optional[Tensor],
+                        bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], training: bool, eps: float,
+                        activation: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """act(BN(conv(x))), a dense conv (weight (Cout, Cin, k, k), padding k//2, no bias).
+
+    Returns (out, mean, var): out like x; the statistics used to normalize (the batch's in
+    training, copies of the running ones in eval). The conv output is not kept: backward
+    recomputes it from x."""
+    acc = accumulate_dtype(x.dtype)
+    k = weight.shape[-1]
+    c = F.conv2d(x, weight, None, stride, k // 2)
+    if training:
+        mean, var = _batch_stats(c)
+    else:
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    out = _activated(c, NormArgs(mean, var, bn_weight, bn_bias, eps), activation)
+    return like_input(out.to(x.dtype), x), mean, var
+
+
+def conv_bn_act_backward(grad_out: Tensor, x: Tensor, weight: Tensor,
+                         bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], mean: Tensor,
+                         var: Tensor, stride: int, training: bool, eps: float, activation: str,
+                         output_mask: List[bool]
+                         ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor],
+                                    Optional[Tensor]]:
+    """Gradients (input, conv weight, bn weight, bn bias); None where output_mask is False.
+    The conv output is recomputed from x; BN output and activation input from it."""
+    k = weight.shape[-1]
+    c = F.conv2d(x, weight, None, stride, k // 2)
+    x_hat, y, gamma_invstd = _normalized(c, NormArgs(mean, var, bn_weight, bn_bias, eps))
+    g = grad_out.to(y.dtype) * _act_grad(activation, y)
+    grad_beta, grad_gamma = _bn_grad_sums(g, x_hat)
+    grad_conv = _bn_grad_input(g, x_hat, gamma_invstd, grad_beta, grad_gamma,
+                               training).to(x.dtype)
+    grad_x, grad_w = _dwconv_backward(grad_conv, x, weight, stride, output_mask[:2], groups=1)
+    return (grad_x, grad_w,
+            grad_gamma if output_mask[2] else None,
+            grad_beta if output_mask[3] else None)
+
+
+def act_pool_backward(grad_pooled: Tensor, e: Tensor, bn: NormArgs, activation: str
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The head's pool and activation backward: from grad_pooled (N, C) (accumulate dtype) of
+    pooled = mean over (H, W) of act(BN(e)), dy = grad_pooled[n, c] / (H * W) * act'(BN(e)),
+    the gradient at BN's output, like e in e's dtype, and BN's reductions (sum dy,
+    sum dy * x_hat), (C,) each: B3's math with no per-position gradient."""
+    no_position_grad = torch.zeros((), dtype=grad_pooled.dtype, device=e.device)
+    dy, x_hat, _ = _dwconv_output_grad(no_position_grad, grad_pooled, e, bn, activation)
+    return (like_input(dy.to(e.dtype), e), *_bn_grad_sums(dy, x_hat))

@@ -5,3 +5,4 @@ Each op asks ``fused_mbconv.backends`` which backend runs it and calls that back
 
 from . import dwconv_bn_silu  # noqa: F401  (registers the ops)
 from . import mbconv  # noqa: F401  (registers the ops)
+from . import stem_head  # noqa: F401  (registers the ops)
