@@ -3,10 +3,11 @@ lists them): recognizers by model class, the replacements, and their reports.
 
 Per model family:
 - torchvision EfficientNet (v1, v2), MobileNetV2, MobileNetV3 and this package's EfficientNet:
-  the stem ``Conv2dNormActivation`` becomes ``FusedConvBNAct``; the head (the last feature
-  layer, a 1x1 conv + BN + act, followed by the model's global average pool) becomes
-  ``FusedHead``, which includes the pool: ``features`` / ``forward_features`` then return the
-  pooled (N, C, 1, 1) map, on which the model's ``AdaptiveAvgPool2d(1)`` is the identity.
+  the stem ``Conv2dNormActivation`` and the head (the last feature layer, a 1x1 conv + BN +
+  act) become ``FusedConvBNAct``; torchvision's ``features`` keeps returning the unpooled map,
+  so its pool stays the model's. This package's EfficientNet fuses the pool into the head
+  (``FusedHead``): its ``forward_features`` then returns the pooled (N, C, 1, 1) map, on which
+  ``AdaptiveAvgPool2d(1)`` is the identity.
 - timm EfficientNet-class models (EfficientNet, MobileNetV2, MnasNet, ...) and MobileNetV3:
   ``conv_stem`` + ``bn1`` and ``conv_head`` + ``bn2`` become ``FusedPairConv`` +
   ``FoldedBatchNorm``, conv + BN + act without the pool: timm's ``forward_features`` returns
@@ -57,23 +58,13 @@ def _is_global_average_pool(module: Optional[nn.Module]) -> bool:
     return type(module) is nn.AdaptiveAvgPool2d and module.output_size in (1, (1, 1))
 
 
-def _features_sites(model: nn.Module, pool: Optional[nn.Module]) -> List[Site]:
-    last = str(len(model.features) - 1)
-    pooled = pool is None or _is_global_average_pool(pool)
-    return [Site("stem", "features.0"),
-            Site("head", f"features.{last}", pool=True) if pooled else
-            Site("head", f"features.{last}", refused=f"pool {pool} is not a global average")]
-
-
 @register_model("torchvision.models.efficientnet.EfficientNet")
 @register_model("torchvision.models.mobilenetv3.MobileNetV3")
-def _torchvision_features(model: nn.Module) -> List[Site]:
-    return _features_sites(model, model.avgpool)
-
-
 @register_model("torchvision.models.mobilenetv2.MobileNetV2")
-def _torchvision_mobilenet_v2(model: nn.Module) -> List[Site]:
-    return _features_sites(model, None)  # its forward pools with adaptive_avg_pool2d(x, 1)
+def _torchvision_features(model: nn.Module) -> List[Site]:
+    # The head without the pool: ``features`` must keep returning the unpooled map (feature
+    # extraction, CAM and ``create_feature_extractor`` read it).
+    return [Site("stem", "features.0"), Site("head", f"features.{len(model.features) - 1}")]
 
 
 @register_model("fused_mbconv.efficientnet.EfficientNet")
