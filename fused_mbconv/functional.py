@@ -22,6 +22,16 @@ from .tensors import accumulate_dtype
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _check_values_per_channel(x: Tensor, k: int, stride: int, training: bool) -> None:
+    """Training BatchNorm after a k x k, stride conv needs more than one value per channel."""
+    if training:
+        values = x.shape[0] * conv_output_size(x.shape[2], k, stride) * \
+            conv_output_size(x.shape[3], k, stride)
+        if values <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got "
+                             f"input size {tuple(x.shape)} (output {values} value per channel)")
+
+
 def _check_float(name: str, t: Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 "
@@ -81,12 +91,7 @@ def check_dwconv_args(x: Tensor, weight: Tensor, stride: int, training: bool,
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     if min(x.shape) == 0:
         raise ValueError(f"input has an empty dimension: shape {tuple(x.shape)}")
-    if training:
-        values = x.shape[0] * conv_output_size(x.shape[2], k, stride) * \
-            conv_output_size(x.shape[3], k, stride)
-        if values <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got "
-                             f"input size {tuple(x.shape)} (output {values} value per channel)")
+    _check_values_per_channel(x, k, stride, training)
 
 
 @torch.no_grad()

@@ -38,12 +38,7 @@ def check_conv_bn_act_args(x: Tensor, conv_weight: Tensor, bn: BatchNormParams, 
         raise ValueError(f"stride must be a positive integer, got {stride!r}")
     _f._check_bn("bn", bn, conv_weight.shape[0], x, training)
     check_name(activation, ACTIVATIONS, "activation")
-    if training:
-        values = x.shape[0] * conv_output_size(x.shape[2], k, stride) * \
-            conv_output_size(x.shape[3], k, stride)
-        if values <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got "
-                             f"input size {tuple(x.shape)} (output {values} value per channel)")
+    _f._check_values_per_channel(x, k, stride, training)
 
 
 def _run(op, input: Tensor, conv_weight: Tensor, bn: BatchNormParams, stride: int,
