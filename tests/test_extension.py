@@ -95,14 +95,18 @@ def _forward_bad_calls():
     return base, cases
 
 
+def _assert_rejects(op, bad_calls, case):
+    """``op`` on the good arguments with case ``case``'s changes raises its error."""
+    base, cases = bad_calls()
+    change, error, message = cases[case]
+    with pytest.raises(error, match=message):
+        op(*{**base, **change}.values())
+
+
 @needs_cpu_ext
 @pytest.mark.parametrize("case", _forward_bad_calls()[1])
 def test_forward_entry_point_rejects(case):
-    base, cases = _forward_bad_calls()
-    change, error, message = cases[case]
-    args = {**base, **change}
-    with pytest.raises(error, match=message):
-        OPS.dwconv_bn_silu_forward(*args.values())
+    _assert_rejects(OPS.dwconv_bn_silu_forward, _forward_bad_calls, case)
 
 
 def _backward_bad_calls():
@@ -126,11 +130,7 @@ def _backward_bad_calls():
 @needs_cpu_ext
 @pytest.mark.parametrize("case", _backward_bad_calls()[1])
 def test_backward_entry_point_rejects(case):
-    base, cases = _backward_bad_calls()
-    change, error, message = cases[case]
-    args = {**base, **change}
-    with pytest.raises(error, match=message):
-        OPS.dwconv_bn_silu_backward(*args.values())
+    _assert_rejects(OPS.dwconv_bn_silu_backward, _backward_bad_calls, case)
 
 
 @needs_cpu_ext

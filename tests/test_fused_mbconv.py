@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 
 import fused_mbconv as fm
 from fused_mbconv.backends import implements
+from fused_mbconv.efficientnet import B0_STAGES
 from fused_mbconv.functional import BatchNormParams
 from fused_mbconv.ops.mbconv import (GRAD_INPUTS, INPUTS, KERNELS, OPTIONS, SAVED, MBConvInputs,
                                      MBConvOutputs)
-from parity import check
+from parity import check, randomize_bn_state
 from targets import cpu_backends, gpu_backends, target_id, targets
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule, eager_in
 
@@ -38,34 +39,21 @@ B0_CONFIGS = {
     "e6-k5-s1": (16, 20, 5, 1, 6),        # first block of stage 5
     "e6-k3-s1": (20, 24, 3, 1, 6),        # stage 7
 }
-# The same configurations at B0's real channel counts (saved-bytes measurement).
+# The same configurations at B0's real channel counts (saved-bytes measurement): each stage's
+# first block and, where it repeats, its residual repeat.
 B0_REAL = {
-    "stage1 32->16 e1 k3 s1": (32, 16, 3, 1, 1),
-    "stage2 16->24 e6 k3 s2": (16, 24, 3, 2, 6),
-    "stage2 24->24 e6 k3 s1 res": (24, 24, 3, 1, 6),
-    "stage3 24->40 e6 k5 s2": (24, 40, 5, 2, 6),
-    "stage3 40->40 e6 k5 s1 res": (40, 40, 5, 1, 6),
-    "stage4 40->80 e6 k3 s2": (40, 80, 3, 2, 6),
-    "stage4 80->80 e6 k3 s1 res": (80, 80, 3, 1, 6),
-    "stage5 80->112 e6 k5 s1": (80, 112, 5, 1, 6),
-    "stage5 112->112 e6 k5 s1 res": (112, 112, 5, 1, 6),
-    "stage6 112->192 e6 k5 s2": (112, 192, 5, 2, 6),
-    "stage6 192->192 e6 k5 s1 res": (192, 192, 5, 1, 6),
-    "stage7 192->320 e6 k3 s1": (192, 320, 3, 1, 6),
-}
+    f"stage{i} {cin}->{cout} e{s.expand_ratio} k{s.kernel_size} s{stride}"
+    f"{' res' if cin == cout else ''}": (cin, cout, s.kernel_size, stride, s.expand_ratio)
+    for i, s in enumerate(B0_STAGES, 1)
+    for cin, stride in ((s.in_channels, s.stride), (s.out_channels, 1))[:1 + (s.repeats > 1)]
+    for cout in (s.out_channels,)}
 BNS = ("expand_bn", "dw_bn", "project_bn")
 
 
 def make_block(config, drop_path=0.0, **kwargs):
     cin, cout, k, stride, expand = config
     block = fm.MBConv(cin, cout, k, stride, expand, drop_path=drop_path, **kwargs)
-    with torch.no_grad():
-        for bn in block.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
-                bn.running_mean.uniform_(-0.2, 0.2)
-                bn.running_var.uniform_(0.5, 2.0)
+    randomize_bn_state(block, mean=0.2, var=(0.5, 2.0))
     return block
 
 
