@@ -68,7 +68,7 @@ STAGES="$SCRATCH/stages.tsv"
 
 CORES=$(nproc)
 PARITY_FILES=(tests/test_fused_mbconv.py tests/test_dwconv_bn_silu.py tests/test_extension.py
-              tests/test_triton_kernels.py tests/test_triton_mbconv_kernels.py)
+              tests/test_kernel_interface.py tests/test_triton_kernels.py)
 GPU_SELECT="(gpu or cuda) and not compiles_for"
 INTERPRETER_SELECT="triton and not gpu and not cuda"
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p gpu_check_shard)
@@ -88,10 +88,10 @@ if [ $DRY = 1 ]; then
     # a few interpreted Triton kernels.
     GPU_TESTS=(tests/test_fused_mbconv.py -k
                "test_block_matches_eager and not gpu and cpu and e6-k3-s2 and float32 and train")
-    INTERPRETER_TESTS=(tests/test_triton_kernels.py tests/test_triton_mbconv_kernels.py -k
-                       "$(echo "(test_forward_matches_reference and k3-s1 and float32 and nhwc" \
-                               "and train and no_conv_out) or (test_block_functions_match_reference" \
-                               "and e-se-k5s2 and float32 and nhwc and train)")")
+    INTERPRETER_TESTS=(tests/test_kernel_interface.py -k
+                       "$(echo "triton and ((test_dwconv_matches_reference and k3-s1 and float32" \
+                               "and nhwc and train and no-affine) or (low_precision and k5-s2-odd" \
+                               "and float32 and nhwc and train))")")
     # float16 for bfloat16: CPUs without bfloat16 instructions emulate it, slowly.
     BENCH_ENV=(FUSED_MBCONV_BENCH_SIZE=tiny FUSED_MBCONV_BENCH_DEVICE=cpu
                FUSED_MBCONV_BENCH_DTYPE=float16)

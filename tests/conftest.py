@@ -57,6 +57,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def poison(monkeypatch):
+    """Every float tensor that Python code allocates with torch.empty / empty_like (the Triton
+    launchers' outputs) starts as NaN, so an element a kernel fails to write shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
 # ---- background jobs (tests/background.py) --------------------------------------------------
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: start only the selected tests' jobs

@@ -18,20 +18,23 @@ sys.path.insert(0, str(ROOT))
 
 from fused_mbconv import _build  # noqa: E402
 
-KERNEL_TESTS = [f"tests/test_extension.py::{name}" for name in (
-    "test_kernel_interface_matches_reference",
-    "test_low_precision_outputs_are_finite_and_close",
-    "test_statistics_have_no_cancellation",
-    "test_forward_entry_point_rejects",
-    "test_backward_entry_point_rejects",
-    "test_block_functions_match_reference_float64",
-    "test_block_functions_low_precision_by_the_tolerance_rule",
-    "test_block_launches_are_accounted",
-    "test_block_entry_points_reject",
-)] + [  # more than 32 channels (several channel tiles), several chunks per image
-    f"tests/test_extension.py::test_block_functions_match_reference_on_chunked_shapes[{shape}-both]"
-    for shape in ("k3-s1-banded-nhwc", "k3-s1-banded-nchw", "k5-s2-banded-nhwc",
-                  "k5-s2-banded-nchw")]
+# Kernel by kernel: the "cpu" cases of the kernel-interface suite (now the CUDA kernels) and
+# the extension's entry-point checks and launch accounting. Of the suite, every float64 case
+# (each function, mask, activation and shape) but the chunked shapes' single-gradient masks, and
+# for each op the low-precision cases the emulation ran before the suite existed (each dtype's
+# loads and stores; dwconv_bn_silu in NCHW, the block in both layouts): the suite's other
+# low-precision cases repeat the same index math for minutes more under AddressSanitizer.
+KERNEL_TESTS = ["tests/test_kernel_interface.py"] + [
+    f"tests/test_extension.py::{name}" for name in (
+        "test_forward_entry_point_rejects",
+        "test_backward_entry_point_rejects",
+        "test_block_launches_are_accounted",
+        "test_block_entry_points_reject",
+    )] + ["-k", " and not ".join((
+        "cpu", "(chunked and (dgrad or wgrad))",
+        "(test_dwconv_matches_reference and not float64 and not (k3-s2 and train and nchw"
+        " and not no-affine))",
+        "(low_precision and not (k5-s2-odd and train and bn2-affine))")) + " or test_extension"]
 # Through the ops: every block, dwconv_bn_silu and stem/head case of the "cpu" backend (now
 # the CUDA kernels; the pooled head runs the block's K1, K3 and B1), but the whole-network
 # training step and torch.compile: minutes emulated, and no kernel or variant that the block

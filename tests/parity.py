@@ -6,10 +6,23 @@ buffer eager leaves untouched must match exactly, and a gradient eager leaves No
 import copy
 
 import torch
+import torch.nn as nn
 
 import fused_mbconv as fm
 from fused_mbconv.convert import iter_blocks
 from tolerances import assert_close_by_rule
+
+
+def randomize_bn_state(model, mean=0.5, var=(0.5, 1.5)):
+    """Non-trivial BN affine parameters and running statistics (running mean in [-mean, mean],
+    running variance in ``var``), so roles can't be confused."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-mean, mean)
+                m.running_var.uniform_(*var)
 
 
 def fuse(model):

@@ -14,11 +14,11 @@ import torchvision
 import fused_mbconv as fm
 from fused_mbconv.convert import NotFusable, is_block, iter_blocks, recognize
 from fused_mbconv.activations import make_activation, make_gate
+from parity import randomize_bn_state
+from targets import gpu_backends
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule
 
-# The compiled GPU backends, where a GPU is present ("torch" runs anywhere; the CPU tests have it).
-GPU_BACKENDS = ([b for b in fm.available_backends("cuda") if b != "torch"]
-                if torch.cuda.is_available() else [])
+GPU_BACKENDS = gpu_backends()
 
 
 def timm_model(name, **kwargs):
@@ -71,17 +71,6 @@ def spec_forward(spec: fm.MBConvSpec, x: torch.Tensor, training: bool) -> torch.
     if spec.residual:
         h = fm.blocks.drop_path(h, spec.drop_path, training) + x
     return h
-
-
-def randomize_bn_state(model: nn.Module) -> None:
-    """Non-trivial BN affine parameters and running statistics, so roles can't be confused."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
 
 
 def block_input(spec: fm.MBConvSpec, size: int = 6) -> torch.Tensor:

@@ -18,8 +18,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import fused_mbconv as fm
 from fused_mbconv import profiling
 from fused_mbconv.convert_stem_head import unfuse
-from parity import check
-from test_convert import assert_state_close, randomize_bn_state, train_steps
+from parity import check, randomize_bn_state
+from test_convert import assert_state_close, train_steps
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule
 
 BACKENDS = [b for b in fm.available_backends("cpu") if b != "triton"]

@@ -6,8 +6,8 @@ tensors in place of the C++ CPU kernels. tests/emulated_cuda_suite.py loads it i
 runs (FUSED_MBCONV_LIBRARY) of the "cpu" backend's parity tests, kernel by kernel and through
 the ops: every CUDA kernel is checked against the reference on a machine without a GPU, and
 under AddressSanitizer every one of its memory accesses too. What emulation cannot show
-(device-side expf and division, the memory model, speed) waits for a GPU: the CUDA parity tests
-in test_extension.py run wherever one is present.
+(device-side expf and division, the memory model, speed) waits for a GPU: the "cuda-cuda" cases
+of test_kernel_interface.py run wherever one is present.
 """
 
 import os

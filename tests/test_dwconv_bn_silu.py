@@ -7,13 +7,11 @@ import torch
 import torch.nn as nn
 
 import fused_mbconv as fm
+from targets import cpu_backends, targets
 from tolerances import assert_close_by_rule, eager_in
 
-BACKENDS = fm.available_backends("cpu")
-# (device, backend): the CPU cases keep the backend's name as their id; the CUDA ones say cuda.
-TARGETS = [pytest.param("cpu", b, id=b) for b in BACKENDS] + (
-    [pytest.param("cuda", b, id=f"cuda-{b}") for b in fm.available_backends("cuda")
-     if b != "torch"] if torch.cuda.is_available() else [])
+BACKENDS = cpu_backends()
+TARGETS = targets(BACKENDS)
 
 # (N, C, H, W, kernel, stride): odd sizes, C not a multiple of any block, batch 1 with H*W > 1.
 SHAPES = {
@@ -250,7 +248,7 @@ def test_bad_input_is_rejected_and_state_untouched(case):
     assert torch.equal(before[1], args["running_var"])
 
 
-@pytest.mark.parametrize("device, backend", TARGETS[:1] + TARGETS[len(BACKENDS):])
+@pytest.mark.parametrize("device, backend", targets(BACKENDS[:1]))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compile_fullgraph_matches_eager(training, device, backend):
     """The first CPU backend, and every CUDA one."""

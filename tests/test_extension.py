@@ -1,8 +1,9 @@
-"""The compiled csrc/ extension: entry-point checks, its kernel-interface functions against
-fused_mbconv.reference, determinism, loading, and an nvcc compile of every CUDA source.
+"""The compiled csrc/ extension: entry-point checks, determinism, launch accounting, loading,
+and an nvcc compile of every CUDA source.
 
-The parity grid through the public op (dtypes, layouts, running stats, gradcheck, opcheck)
-runs on the "cpu" backend in test_dwconv_bn_silu.py."""
+Its kernel-interface functions are compared with fused_mbconv.reference in
+test_kernel_interface.py (the "cpu" backend, and "cuda" where a GPU is present); the parity
+grids through the public ops in test_dwconv_bn_silu.py and test_fused_mbconv.py."""
 
 import re
 import shutil
@@ -13,8 +14,10 @@ import pytest
 import torch
 
 import fused_mbconv as fm
-from fused_mbconv import _build, accounting, extension, reference
+from fused_mbconv import _build, accounting, extension
 from background import Job
+from kernel_cases import (BLOCK_GEOMETRIES, CHUNKED_GEOMETRIES, DWCONV_GEOMETRIES,
+                          block_calls, block_case, cast, dwconv_case, flat)
 
 CPU_OK, CPU_REASON = fm.backends.backend_status("cpu")
 needs_cpu_ext = pytest.mark.skipif(not CPU_OK, reason=f"cpu extension unavailable: {CPU_REASON}")
@@ -24,104 +27,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
 OPS = torch.ops.fused_mbconv_ext if CPU_OK else None
 
 
-def _case(n=2, c=5, h=9, w=7, k=3, dtype=torch.float64, channels_last=False, device="cpu"):
-    x = torch.randn(n, c, h, w, dtype=dtype, device=device) * 2 + 0.3
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(c, 1, k, k, dtype=dtype, device=device)
-    f64 = dict(dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
-    gamma = torch.rand(c, **f64) + 0.5
-    beta = torch.randn(c, **f64)
-    mean = torch.randn(c, **f64) * 0.2
-    var = torch.rand(c, **f64) + 0.5
-    return x, weight, gamma, beta, mean, var
-
-
-# ---- the kernel interface against the reference, float64 ------------------------------------
-
-GEOMETRIES = {  # (N, C, H, W, k, stride)
-    "k3-s1": (2, 5, 9, 7, 3, 1),
-    "k3-s2": (2, 5, 9, 7, 3, 2),
-    "k5-s2-even": (1, 3, 8, 10, 5, 2),
-    "k7-runtime-s1": (2, 4, 6, 9, 7, 1),
-    "k7-wider-than-input": (1, 2, 3, 2, 7, 2),
-    "1x1-plane": (3, 2, 1, 1, 3, 1),
-}
-
-
-@needs_cpu_ext
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
-def test_kernel_interface_matches_reference(geometry, channels_last, training, affine):
-    n, c, h, w, k, s = geometry
-    x, weight, gamma, beta, mean, var = _case(n, c, h, w, k, channels_last=channels_last)
-    if not affine:
-        gamma = beta = None
-    args = (x, weight, gamma, beta, mean, var, s, training, 1e-5)
-    want = reference.dwconv_bn_silu_forward(*args, True)
-    got = extension.dwconv_bn_silu_forward(*args, True)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for name, g, r in zip(("out", "conv_out", "mean", "var"), got, want):
-        assert g.dtype == r.dtype and g.shape == r.shape, name
-        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12, msg=name)
-    assert got[0].is_contiguous(memory_format=fmt) and got[1].is_contiguous(memory_format=fmt)
-    # Without need_conv_out: the same output, an empty conv_out.
-    lean = extension.dwconv_bn_silu_forward(*args, False)
-    assert lean[1].numel() == 0
-    torch.testing.assert_close(lean[0], want[0], rtol=1e-12, atol=1e-12)
-
-    grad_out = torch.randn_like(want[0])
-    bargs = (grad_out, x, weight, want[1], gamma, beta, want[2], want[3], s, training, 1e-5)
-    masks = ([True] * 4, [True, False, False, True], [False, True, True, False],
-             [False, False, True, True])
-    ref_grads = reference.dwconv_bn_silu_backward(*bargs, [True] * 4)
-    for mask in masks:
-        if not affine:
-            mask = mask[:2] + [False, False]
-        grads = extension.dwconv_bn_silu_backward(*bargs, mask)
-        for name, g, r, m in zip(("x", "weight", "gamma", "beta"), grads, ref_grads, mask):
-            if not m:
-                assert g is None, name
-                continue
-            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
-        if mask[0]:
-            assert grads[0].is_contiguous(memory_format=fmt)
-
-
-@needs_cpu_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_outputs_are_finite_and_close(dtype):
-    """Every element written (garbage would be non-finite or far off), fp32 statistics."""
-    x, weight, gamma, beta, mean, var = _case(2, 6, 11, 13, 3, dtype=dtype)
-    out, conv_out, bmean, bvar = extension.dwconv_bn_silu_forward(
-        x, weight, gamma, beta, mean, var, 2, True, 1e-5, True)
-    assert bmean.dtype == bvar.dtype == torch.float32
-    ref = reference.dwconv_bn_silu_forward(x, weight, gamma, beta, mean, var, 2, True, 1e-5,
-                                           True)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
-    for g, r in zip((out, conv_out, bmean, bvar), ref):
-        assert torch.isfinite(g).all()
-        torch.testing.assert_close(g.float(), r.float(), rtol=tol, atol=tol)
-
-
-@needs_cpu_ext
-def test_statistics_have_no_cancellation():
-    """A large mean and a small spread: naive E[x^2] - E[x]^2 in fp32 would lose the variance."""
-    x = torch.randn(4, 3, 32, 32) * 1e-2 + 1e3
-    weight = torch.zeros(3, 1, 3, 3)
-    weight[:, :, 1, 1] = 1.0  # identity conv: d == x
-    _, _, mean, var = extension.dwconv_bn_silu_forward(x, weight, None, None, None, None, 1,
-                                                       True, 1e-5, False)
-    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(var.double(), ref_var, rtol=1e-3, atol=0)
-    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)  # a few fp32 ulps
-
-
 @needs_cpu_ext
 def test_results_do_not_depend_on_thread_count():
-    x, weight, gamma, beta, mean, var = _case(4, 8, 20, 18, 3, dtype=torch.float32)
+    x, weight, gamma, beta, mean, var = dwconv_case((4, 8, 20, 18, 3, 2), torch.float32, False)
     grad_out = torch.randn(4, 8, 10, 9)
 
     def run():
@@ -145,7 +53,8 @@ def test_results_do_not_depend_on_thread_count():
 
 @needs_cpu_ext
 def test_launches_are_accounted():
-    x, weight, gamma, beta, mean, var = _case(dtype=torch.float32)
+    x, weight, gamma, beta, mean, var = dwconv_case(DWCONV_GEOMETRIES["k3-s1"], torch.float32,
+                                                    False)
     with accounting.record_launches() as log:
         out, d, bm, bv = extension.dwconv_bn_silu_forward(x, weight, gamma, beta, mean, var, 1,
                                                           True, 1e-5, True)
@@ -186,14 +95,18 @@ def _forward_bad_calls():
     return base, cases
 
 
+def _assert_rejects(op, bad_calls, case):
+    """``op`` on the good arguments with case ``case``'s changes raises its error."""
+    base, cases = bad_calls()
+    change, error, message = cases[case]
+    with pytest.raises(error, match=message):
+        op(*{**base, **change}.values())
+
+
 @needs_cpu_ext
 @pytest.mark.parametrize("case", _forward_bad_calls()[1])
 def test_forward_entry_point_rejects(case):
-    base, cases = _forward_bad_calls()
-    change, error, message = cases[case]
-    args = {**base, **change}
-    with pytest.raises(error, match=message):
-        OPS.dwconv_bn_silu_forward(*args.values())
+    _assert_rejects(OPS.dwconv_bn_silu_forward, _forward_bad_calls, case)
 
 
 def _backward_bad_calls():
@@ -217,11 +130,7 @@ def _backward_bad_calls():
 @needs_cpu_ext
 @pytest.mark.parametrize("case", _backward_bad_calls()[1])
 def test_backward_entry_point_rejects(case):
-    base, cases = _backward_bad_calls()
-    change, error, message = cases[case]
-    args = {**base, **change}
-    with pytest.raises(error, match=message):
-        OPS.dwconv_bn_silu_backward(*args.values())
+    _assert_rejects(OPS.dwconv_bn_silu_backward, _backward_bad_calls, case)
 
 
 @needs_cpu_ext
@@ -293,229 +202,7 @@ def test_cuda_source_compiles_for_sm80_and_sm90(source, background_result):
     assert not spilled, f"register spills: {spilled}"
 
 
-CUDA_OK = fm.backends.backend_status("cuda", "cuda")[0]
-
-
-@pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or CUDA extension not built: GPU parity "
-                    "runs only on a GPU machine")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("geometry", GEOMETRIES.values(), ids=GEOMETRIES.keys())
-def test_cuda_matches_reference(geometry, channels_last, training, dtype):
-    n, c, h, w, k, s = geometry
-    x, weight, gamma, beta, mean, var = _case(n, c, h, w, k, dtype=dtype,
-                                              channels_last=channels_last, device="cuda")
-    args = (x, weight, gamma, beta, mean, var, s, training, 1e-5)
-    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
-    want = reference.dwconv_bn_silu_forward(*args, True)
-    got = extension.dwconv_bn_silu_forward(*args, True)
-    for g, r in zip(got, want):
-        torch.testing.assert_close(g, r, rtol=tol, atol=tol)
-    grad_out = torch.randn_like(want[0])
-    bargs = (grad_out, x, weight, want[1], gamma, beta, want[2], want[3], s, training, 1e-5,
-             [True] * 4)
-    for g, r in zip(extension.dwconv_bn_silu_backward(*bargs),
-                    reference.dwconv_bn_silu_backward(*bargs)):
-        scale = max(1.0, r.abs().max().item())
-        torch.testing.assert_close(g, r, rtol=tol, atol=tol * scale)
-
-
-# ---- the MBConv block's kernel interface (K1..K6, B6..B1) against the reference ----------------
-
-from fused_mbconv.tensors import NormArgs  # noqa: E402
-from tolerances import assert_close_by_rule  # noqa: E402
-
-BLOCK_GEOMETRIES = {  # (N, Cin, Ce, Cout, H, W, k, stride)
-    "k3-s1": (2, 5, 12, 5, 9, 7, 3, 1),
-    "k5-s2-odd": (2, 4, 10, 6, 9, 11, 5, 2),
-    "k7-s2-tiny": (3, 3, 6, 4, 3, 2, 7, 2),
-    "k7-s1": (2, 3, 20, 4, 8, 13, 7, 1),
-    "k9-s1": (2, 4, 10, 5, 10, 12, 9, 1),  # the stencil's generic path (others are compiled)
-}
-
-
-def _block_case(geometry, channels_last, seed=0):
-    """Float64 inputs of every block function: the reference's own intermediates, so each
-    function is tested on its own."""
-    n, cin, ce, cout, h, w, k, s = geometry
-    g = torch.Generator().manual_seed(seed)
-    t = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def bn(c):
-        return NormArgs(t(c, scale=0.2), torch.rand(c, generator=g, dtype=torch.float64) + 0.5,
-                        t(c, scale=0.3) + 1, t(c, scale=0.3), 1e-3)
-
-    c = dict(x=t(n, cin, h, w).contiguous(memory_format=fmt), w1=t(ce, cin, scale=0.5),
-             dw=t(ce, 1, k, k, scale=0.3), pw=t(cout, ce, scale=0.3), f1w=t(3, ce),
-             f1b=t(3), f2w=t(ce, 3), f2b=t(ce), stride=s, ss=torch.tensor(
-                 [0.0] + [1.25] * (n - 1), dtype=torch.float64))
-    c["e"] = reference.mbconv_expand_forward(c["x"], c["w1"], False)[0]
-    c["bn1"], c["bn2"], c["bn3"] = bn(ce), bn(ce), bn(cout)
-    c["d"] = reference.mbconv_dwconv_forward(c["e"], c["dw"], s, c["bn1"], "silu", False)[0]
-    c["pooled"] = reference.mbconv_squeeze_forward(c["d"], c["bn2"], "silu")
-    c["gate"] = reference.mbconv_excite_forward(c["pooled"], c["f1w"], c["f1b"], c["f2w"],
-                                                c["f2b"], "silu", "sigmoid")
-    c["q"] = reference.mbconv_project_forward(c["d"], c["gate"], c["pw"], c["bn2"], "silu",
-                                              False)[0]
-    c["go"] = t(*c["q"].shape).contiguous(memory_format=fmt)
-    c["res"] = t(*c["q"].shape).contiguous(memory_format=fmt)
-    c["ga2"] = t(*c["d"].shape).contiguous(memory_format=fmt)
-    c["gy1"] = t(*c["e"].shape).contiguous(memory_format=fmt)
-    c["ggate"], c["gpooled"] = t(n, ce), t(n, ce, scale=0.1)
-    c["gres"] = t(*c["x"].shape).contiguous(memory_format=fmt)
-    for name, size in (("s1", ce), ("s2", ce), ("s3", cout)):
-        c[name] = (t(size), t(size))
-    return c
-
-
-def _cast(c, dtype):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    vectors = ("ss", "pooled", "gate", "ggate", "gpooled")
-
-    def cast(key, v):
-        if isinstance(v, NormArgs):
-            return NormArgs(v.mean.to(acc), v.var.to(acc), v.weight.to(dtype), v.bias.to(dtype),
-                            v.eps)
-        if isinstance(v, tuple):
-            return tuple(u.to(acc) for u in v)
-        if isinstance(v, torch.Tensor):
-            return v.to(acc if key in vectors else dtype)
-        return v
-    return {k: cast(k, v) for k, v in c.items()}
-
-
-def _block_calls(m, c, act="silu", gate="sigmoid", training=True, mask=(True, True)):
-    """Every block function of module m on the inputs c: {name: results}."""
-    mask, s = list(mask), c["stride"]
-    return {
-        "K1": m.mbconv_expand_forward(c["x"], c["w1"], training),
-        "K2": m.mbconv_dwconv_forward(c["e"], c["dw"], s, c["bn1"], act, training),
-        "K2-no-bn1": m.mbconv_dwconv_forward(c["e"], c["dw"], s, None, act, training),
-        "K3": m.mbconv_squeeze_forward(c["d"], c["bn2"], act),
-        "K4": m.mbconv_excite_forward(c["pooled"], c["f1w"], c["f1b"], c["f2w"], c["f2b"], act,
-                                      gate),
-        "K5": m.mbconv_project_forward(c["d"], c["gate"], c["pw"], c["bn2"], act, training),
-        "K5-no-gate": m.mbconv_project_forward(c["d"], None, c["pw"], c["bn2"], act, training),
-        "K6": m.mbconv_output_forward(c["q"], c["bn3"], c["ss"], c["res"]),
-        "K6-plain": m.mbconv_output_forward(c["q"], c["bn3"], None, None),
-        "B6": m.mbconv_output_backward_stats(c["go"], c["q"], c["bn3"], c["ss"]),
-        "B5": m.mbconv_project_backward(c["go"], c["q"], c["d"], c["gate"], c["pw"], c["bn2"],
-                                        act, c["bn3"], *c["s3"], c["ss"], training, mask),
-        "B5-no-gate": m.mbconv_project_backward(c["go"], c["q"], c["d"], None, c["pw"],
-                                                c["bn2"], act, c["bn3"], *c["s3"], None,
-                                                training, mask),
-        "B4": m.mbconv_excite_backward(c["ggate"], c["pooled"], c["f1w"], c["f1b"], c["f2w"],
-                                       c["f2b"], act, gate),
-        "B3": m.mbconv_dwconv_backward_stats(c["ga2"], c["gpooled"], c["d"], c["bn2"], act),
-        "B3-no-se": m.mbconv_dwconv_backward_stats(c["ga2"], None, c["d"], c["bn2"], act),
-        "B2": m.mbconv_dwconv_backward(c["ga2"], c["gpooled"], c["d"], c["e"], c["dw"], s,
-                                       c["bn2"], act, *c["s2"], c["bn1"], training, mask),
-        "B2-no-bn1": m.mbconv_dwconv_backward(c["ga2"], None, c["d"], c["e"], c["dw"], s,
-                                              c["bn2"], act, *c["s2"], None, training, mask),
-        "B1": m.mbconv_expand_backward(c["gy1"], c["e"], c["x"], c["w1"], c["bn1"], *c["s1"],
-                                       training, c["gres"], mask),
-        "B1-no-res": m.mbconv_expand_backward(c["gy1"], c["e"], c["x"], c["w1"], c["bn1"],
-                                              *c["s1"], training, None, mask),
-    }
-
-
-def _flat(results):
-    for name, r in results.items():
-        for i, t in enumerate(r if isinstance(r, tuple) else (r,)):
-            yield f"{name}[{i}]", t
-
-
-def _to(c, device):
-    def move(v):
-        if isinstance(v, NormArgs):
-            return NormArgs(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in v))
-        if isinstance(v, tuple):
-            return tuple(t.to(device) for t in v)
-        return v.to(device) if isinstance(v, torch.Tensor) else v
-    return {k: move(v) for k, v in c.items()}
-
-
-BLOCK_MASKS = pytest.mark.parametrize("mask", [(True, True), (True, False), (False, True)],
-                                      ids=["both", "dgrad", "wgrad"])
-BLOCK_ACTIVATIONS = pytest.mark.parametrize(
-    "act, gate", [("silu", "sigmoid"), ("relu6", "hardsigmoid"), ("hardswish", "sigmoid"),
-                  ("relu", "hardsigmoid")])
-BLOCK_MODES = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-BLOCK_LAYOUTS = pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-BLOCK_SHAPES = pytest.mark.parametrize("geometry", BLOCK_GEOMETRIES.values(),
-                                       ids=BLOCK_GEOMETRIES.keys())
-
-
-@needs_cpu_ext
-@BLOCK_MASKS
-@BLOCK_ACTIVATIONS
-@BLOCK_MODES
-@BLOCK_LAYOUTS
-@BLOCK_SHAPES
-def test_block_functions_match_reference_float64(geometry, channels_last, training, act, gate,
-                                                 mask):
-    _assert_block_functions_match_float64(_block_case(geometry, channels_last), channels_last,
-                                          training, act, gate, mask)
-
-
-def _assert_block_functions_match_float64(c, channels_last, training=True, act="silu",
-                                          gate="sigmoid", mask=(True, True)):
-    got = dict(_flat(_block_calls(extension, c, act, gate, training, mask)))
-    want = dict(_flat(_block_calls(reference, c, act, gate, training, mask)))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for name, r in want.items():
-        g = got[name]
-        if r is None:
-            assert g is None, name
-            continue
-        assert g.dtype == r.dtype and g.shape == r.shape, name
-        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-11 * scale, msg=name)
-        if r.dim() == 4:
-            assert g.is_contiguous(memory_format=fmt), f"{name}: layout"
-
-
-# Images spanning several work chunks of the CPU kernels: GEMM row blocks (H * W * Ce > 131072)
-# and depthwise bands with halo rows (odd H: a last band that owns the extra input row), with
-# channel counts that use every vector width of the stencils (108 = 3 * 32 + 8 + 4 doubles,
-# 64 + 2 * 16 + 12 floats).
-CHUNKED_GEOMETRIES = {  # (N, Cin, Ce, Cout, H, W, k, stride)
-    "k3-s1-banded": (2, 8, 108, 12, 40, 40, 3, 1),
-    "k5-s2-banded": (2, 8, 108, 12, 41, 39, 5, 2),
-}
-
-
-@needs_cpu_ext
-@pytest.mark.parametrize("mask", [(True, True), (True, False), (False, True)],
-                         ids=["both", "dgrad", "wgrad"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("geometry", CHUNKED_GEOMETRIES.values(), ids=CHUNKED_GEOMETRIES.keys())
-def test_block_functions_match_reference_on_chunked_shapes(geometry, channels_last, mask):
-    _assert_block_functions_match_float64(_block_case(geometry, channels_last, seed=3),
-                                          channels_last, mask=mask)
-
-
-@needs_cpu_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@BLOCK_LAYOUTS
-def test_block_functions_low_precision_by_the_tolerance_rule(dtype, channels_last):
-    check_block_functions_low_precision(dtype, channels_last, "cpu")
-
-
-def check_block_functions_low_precision(dtype, channels_last, device):
-    c64 = _to(_block_case(BLOCK_GEOMETRIES["k5-s2-odd"], channels_last, seed=1), device)
-    ct = _cast(c64, dtype)
-    ref64 = dict(_flat(_block_calls(reference, c64)))
-    eager = dict(_flat(_block_calls(reference, ct)))
-    for name, g in _flat(_block_calls(extension, ct)):
-        assert g.dtype == eager[name].dtype, name
-        if eager[name].numel() == 0:  # e.g. the gate gradient without a gate
-            assert g.numel() == 0, name
-            continue
-        assert_close_by_rule(g, eager[name], ref64[name], dtype, name)
-
+# ---- the MBConv block's functions (K1..K6, B6..B1): determinism, launches, entry points ------
 
 # Functions with a 1x1 convolution and what they derive from it. On the CPU backend these are
 # BLAS products of fixed row chunks, single-threaded inside the parallel chunk loop; a call with
@@ -529,14 +216,14 @@ GEMM_FUNCTIONS = ("K1", "K5", "B5", "B1")
                                       CHUNKED_GEOMETRIES["k3-s1-banded"]],
                          ids=["small", "banded"])
 def test_block_functions_are_deterministic_and_only_gemms_follow_the_thread_count(geometry):
-    c = _cast(_block_case(geometry, True, seed=2), torch.float32)
+    c = cast(block_case(geometry, True, seed=2), torch.float32)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = dict(_flat(_block_calls(extension, c)))
+        one = dict(flat(block_calls(extension, c)))
         torch.set_num_threads(max(2, threads))
-        many = dict(_flat(_block_calls(extension, c)))
-        again = dict(_flat(_block_calls(extension, c)))
+        many = dict(flat(block_calls(extension, c)))
+        again = dict(flat(block_calls(extension, c)))
     finally:
         torch.set_num_threads(threads)
     for name, t in one.items():
@@ -552,9 +239,9 @@ def test_block_functions_are_deterministic_and_only_gemms_follow_the_thread_coun
 
 @needs_cpu_ext
 def test_block_launches_are_accounted():
-    c = _cast(_block_case(BLOCK_GEOMETRIES["k3-s1"], False), torch.float32)
+    c = cast(block_case(BLOCK_GEOMETRIES["k3-s1"], False), torch.float32)
     with accounting.record_launches() as log:
-        _block_calls(extension, c)
+        block_calls(extension, c)
     kernels = [launch.kernel for launch in log]
     assert kernels[:4] == ["mbconv_expand", "mbconv_dwconv", "mbconv_dwconv", "mbconv_squeeze"]
     for two in ("mbconv_project", "mbconv_dwconv"):  # [2] functions: dgrad + wgrad launches
@@ -621,30 +308,11 @@ def test_block_entry_points_reject(case):
         call()
 
 
-# ---- the block functions on the GPU (the "cuda" backend; emulated on the CPU by
-# test_cuda_emulation.py) ----------------------------------------------------------------------
+# ---- the block functions on the GPU (the "cuda" backend) -------------------------------------
 
-needs_cuda_ext = pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or CUDA extension not "
-                                    "built: GPU parity runs only on a GPU machine")
-
-
-@needs_cuda_ext
-@BLOCK_MASKS
-@BLOCK_ACTIVATIONS
-@BLOCK_MODES
-@BLOCK_LAYOUTS
-@BLOCK_SHAPES
-def test_cuda_block_functions_match_reference_float64(geometry, channels_last, training, act,
-                                                      gate, mask):
-    _assert_block_functions_match_float64(_to(_block_case(geometry, channels_last), "cuda"),
-                                          channels_last, training, act, gate, mask)
-
-
-@needs_cuda_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@BLOCK_LAYOUTS
-def test_cuda_block_functions_low_precision_by_the_tolerance_rule(dtype, channels_last):
-    check_block_functions_low_precision(dtype, channels_last, "cuda")
+needs_cuda_ext = pytest.mark.skipif(not fm.backends.backend_status("cuda", "cuda")[0],
+                                    reason="no CUDA device or CUDA extension not built: GPU "
+                                    "checks run only on a GPU machine")
 
 
 @needs_cuda_ext

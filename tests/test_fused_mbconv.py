@@ -13,24 +13,17 @@ from hypothesis import strategies as st
 
 import fused_mbconv as fm
 from fused_mbconv.backends import implements
+from fused_mbconv.efficientnet import B0_STAGES
 from fused_mbconv.functional import BatchNormParams
 from fused_mbconv.ops.mbconv import (GRAD_INPUTS, INPUTS, KERNELS, OPTIONS, SAVED, MBConvInputs,
                                      MBConvOutputs)
-from parity import check
+from parity import check, randomize_bn_state
+from targets import cpu_backends, gpu_backends, target_id, targets
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule, eager_in
 
-BACKENDS = [b for b in fm.available_backends("cpu") if implements(b, KERNELS)]
-GPU_BACKENDS = ([b for b in fm.available_backends("cuda")
-                 if b != "torch" and implements(b, KERNELS)]
-                if torch.cuda.is_available() else [])
+BACKENDS = cpu_backends(KERNELS)
+GPU_BACKENDS = gpu_backends(KERNELS)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def targets(cpu_backends):
-    """(device, backend) pairs: the CPU ones keep the backend's name as their id, the CUDA ones
-    (every compiled GPU backend, where a GPU is present) say cuda."""
-    return ([pytest.param("cpu", b, id=b) for b in cpu_backends]
-            + [pytest.param("cuda", b, id=f"cuda-{b}") for b in GPU_BACKENDS])
 
 
 # Every distinct EfficientNet-B0 block configuration, few channels, same structure:
@@ -46,34 +39,21 @@ B0_CONFIGS = {
     "e6-k5-s1": (16, 20, 5, 1, 6),        # first block of stage 5
     "e6-k3-s1": (20, 24, 3, 1, 6),        # stage 7
 }
-# The same configurations at B0's real channel counts (saved-bytes measurement).
+# The same configurations at B0's real channel counts (saved-bytes measurement): each stage's
+# first block and, where it repeats, its residual repeat.
 B0_REAL = {
-    "stage1 32->16 e1 k3 s1": (32, 16, 3, 1, 1),
-    "stage2 16->24 e6 k3 s2": (16, 24, 3, 2, 6),
-    "stage2 24->24 e6 k3 s1 res": (24, 24, 3, 1, 6),
-    "stage3 24->40 e6 k5 s2": (24, 40, 5, 2, 6),
-    "stage3 40->40 e6 k5 s1 res": (40, 40, 5, 1, 6),
-    "stage4 40->80 e6 k3 s2": (40, 80, 3, 2, 6),
-    "stage4 80->80 e6 k3 s1 res": (80, 80, 3, 1, 6),
-    "stage5 80->112 e6 k5 s1": (80, 112, 5, 1, 6),
-    "stage5 112->112 e6 k5 s1 res": (112, 112, 5, 1, 6),
-    "stage6 112->192 e6 k5 s2": (112, 192, 5, 2, 6),
-    "stage6 192->192 e6 k5 s1 res": (192, 192, 5, 1, 6),
-    "stage7 192->320 e6 k3 s1": (192, 320, 3, 1, 6),
-}
+    f"stage{i} {cin}->{cout} e{s.expand_ratio} k{s.kernel_size} s{stride}"
+    f"{' res' if cin == cout else ''}": (cin, cout, s.kernel_size, stride, s.expand_ratio)
+    for i, s in enumerate(B0_STAGES, 1)
+    for cin, stride in ((s.in_channels, s.stride), (s.out_channels, 1))[:1 + (s.repeats > 1)]
+    for cout in (s.out_channels,)}
 BNS = ("expand_bn", "dw_bn", "project_bn")
 
 
 def make_block(config, drop_path=0.0, **kwargs):
     cin, cout, k, stride, expand = config
     block = fm.MBConv(cin, cout, k, stride, expand, drop_path=drop_path, **kwargs)
-    with torch.no_grad():
-        for bn in block.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
-                bn.running_mean.uniform_(-0.2, 0.2)
-                bn.running_var.uniform_(0.5, 2.0)
+    randomize_bn_state(block, mean=0.2, var=(0.5, 2.0))
     return block
 
 
@@ -127,7 +107,7 @@ def _block_cases():
     """Every (config, dtype, layout, mode) for each backend, except the Triton interpreter
     (10-30 s per case here): there each config runs 2 of the 12 (dtype, layout, mode)
     combinations, rotated so that every combination runs on some config (a Latin-square
-    selection; the kernels' own flag coverage is tests/test_triton_mbconv_kernels.py)."""
+    selection; the kernels' own flag coverage is tests/test_kernel_interface.py)."""
     modes = [(dtype, cl, training) for dtype in DTYPES for cl in (False, True)
              for training in (True, False)]
     cases = []
@@ -327,7 +307,7 @@ def _gradcheck_inputs(stride, residual, se, device="cpu"):
 # The Triton interpreter takes ~20 s per gradcheck here: it runs the SE variants, one mode
 # each (train for the residual one, eval for stride 2). Every Triton kernel-interface function,
 # the no-SE and no-expand variants included, is compared in float64 with the reference (which
-# passes all of these) in tests/test_triton_mbconv_kernels.py.
+# passes all of these) in tests/test_kernel_interface.py.
 GRADCHECK_VARIANTS = [(1, True, True), (2, False, True), (1, False, False)]
 
 
@@ -337,7 +317,7 @@ GRADCHECK_VARIANTS = [(1, True, True), (2, False, True), (1, False, False)]
     for backend in BACKENDS for training in (True, False) for variant in GRADCHECK_VARIANTS
     if backend != "triton" or (variant[2] and training == (variant[0] == 1))] + [
     pytest.param("cuda", backend, training, *variant,
-                 id="-".join(map(str, (f"cuda-{backend}", training, *variant))))
+                 id="-".join(map(str, (target_id("cuda", backend), training, *variant))))
     for backend in GPU_BACKENDS for training in (True, False) for variant in GRADCHECK_VARIANTS])
 def test_gradcheck_float64(device, backend, training, stride, residual, se):
     x, params = _gradcheck_inputs(stride, residual, se, device)
@@ -395,7 +375,7 @@ OP_VARIANTS = [("full", dict()), ("e1-nose", dict(expanded=False, se=False, resi
     for backend in BACKENDS for training in (True, False) for name, variant in OP_VARIANTS
     if backend != "triton" or (name, training) in (("full", True), ("recompute", False))] + [
     pytest.param("cuda", backend, training, variant,
-                 id=f"{name}-{'train' if training else 'eval'}-cuda-{backend}")
+                 id=f"{name}-{'train' if training else 'eval'}-{target_id('cuda', backend)}")
     for backend in GPU_BACKENDS for training in (True, False) for name, variant in OP_VARIANTS])
 def test_opcheck(device, backend, training, variant):
     args = _op_args(training, **variant, device=device)
@@ -413,7 +393,7 @@ def test_opcheck(device, backend, training, variant):
                               backward_kwargs)
 
 
-@pytest.mark.parametrize("device, backend", targets(BACKENDS))
+@pytest.mark.parametrize("device, backend", targets(BACKENDS, KERNELS))
 def test_compile_fullgraph_matches_eager(device, backend):
     def forward(model, x):
         if isinstance(model, fm.FusedMBConv):  # the fused copy, compiled without graph breaks
@@ -427,7 +407,8 @@ def test_compile_fullgraph_matches_eager(device, backend):
 
 # Not on the Triton interpreter: the whole network takes ~10 minutes there (the fused blocks
 # it is made of are compared one by one in test_block_matches_eager on every backend).
-@pytest.mark.parametrize("device, backend", targets([b for b in BACKENDS if b != "triton"]))
+@pytest.mark.parametrize("device, backend",
+                         targets([b for b in BACKENDS if b != "triton"], KERNELS))
 def test_efficientnet_b0_training_step_matches_eager(device, backend):
     """forward, loss, backward, SGD step of the whole fused network against the eager one
     loaded with the same state_dict (48x48 so the last stages keep 2x2 positions: at 1x1,
@@ -720,7 +701,7 @@ def test_autocast_gives_eager_autocast_dtypes_and_values(config):
 
 @pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA device: CUDA autocast runs only where "
                     "one is present")
-@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"], ids=lambda b: f"cuda-{b}")
+@pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"], ids=lambda b: target_id("cuda", b))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("config", [(6, 6, 3, 1, 6), (6, 8, 5, 2, 1)], ids=["residual", "plain"])
 def test_autocast_on_cuda_matches_eager(config, dtype, backend):
