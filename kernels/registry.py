@@ -23,6 +23,10 @@ B0_BLOCKS = ((32, 16, 3, 1, 1), (16, 24, 3, 2, 6), (24, 24, 3, 1, 6), (24, 40, 5
              (40, 40, 5, 1, 6), (40, 80, 3, 2, 6), (80, 80, 3, 1, 6), (80, 112, 5, 1, 6),
              (112, 112, 5, 1, 6), (112, 192, 5, 2, 6), (192, 192, 5, 1, 6),
              (192, 320, 3, 1, 6))
+# Side of each B0_BLOCKS entry's input map at 224², and the batches the launch-geometry table
+# covers: the GEMM's tiles shrink on small maps at small batches (mbconv.gemm_geometry).
+B0_INPUT_SIDES = (112, 112, 56, 56, 28, 28, 14, 14, 14, 14, 7, 7)
+GEOMETRY_BATCHES = (32, 128)
 BLOCK_ACTIVATION, SE_GATE = "silu", "sigmoid"  # EfficientNet's
 TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Pointer arguments in the activation dtype (the others are fp32 statistics and partials).
@@ -120,9 +124,9 @@ def _tile_of(channels: int, channels_last: bool) -> Tuple[int, int]:
     return common.tile_sizes(channels, _BIG, channels_last)
 
 
-def _add_block(reg: Registry, act: str, channels_last: bool, cin: int, cout: int, k: int,
-               stride: int, expand: int) -> None:
-    """The kernels of one block, K1..K6 and B6..B1."""
+def _add_block(reg: Registry, act: str, channels_last: bool, side: int, cin: int, cout: int,
+               k: int, stride: int, expand: int) -> None:
+    """The kernels of one block, K1..K6 and B6..B1, of an input map side x side."""
     fmt = "nhwc" if channels_last else "nchw"
     hidden = cin * expand
     squeeze = max(1, int(cin * 0.25))
@@ -130,15 +134,18 @@ def _add_block(reg: Registry, act: str, channels_last: bool, cin: int, cout: int
     where = f"{cin}->{hidden}->{cout} k{k} s{stride} {act} {fmt}"
     layout = dict(CHANNELS_LAST=channels_last, ACC=tl.float32)
 
-    def gemm(label, kc, nc, **flags):
-        bp, bk, bn = mb.gemm_blocks(kc, nc, _BIG)
-        base = dict(A_KIND=mb.RAW, ACT=BLOCK_ACTIVATION, GATE=False, SCALE=False,
-                    TRAINING=False, A_HAS_GAMMA=False, A_HAS_BETA=False, EPILOGUE=mb.PLAIN,
-                    E_HAS_GAMMA=False, E_HAS_BETA=False, UPCAST=False, BLOCK_P=bp, BLOCK_K=bk,
-                    BLOCK_N=bn, **layout)
-        base.update(flags)
-        reg.add(mb.pointwise_conv_kernel, act, f"{label} {where}", base,
-                options=mb.gemm_options(base["EPILOGUE"]), activation_ptrs=_BLOCK_ACT_PTRS)
+    def gemm(label, kc, nc, positions, **flags):
+        tiles = {mb.gemm_blocks(kc, nc, _BIG)}
+        tiles.update(mb.gemm_geometry(kc, nc, positions, batch)[:3]
+                     for batch in GEOMETRY_BATCHES)
+        for bp, bk, bn in sorted(tiles, reverse=True):
+            base = dict(A_KIND=mb.RAW, ACT=BLOCK_ACTIVATION, GATE=False, SCALE=False,
+                        TRAINING=False, A_HAS_GAMMA=False, A_HAS_BETA=False,
+                        EPILOGUE=mb.PLAIN, E_HAS_GAMMA=False, E_HAS_BETA=False, UPCAST=False,
+                        BLOCK_P=bp, BLOCK_K=bk, BLOCK_N=bn, **layout)
+            base.update(flags)
+            reg.add(mb.pointwise_conv_kernel, act, f"{label} {where} {bp}x{bn}", base,
+                    options=mb.gemm_options(base["EPILOGUE"]), activation_ptrs=_BLOCK_ACT_PTRS)
 
     def wgrad(label, gc, ac, **flags):
         bp, bm, bn = mb.wgrad_blocks(gc, ac, _BIG)
@@ -150,15 +157,17 @@ def _add_block(reg: Registry, act: str, channels_last: bool, cin: int, cout: int
                 options=mb.CAPPED_OPTIONS, activation_ptrs=_BLOCK_ACT_PTRS)
 
     bn_in = dict(A_HAS_GAMMA=True, A_HAS_BETA=True)
+    inputs, outputs = side * side, (side // stride) ** 2
     if expand != 1:
-        gemm("K1 train", cin, hidden, EPILOGUE=mb.STATS)
-        gemm("K1 eval", cin, hidden)
-        gemm("B1 dgrad", hidden, cin, A_KIND=mb.BN_BWD, TRAINING=True, A_HAS_GAMMA=True,
-             EPILOGUE=mb.RESIDUAL if residual else mb.PLAIN)
+        gemm("K1 train", cin, hidden, inputs, EPILOGUE=mb.STATS)
+        gemm("K1 eval", cin, hidden, inputs)
+        gemm("B1 dgrad", hidden, cin, inputs, A_KIND=mb.BN_BWD, TRAINING=True,
+             A_HAS_GAMMA=True, EPILOGUE=mb.RESIDUAL if residual else mb.PLAIN)
         wgrad("B1 wgrad", hidden, cin)
-    gemm("K5 train", hidden, cout, A_KIND=mb.ACT_BN, GATE=True, EPILOGUE=mb.STATS, **bn_in)
-    gemm("K5 eval/recompute", hidden, cout, A_KIND=mb.ACT_BN, GATE=True, **bn_in)
-    gemm("B5 dgrad", cout, hidden, A_KIND=mb.BN_BWD, SCALE=residual, TRAINING=True,
+    gemm("K5 train", hidden, cout, outputs, A_KIND=mb.ACT_BN, GATE=True, EPILOGUE=mb.STATS,
+         **bn_in)
+    gemm("K5 eval/recompute", hidden, cout, outputs, A_KIND=mb.ACT_BN, GATE=True, **bn_in)
+    gemm("B5 dgrad", cout, hidden, outputs, A_KIND=mb.BN_BWD, SCALE=residual, TRAINING=True,
          A_HAS_GAMMA=True, EPILOGUE=mb.GATE_GRAD, E_HAS_GAMMA=True, E_HAS_BETA=True)
     wgrad("B5 wgrad", cout, hidden, A_KIND=mb.ACT_BN, GATE=True, SCALE=residual, **bn_in)
     sq_p, sq_c = mb.squeeze_tile(hidden, _BIG, channels_last)
@@ -193,8 +202,8 @@ def add_mbconv_block(reg: Registry, blocks=B0_BLOCKS, dtypes=tuple(TL_NAMES)) ->
     for dtype in dtypes:
         act = TL_NAMES[dtype]
         for channels_last in (False, True):
-            for block in blocks:
-                _add_block(reg, act, channels_last, *block)
+            for side, block in zip(B0_INPUT_SIDES, blocks):
+                _add_block(reg, act, channels_last, side, *block)
         reg.add_sum_rows(act, f"{act} grad weight", _SUM_ACT_PTRS)
 
 
