@@ -26,6 +26,7 @@ H100_HBM_BYTES_PER_S = 3.35e12
 H100_SMS = 132  # streaming multiprocessors of an H100 SXM / H200
 MIN_PROGRAMS = 4 * H100_SMS  # programs a big launch needs to fill those SMs
 BIG_LAUNCH_BYTES = 10 ** 6  # "moves more than 1 MB"
+GEOMETRY_BATCHES = (32, 128)  # the batches the rule is checked at
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .backends import use_backend
 from .blocks import MBConv
 from .fused_block import FusedMBConv
 
-GEOMETRY_BATCHES = (32, 128)
+GEOMETRY_BATCHES = accounting.GEOMETRY_BATCHES
 RESOLUTION = 224
 
 

@@ -12,6 +12,8 @@ from typing import Tuple
 import torch
 import triton.language as tl
 
+from fused_mbconv.accounting import GEOMETRY_BATCHES
+
 from . import common, dwconv_bn_silu as dw, mbconv as mb
 
 # (channels, kernel size, stride) of every depthwise conv in EfficientNet-B0.
@@ -23,10 +25,9 @@ B0_BLOCKS = ((32, 16, 3, 1, 1), (16, 24, 3, 2, 6), (24, 24, 3, 1, 6), (24, 40, 5
              (40, 40, 5, 1, 6), (40, 80, 3, 2, 6), (80, 80, 3, 1, 6), (80, 112, 5, 1, 6),
              (112, 112, 5, 1, 6), (112, 192, 5, 2, 6), (192, 192, 5, 1, 6),
              (192, 320, 3, 1, 6))
-# Side of each B0_BLOCKS entry's input map at 224², and the batches the launch-geometry table
-# covers: the GEMM's tiles shrink on small maps at small batches (mbconv.gemm_geometry).
+# Side of each B0_BLOCKS entry's input map at 224²: the GEMM's tiles shrink on small maps at
+# small batches (mbconv.gemm_geometry), so the report compiles those at the geometry batches.
 B0_INPUT_SIDES = (112, 112, 56, 56, 28, 28, 14, 14, 14, 14, 7, 7)
-GEOMETRY_BATCHES = (32, 128)
 BLOCK_ACTIVATION, SE_GATE = "silu", "sigmoid"  # EfficientNet's
 TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Pointer arguments in the activation dtype (the others are fp32 statistics and partials).
