@@ -51,6 +51,7 @@ class Launch:
 
 _listeners: List[List[Launch]] = []
 _dry_runs: List[bool] = []
+_multiprocessors: List[int] = []
 
 
 def grid_programs(grid: Sequence[int]) -> int:
@@ -76,21 +77,31 @@ def recording() -> bool:
 
 def dry_run() -> bool:
     """True inside ``record_launches(dry_run=True)``: launchers skip the kernel call."""
-    return bool(_dry_runs)
+    return bool(_dry_runs) and _dry_runs[-1]
+
+
+def multiprocessors() -> int:
+    """The SM count the compiled CUDA launchers size their grids for while recording (0: the
+    device's own; the CPU emulation's is 4)."""
+    return _multiprocessors[-1] if _multiprocessors else 0
 
 
 @contextlib.contextmanager
-def record_launches(dry_run: bool = False) -> Iterator[List[Launch]]:
+def record_launches(dry_run: bool = False, multiprocessors: Optional[int] = None
+                    ) -> Iterator[List[Launch]]:
+    """Launches noted inside, in order. ``dry_run``: the launchers skip their kernels (see the
+    module docstring). ``multiprocessors``: the CUDA launchers size their grids for that many
+    SMs (e.g. H100_SMS, to record an H100's geometry on the emulation)."""
     log: List[Launch] = []
     _listeners.append(log)
-    if dry_run:
-        _dry_runs.append(True)
+    _dry_runs.append(dry_run)
+    _multiprocessors.append(multiprocessors or 0)
     try:
         yield log
     finally:
         _listeners.remove(log)
-        if dry_run:
-            _dry_runs.pop()
+        _dry_runs.pop()
+        _multiprocessors.pop()
 
 
 def fills_gpu(launch: Launch) -> bool:

@@ -6,8 +6,13 @@ How it is recorded: the block runs through ``FusedMBConv`` on the chosen backend
 (argument checks, layouts, allocations, tiling, grid computation, ``note_launch``) and skip
 only the kernel call. At 224² and batch 128 that costs allocations, not kernel time, even under
 the Triton interpreter; the inputs are uninitialized (``torch.empty``), since nothing reads
-them. A smaller spatial size would not do: tiling depends on the map's size. Backends whose
-launchers cannot skip their kernels (the compiled C++ ones) run for real.
+them. A smaller spatial size would not do: tiling depends on the map's size.
+
+The compiled CUDA kernels report the grids their C++ launchers used (the launch record of
+csrc/include/fused_mbconv/cuda/runtime.cuh), sized for an H100's 132 SMs
+(``accounting.H100_SMS``) whatever the device, also under their CPU emulation; their library
+calls (cuDNN / cuBLAS 1x1 convolutions) still run and have no grid of ours ("n/a"), nor do
+the C++ CPU kernels, which also cannot skip.
 
 The kernels run on channels_last maps on the CPU (``ops.mbconv.kernel_input``), so the table is
 recorded with channels_last inputs on every device: the same geometry everywhere.
@@ -94,11 +99,12 @@ def block_launches(config: BlockConfig, batch: int, backend: str,
     make = torch.empty if dry_run else torch.randn
     x = make(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
+    record = dict(dry_run=dry_run, multiprocessors=accounting.H100_SMS)
     with use_backend(backend):
-        with accounting.record_launches(dry_run=dry_run) as forward:
+        with accounting.record_launches(**record) as forward:
             out = fused(x)
         grad = (torch.empty_like if dry_run else torch.randn_like)(out)
-        with accounting.record_launches(dry_run=dry_run) as backward:
+        with accounting.record_launches(**record) as backward:
             out.backward(grad)
     return list(forward), list(backward)
 
@@ -128,7 +134,8 @@ def geometry_markdown(rows: Sequence[GeometryRow]) -> List[str]:
     lines = [f"Rule: a launch moving more than {accounting.BIG_LAUNCH_BYTES / 1e6:g} MB has at "
              f"least {accounting.MIN_PROGRAMS} programs (4 per SM of a "
              f"{accounting.H100_SMS}-SM H100 / H200). Recorded with dry-run launches "
-             "(fused_mbconv.geometry), channels_last, float32.", "",
+             "(fused_mbconv.geometry), channels_last, float32; programs n/a: no grid of ours "
+             "(a cuDNN / cuBLAS call, or the C++ CPU kernels).", "",
              "| block | pass | batch | kernel | backend | programs | MB | fills |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:

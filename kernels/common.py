@@ -27,6 +27,7 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
 NUM_WARPS = 8
 COMPILE_OPTIONS = dict(num_warps=NUM_WARPS)
 BLOCK_T = 64  # partial rows merged per step by the finalize / sum kernels
+SUM_BLOCK_M = (128, 64, 32, 16)  # sum_rows_kernel's column blocks, widest first
 TILE_ELEMENTS = 1024
 
 
@@ -101,6 +102,21 @@ def tile_sizes(channels: int, positions: int, channels_last: bool) -> Tuple[int,
     return block_p, block_c
 
 
+def problem_tile(channels: int, positions: int, channels_last: bool, images: int
+                 ) -> Tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of the (position tile, channel block, image) grids: tile_sizes',
+    with shorter position tiles (down to 16) on maps too small for MIN_PROGRAMS programs."""
+    block_p, block_c = tile_sizes(channels, positions, channels_last)
+
+    def programs(bp: int) -> int:
+        return triton.cdiv(positions, bp) * triton.cdiv(channels, block_c) * images
+
+    while (programs(block_p) < MIN_PROGRAMS and block_p > 16
+           and programs(block_p // 2) > programs(block_p)):
+        block_p //= 2
+    return block_p, block_c
+
+
 def finalize_block_c(channels: int) -> int:
     """BLOCK_C of bn_stats_finalize_kernel."""
     return min(triton.next_power_of_2(channels), 32)
@@ -166,7 +182,8 @@ class Problem:
         self.oh = (self.h + 2 * pad - self.k) // stride + 1
         self.ow = (self.w + 2 * pad - self.k) // stride + 1
         self.count = self.n * self.oh * self.ow  # values per channel
-        self.block_p, self.block_c = tile_sizes(self.c, self.oh * self.ow, self.channels_last)
+        self.block_p, self.block_c = problem_tile(self.c, self.oh * self.ow,
+                                                  self.channels_last, self.n)
         self.tiles = triton.cdiv(self.oh * self.ow, self.block_p)  # per image
         self.rows = self.n * self.tiles  # partial-result rows, one per (image, tile)
         self.grid = (self.tiles, triton.cdiv(self.c, self.block_c), self.n)
@@ -205,18 +222,26 @@ def splits_to_fill(work_programs: int, items: int) -> int:
     return max(1, min(items, triton.cdiv(MIN_PROGRAMS, max(1, work_programs))))
 
 
+def sum_rows_block_m(columns: int, outs: int = 1) -> int:
+    """BLOCK_M of sum_rows_kernel for ``outs`` outputs of ``columns`` elements: narrower blocks
+    (down to SUM_BLOCK_M[-1]) while the grid falls short of MIN_PROGRAMS."""
+    block_m = min(triton.next_power_of_2(columns), SUM_BLOCK_M[0])
+    while block_m > SUM_BLOCK_M[-1] and triton.cdiv(columns, block_m) * outs < MIN_PROGRAMS:
+        block_m //= 2
+    return block_m
+
+
 def sum_rows(part: Tensor, outs: Tuple[Tensor, ...], acc) -> None:
     """Column sums of ``part`` [T, len(outs)·M] into the M-element tensors ``outs``. Too few
-    column blocks for many rows: first each group of rows is summed into an ACC row of a
-    [groups, len(outs)·M] buffer, then those rows (a tree of two levels, fixed order)."""
+    column blocks for many rows: first each group of (at least two) rows is summed into an
+    ACC row of a [groups, len(outs)·M] buffer, then those rows (a tree of two levels, fixed
+    order)."""
     m, width, rows = outs[0].numel(), part.shape[1], part.shape[0]
-    block_m = min(triton.next_power_of_2(m), 128)
+    block_m = sum_rows_block_m(m, len(outs))
     columns = (triton.cdiv(m, block_m), len(outs))
-    groups = splits_to_fill(grid_programs(columns), triton.cdiv(rows, BLOCK_T))
-    if groups > 1:  # whole BLOCK_T steps per group, at least ``groups`` groups
-        rows_per_group = max(1, triton.cdiv(rows, BLOCK_T) // groups) * BLOCK_T
+    rows_per_group = max(2, rows // splits_to_fill(grid_programs(columns), rows))
+    if rows > BLOCK_T and rows_per_group < rows:
         groups = triton.cdiv(rows, rows_per_group)
-    if groups > 1:
         group_sums = torch.empty((groups, width), dtype=part.dtype, device=part.device)
         second_half = group_sums[:, m:] if len(outs) > 1 else group_sums
         launch(sum_rows_kernel, (*columns, groups), nbytes(part), nbytes(group_sums),
@@ -228,27 +253,40 @@ def sum_rows(part: Tensor, outs: Tuple[Tensor, ...], acc) -> None:
            BLOCK_M=block_m, **COMPILE_OPTIONS)
 
 
+def _stats_groups(rows: int, tiles: int, wanted: int) -> int:
+    """Rows per first-level group of finalize_stats: at most rows / ``wanted``, and either
+    whole images (a multiple of ``tiles``) or a divisor of ``tiles`` (a group never straddles
+    two images), so each merged row is again a tile of uniform size but for the image's
+    last."""
+    most = rows // wanted
+    if most >= tiles:
+        return most // tiles * tiles
+    return max(r for r in range(1, most + 1) if tiles % r == 0) if most >= 1 else 1
+
+
 def finalize_stats(part: Tensor, mean: Tensor, var: Tensor, positions: int, tiles: int,
                    tile_p: int, acc) -> None:
     """Batch mean and biased variance from (mean, M2) rows of ``tile_p``-position tiles,
-    ``tiles`` per image of ``positions``. Too few channel blocks for many rows: first the
-    rows of each group of whole images are merged into one (mean, M2) row, then those rows
-    (a tree of two levels, fixed order)."""
-    c = mean.numel()
+    ``tiles`` per image of ``positions``. Too few channel blocks for many rows: first each
+    group of rows (whole images, or a whole fraction of one) is merged into one (mean, M2)
+    row, then those rows (a tree of two levels, fixed order)."""
+    c, rows = mean.numel(), part.shape[0]
     block_c = finalize_block_c(c)
     columns = (triton.cdiv(c, block_c),)
-    images = part.shape[0] // tiles
-    groups = splits_to_fill(columns[0], images) if part.shape[0] > BLOCK_T else 1
-    per_group = max(1, images // groups)
-    groups = triton.cdiv(images, per_group)
-    if groups > 1:
+    group = _stats_groups(rows, tiles, splits_to_fill(columns[0], rows)) if rows > BLOCK_T \
+        else 1
+    if group > 1:
+        groups = triton.cdiv(rows, group)
         merged = torch.empty((groups, 2 * c), dtype=part.dtype, device=part.device)
         launch(bn_stats_finalize_kernel, (*columns, groups), nbytes(part), nbytes(merged),
-               part, merged, merged[:, c:], c, positions, tiles, part.shape[0], tile_p,
-               per_group * tiles, 2 * c, 0, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_C=block_c,
-               **COMPILE_OPTIONS)
-        # Row g now holds per_group whole images: "tiles" of per_group·positions values.
-        part, positions, tiles, tile_p = merged, images * positions, groups, per_group * positions
+               part, merged, merged[:, c:], c, positions, tiles, rows, tile_p, group, 2 * c,
+               0, ACC=acc, BLOCK_T=BLOCK_T, BLOCK_C=block_c, **COMPILE_OPTIONS)
+        if group >= tiles:  # row g: group / tiles whole images, one "tile" of all of them
+            images = group // tiles
+            positions, tiles, tile_p = rows // tiles * positions, groups, images * positions
+        else:  # row g: tile g % (tiles / group) of group·tile_p positions of its image
+            tiles, tile_p = tiles // group, group * tile_p
+        part, rows = merged, groups
     launch(bn_stats_finalize_kernel, columns, nbytes(part), nbytes(mean, var),
-           part, mean, var, c, positions, tiles, part.shape[0], tile_p, part.shape[0], 0, 1,
+           part, mean, var, c, positions, tiles, rows, tile_p, rows, 0, 1,
            ACC=acc, BLOCK_T=BLOCK_T, BLOCK_C=block_c, **COMPILE_OPTIONS)

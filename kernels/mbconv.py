@@ -313,17 +313,17 @@ def _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC: tl.constexpr):
 def excite_kernel(pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, C, S,
                   SE_ACT: tl.constexpr, GATE_ACT: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """gate[n] = gate_act(fc2(se_act(fc1(pooled[n])))), one program per image n."""
+    """gate[n, c] = gate_act(fc2(se_act(fc1(pooled[n]))))[c] for image n = program_id(0),
+    channel block program_id(1); each program computes the whole hidden vector."""
     n = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     ms = s < S
     h = tl.where(ms, act(_excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC, BLOCK_S,
                                         BLOCK_C), SE_ACT), 0.0)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mc = c < C
-        _, z2 = _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC)
-        tl.store(gate_ptr + n * C + c, act(z2, GATE_ACT), mask=mc)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    _, z2 = _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC)
+    tl.store(gate_ptr + n * C + c, act(z2, GATE_ACT), mask=mc)
 
 
 @triton.jit
@@ -331,14 +331,17 @@ def excite_bwd_sample_kernel(gg_ptr, pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                              gz1_ptr, gz2_ptr, h_ptr, C, S, SE_ACT: tl.constexpr,
                              GATE_ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                              BLOCK_C: tl.constexpr):
-    """Per image n: the hidden vectors recomputed, gz2 = dL/dz2, gz1 = dL/dz1 and
-    grad_pooled; gz1, gz2 and h = se_act(z1) kept for the weight-gradient kernel."""
+    """Image n = program_id(0): the hidden vectors recomputed, gz2 = dL/dz2, gz1 = dL/dz1
+    and grad_pooled, for channel block program_id(1) (gz1 needs every channel's gz2: each
+    program computes all of it, the first block stores the per-image vectors); gz1, gz2 and
+    h = se_act(z1) kept for the weight-gradient kernel."""
     n = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_C
     s = tl.arange(0, BLOCK_S)
     ms = s < S
     z1 = _excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC, BLOCK_S, BLOCK_C)
     h = tl.where(ms, act(z1, SE_ACT), 0.0)
-    tl.store(h_ptr + n * S + s, h, mask=ms)
+    tl.store(h_ptr + n * S + s, h, mask=ms & (first == 0))
     gh = tl.zeros([BLOCK_S], ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -346,16 +349,15 @@ def excite_bwd_sample_kernel(gg_ptr, pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
         w2, z2 = _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC)
         gz2 = tl.load(gg_ptr + n * C + c, mask=mc, other=0.0).to(ACC) * act_grad(z2, GATE_ACT)
         gz2 = tl.where(mc, gz2, 0.0)
-        tl.store(gz2_ptr + n * C + c, gz2, mask=mc)
+        tl.store(gz2_ptr + n * C + c, gz2, mask=mc & (c0 == first))
         gh += tl.sum(w2 * gz2[None, :], axis=1)
     gz1 = tl.where(ms, gh * act_grad(z1, SE_ACT), 0.0)
-    tl.store(gz1_ptr + n * S + s, gz1, mask=ms)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mc = c < C
-        w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=ms[:, None] & mc[None, :],
-                     other=0.0).to(ACC)
-        tl.store(gp_ptr + n * C + c, tl.sum(w1 * gz1[:, None], axis=0), mask=mc)
+    tl.store(gz1_ptr + n * S + s, gz1, mask=ms & (first == 0))
+    c = first + tl.arange(0, BLOCK_C)
+    mc = c < C
+    w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=ms[:, None] & mc[None, :],
+                 other=0.0).to(ACC)
+    tl.store(gp_ptr + n * C + c, tl.sum(w1 * gz1[:, None], axis=0), mask=mc)
 
 
 @triton.jit
@@ -635,10 +637,16 @@ def squeeze_tile(channels: int, positions: int, channels_last: bool) -> Tuple[in
     return max(16, TILE_ELEMENTS // block_c), block_c
 
 
-def excite_blocks(channels: int, hidden: int) -> Tuple[int, int]:
-    """(BLOCK_S, BLOCK_C): all S hidden units at once, [S, C] tiles of <= 4096 elements."""
+def excite_blocks(channels: int, hidden: int, images: Optional[int] = None) -> Tuple[int, int]:
+    """(BLOCK_S, BLOCK_C): all S hidden units at once, [S, C] tiles of <= 4096 elements; for
+    the (image, channel block) grids of ``images`` images, narrower channel blocks (down to
+    16) while the grid falls short of MIN_PROGRAMS."""
     block_s = triton.next_power_of_2(hidden)
-    return block_s, _pow2_clamp(channels, 16, max(16, 4096 // block_s))
+    block_c = _pow2_clamp(channels, 16, max(16, 4096 // block_s))
+    while (images is not None and block_c > 16
+           and images * triton.cdiv(channels, block_c) < MIN_PROGRAMS):
+        block_c //= 2
+    return block_s, block_c
 
 
 def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
@@ -647,10 +655,11 @@ def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
     """K4; contract of ``fused_mbconv.reference.mbconv_excite_forward``."""
     n, c = pooled.shape
     s = fc1_weight.shape[0]
-    block_s, block_c = excite_blocks(c, s)
+    block_s, block_c = excite_blocks(c, s, n)
     out = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
     weights = [t.contiguous() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
-    launch(excite_kernel, (n,), nbytes(pooled, *weights), nbytes(out),
+    launch(excite_kernel, (n, triton.cdiv(c, block_c)), nbytes(pooled, *weights),
+           nbytes(out),
            pooled.contiguous(), *weights, out, c, s,
            SE_ACT=kernel_kind(se_activation, "se_activation"),
            GATE_ACT=kernel_kind(gate, "gate"), ACC=acc_type(pooled.dtype), BLOCK_S=block_s,
@@ -734,27 +743,29 @@ def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor
     n, c = pooled.shape
     s = fc1_weight.shape[0]
     acc, dev = pooled.dtype, pooled.device
-    block_s, block_c = excite_blocks(c, s)
+    block_s, block_c = excite_blocks(c, s, n)
     weights = [t.contiguous() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
     grad_gate, pooled = grad_gate.contiguous(), pooled.contiguous()
     grad_pooled = torch.empty((n, c), dtype=acc, device=dev)
     gz1, h = (torch.empty((n, s), dtype=acc, device=dev) for _ in range(2))
     gz2 = torch.empty((n, c), dtype=acc, device=dev)
-    flags = dict(ACC=acc_type(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
-                 **COMPILE_OPTIONS)
+    flags = dict(ACC=acc_type(pooled.dtype), BLOCK_S=block_s, **COMPILE_OPTIONS)
     launch(
-        excite_bwd_sample_kernel, (n,), nbytes(grad_gate, pooled, *weights),
-        nbytes(grad_pooled, gz1, gz2, h),
+        excite_bwd_sample_kernel, (n, triton.cdiv(c, block_c)),
+        nbytes(grad_gate, pooled, *weights), nbytes(grad_pooled, gz1, gz2, h),
         grad_gate, pooled, *weights, grad_pooled, gz1, gz2, h, c, s,
         SE_ACT=kernel_kind(se_activation, "se_activation"), GATE_ACT=kernel_kind(gate, "gate"),
-        **flags)
+        BLOCK_C=block_c, **flags)
     gw1 = torch.empty((s, c), dtype=acc, device=dev)
     gb1 = torch.empty(s, dtype=acc, device=dev)
     gw2 = torch.empty((c, s), dtype=acc, device=dev)
     gb2 = torch.empty(c, dtype=acc, device=dev)
+    # Channel blocks only, each summing every image: splitting the images would write more
+    # partial-gradient bytes than the kernel reads.
+    block_c = excite_blocks(c, s)[1]
     launch(excite_bwd_weight_kernel, (triton.cdiv(c, block_c),), nbytes(pooled, gz1, gz2, h),
            nbytes(gw1, gb1, gw2, gb2), pooled, gz1, gz2, h, gw1, gb1, gw2, gb2, n, c, s,
-           **flags)
+           BLOCK_C=block_c, **flags)
     return grad_pooled, gw1, gb1, gw2, gb2
 
 

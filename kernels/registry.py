@@ -69,9 +69,10 @@ class Registry:
                  dict(ACC=tl.float32, BLOCK_T=common.BLOCK_T, BLOCK_C=block_c))
 
     def add_sum_rows(self, act: str, label: str, activation_ptrs) -> None:
-        self.add(common.sum_rows_kernel, act, label,
-                 dict(ACC=tl.float32, BLOCK_T=common.BLOCK_T, BLOCK_M=128),
-                 activation_ptrs=activation_ptrs)
+        for block_m in common.SUM_BLOCK_M:  # sum_rows_block_m narrows them for short grids
+            self.add(common.sum_rows_kernel, act, f"{label} {block_m}",
+                     dict(ACC=tl.float32, BLOCK_T=common.BLOCK_T, BLOCK_M=block_m),
+                     activation_ptrs=activation_ptrs)
 
     def list(self):
         return list(self.specs.values())
@@ -177,20 +178,27 @@ def _add_block(reg: Registry, act: str, channels_last: bool, side: int, cin: int
                  BLOCK_C=sq_c, **layout), activation_ptrs=_BLOCK_ACT_PTRS)
     bs, bc = mb.excite_blocks(hidden, squeeze)
     ex = dict(ACC=tl.float32, BLOCK_S=bs, BLOCK_C=bc)
-    reg.add(mb.excite_kernel, "fp32", f"K4 {hidden}/{squeeze}",
-            dict(SE_ACT=BLOCK_ACTIVATION, GATE_ACT=SE_GATE, **ex))
-    reg.add(mb.excite_bwd_sample_kernel, "fp32", f"B4 {hidden}/{squeeze}",
-            dict(SE_ACT=BLOCK_ACTIVATION, GATE_ACT=SE_GATE, **ex))
     reg.add(mb.excite_bwd_weight_kernel, "fp32", f"B4 {hidden}/{squeeze}", ex)
-    op, oc = _tile_of(cout, channels_last)
-    for training in (True, False):
-        reg.add(mb.output_kernel, act, f"K6 {where} {'train' if training else 'eval'}",
-                dict(HAS_GAMMA=True, HAS_BETA=True, SCALE=residual and training,
-                     RESIDUAL=residual, BLOCK_P=op, BLOCK_C=oc, **layout),
-                activation_ptrs=_BLOCK_ACT_PTRS)
-    reg.add(dw.bn_silu_bwd_reduce_kernel, act, f"B6 {act} {fmt} {op}x{oc}",
-            dict(HAS_GAMMA=True, HAS_BETA=True, ACT="identity", POOLED=False, SCALE=residual,
-                 CHANNELS_LAST=channels_last, BLOCK_P=op, BLOCK_C=oc, ACC=tl.float32))
+    for batch in GEOMETRY_BATCHES:  # the per-image kernels narrow BLOCK_C for small batches
+        bs, bc = mb.excite_blocks(hidden, squeeze, batch)
+        ex = dict(ACC=tl.float32, BLOCK_S=bs, BLOCK_C=bc)
+        reg.add(mb.excite_kernel, "fp32", f"K4 {hidden}/{squeeze} {bc}",
+                dict(SE_ACT=BLOCK_ACTIVATION, GATE_ACT=SE_GATE, **ex))
+        reg.add(mb.excite_bwd_sample_kernel, "fp32", f"B4 {hidden}/{squeeze} {bc}",
+                dict(SE_ACT=BLOCK_ACTIVATION, GATE_ACT=SE_GATE, **ex))
+    output_tiles = {_tile_of(cout, channels_last)}
+    output_tiles.update(common.problem_tile(cout, outputs, channels_last, batch)
+                        for batch in GEOMETRY_BATCHES)
+    for op, oc in sorted(output_tiles, reverse=True):
+        for training in (True, False):
+            reg.add(mb.output_kernel, act, f"K6 {where} {'train' if training else 'eval'}",
+                    dict(HAS_GAMMA=True, HAS_BETA=True, SCALE=residual and training,
+                         RESIDUAL=residual, BLOCK_P=op, BLOCK_C=oc, **layout),
+                    activation_ptrs=_BLOCK_ACT_PTRS)
+        reg.add(dw.bn_silu_bwd_reduce_kernel, act, f"B6 {act} {fmt} {op}x{oc}",
+                dict(HAS_GAMMA=True, HAS_BETA=True, ACT="identity", POOLED=False,
+                     SCALE=residual, CHANNELS_LAST=channels_last, BLOCK_P=op, BLOCK_C=oc,
+                     ACC=tl.float32))
     add_depthwise_specializations(reg, act, channels_last, hidden, k, stride, block=True,
                                   in_bn=expand != 1)
     for c in (hidden, cout):

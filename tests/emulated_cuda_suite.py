@@ -36,6 +36,7 @@ KERNEL_TESTS = [f"tests/test_extension.py::{name}" for name in (
 # kernels), but the whole-network training step and torch.compile: minutes emulated, and no
 # kernel or variant that the block cases leave out.
 OP_TESTS = ["tests/test_fused_mbconv.py", "tests/test_dwconv_bn_silu.py",
+            "tests/test_launch_geometry.py",
             "-k", "cpu and not efficientnet_b0 and not compile"]
 
 # The CUDA kernels, not the C++ CPU ones, are what the "cpu" backend runs.
