@@ -167,3 +167,31 @@ def test_cpu_backend_reports_its_launchers_grids():
                    "mbconv_output_grad_reduce", "mbconv_dwconv_grad_reduce",
                    "mbconv_dwconv_dgrad", "mbconv_dwconv_wgrad", "mbconv_excite_grad"):
         assert kernel in gridded, kernel
+
+
+def test_compile_registry_covers_every_b0_launch(monkeypatch):
+    """The spill-free compile report compiles kernels/registry.py's variants: every tiling
+    the B0 blocks launch at the geometry batches (tiles shrink with the batch on small maps),
+    with its layout and GEMM prologue / epilogue, must be among them (flags that select no
+    code, e.g. the activation of a raw operand, are the registry's own choice)."""
+    from fused_mbconv.kernels import dwconv_bn_silu, mbconv, registry
+
+    def tiling(kernel_name, constexprs):
+        kept = {k: str(v) for k, v in constexprs.items()
+                if k.startswith("BLOCK_") or k in ("CHANNELS_LAST", "EPILOGUE", "A_KIND")}
+        return kernel_name, tuple(sorted(kept.items()))
+
+    launched = set()
+    real_launch = common.launch
+
+    def spy(kernel, grid, bytes_read, bytes_written, *args, **kwargs):
+        launched.add(tiling(kernel.__name__, kwargs))
+        real_launch(kernel, grid, bytes_read, bytes_written, *args, **kwargs)
+
+    for module in (common, mbconv, dwconv_bn_silu):
+        monkeypatch.setattr(module, "launch", spy)
+    geometry.launch_geometry("triton")
+    compiled = {tiling(kernel.__name__, constexprs)
+                for kernel, _, constexprs, _, _ in registry.specializations()}
+    missing = sorted(launched - compiled)
+    assert launched and not missing, missing[:5]
