@@ -367,6 +367,24 @@ def _bandwidth_tables(bandwidth: Optional[dict]) -> List[str]:
     return lines
 
 
+def geometry_lines(dry_run: bool) -> List[str]:
+    """The launch-geometry table (fused_mbconv.geometry) of the Triton backend, on this
+    machine's device: dry-run launches at full size, so it costs no kernel time."""
+    import torch
+
+    import fused_mbconv as fm
+    from fused_mbconv import geometry
+
+    device = torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
+    usable, reason = fm.backends.backend_status("triton", device.type)
+    if not usable:
+        return [f"Not recorded: the triton backend cannot run on {device.type} here ({reason})."]
+    rows = geometry.launch_geometry("triton", device=device)
+    return [f"Triton backend, {device.type} tensors, batches "
+            f"{', '.join(map(str, geometry.GEOMETRY_BATCHES))}.", ""] + \
+        geometry.geometry_markdown(rows)
+
+
 def cmd_summary(args) -> int:
     import report
 
@@ -423,6 +441,7 @@ def cmd_summary(args) -> int:
     md += ["", "## Benchmarks: training step", ""] + _network_table(network)
     md += ["", "## Bandwidth of the memory-bound fused kernels", ""]
     md += _bandwidth_tables(bandwidth)
+    md += ["", "## Launch geometry of the B0 blocks", ""] + geometry_lines(args.dry_run)
     tables = f"`{slug}.md` and `{slug}.png` (benchmarks/report.py's block tables), " \
         if records and meta else ""
     md += ["", f"Files: `{slug}.json` (everything above, machine-readable), {tables}"

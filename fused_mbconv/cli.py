@@ -1,4 +1,4 @@
-"""``fused-mbconv``: info, verify, bench and train from the command line.
+"""``fused-mbconv``: info, verify, bench, train and geometry from the command line.
 
 Exit status: 0 success, 1 a failed check or a model with no block to fuse, 2 bad arguments
 (unknown model, missing optional package).
@@ -284,6 +284,24 @@ def cmd_train(args) -> int:
     return 0 if finite else 1
 
 
+# ---------------------------------------------------------------- geometry
+
+def cmd_geometry(args) -> int:
+    """The launch-geometry table of fused_mbconv.geometry; exit 1 when a launch breaks the
+    occupancy rule."""
+    from . import geometry
+
+    device = _device(args.device)
+    usable, reason = backend_status(args.backend, device.type)
+    if not usable:
+        raise UsageError(f"--backend {args.backend} cannot run on {device.type}: {reason}")
+    rows = geometry.launch_geometry(args.backend, batches=tuple(args.batch), device=device)
+    print(f"launch geometry of the EfficientNet-B0 blocks, backend {args.backend}, "
+          f"{device.type} tensors, batches {', '.join(map(str, args.batch))}")
+    print("\n".join(geometry.geometry_markdown(rows)))
+    return 0 if all(row.fills_gpu for row in rows) else 1
+
+
 # ---------------------------------------------------------------- entry point
 
 def _parser() -> argparse.ArgumentParser:
@@ -333,6 +351,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PATH", help="write both loss curves as a PNG")
+
+    p = sub.add_parser("geometry", help="each B0 block's kernel launches: programs and bytes")
+    p.add_argument("--backend", choices=BACKENDS, default="triton")
+    p.add_argument("--batch", type=int, nargs="+",
+                   default=list(profiling.accounting.GEOMETRY_BATCHES))
+    p.add_argument("--device")
     return parser
 
 
@@ -346,9 +370,13 @@ def _positive(args, *names) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    commands = {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench, "train": cmd_train}
+    commands = {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench, "train": cmd_train,
+                "geometry": cmd_geometry}
     try:
-        _positive(args, "batch", "resolution", "steps")
+        if args.command == "geometry":
+            _positive(argparse.Namespace(batch=min(args.batch)), "batch")
+        else:
+            _positive(args, "batch", "resolution", "steps")
         return commands[args.command](args)
     except (UsageError, verification.ModelNotFound, verification.MissingPackage) as exc:
         print(f"fused-mbconv {args.command}: error: {exc}", file=sys.stderr)

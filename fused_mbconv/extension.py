@@ -21,16 +21,17 @@ backend unavailable with the reason, never an import error.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
 import threading
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .accounting import note_launch, recording
+from .accounting import dry_run, multiprocessors, note_launch, recording
 from .tensors import NormArgs, accumulate_dtype
 
 Tensor = torch.Tensor
@@ -162,25 +163,82 @@ def _backend(x: Tensor) -> str:
     return "cuda" if x.is_cuda else "cpu"
 
 
+Grids = List[Tuple[str, int]]
+
+
+def _launch_record():
+    """The CUDA launchers' grid record (csrc/include/fused_mbconv/cuda/runtime.cuh) when the
+    loaded library has the CUDA kernels (or their CPU emulation); None for the C++ CPU
+    kernels."""
+    try:
+        ops = torch.ops.fused_mbconv_cuda_launches
+        return ops.start, ops.stop
+    except (AttributeError, RuntimeError):
+        return None
+
+
+@contextlib.contextmanager
+def _device_grids(x: Tensor) -> Iterator[Optional[Grids]]:
+    """While accounting listens: a list that receives the (kernel, programs) of every CUDA
+    launch made in the block, as the C++ launchers report them (in a dry run they skip their
+    kernels; the library calls, cuDNN / cuBLAS GEMMs, still run and are not in it). None
+    without a grid record: the C++ CPU kernels, whose parallel chunks are not a grid."""
+    record = _launch_record() if recording() and (x.is_cuda or _emulated()) else None
+    if record is None:
+        yield None
+        return
+    start, stop = record
+    grids: Grids = []
+    start(dry_run(), multiprocessors())
+    try:
+        yield grids
+    finally:
+        for line in stop().splitlines():
+            name, programs = line.rsplit(" ", 1)
+            grids.append((name, int(programs)))
+
+
+def _emulated() -> bool:
+    """True when the "cpu" backend runs the CUDA kernels under their CPU emulation."""
+    return bool(os.environ.get("FUSED_MBCONV_LIBRARY")) and _launch_record() is not None
+
+
+def _split(grids: Optional[Grids], belongs: Callable[[str], bool]):
+    """(the grids ``belongs`` selects, the others); (None, None) without a record."""
+    if grids is None:
+        return None, None
+    return [g for g in grids if belongs(g[0])], [g for g in grids if not belongs(g[0])]
+
+
+def _noted(kernel: str, backend: str, read: int, written: int,
+           grids: Optional[Grids]) -> None:
+    """One logical kernel's launch; programs: its largest device launch (None: no record, or
+    only library calls)."""
+    programs = max((p for _, p in grids), default=None) if grids is not None else None
+    note_launch(kernel, backend, read, written, programs, grids or ())
+
+
 def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor],
                            bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
                            running_var: Optional[Tensor], stride: int, training: bool,
                            eps: float, need_conv_out: bool
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    out, conv_out, mean, var = torch.ops.fused_mbconv_ext.dwconv_bn_silu_forward(
-        x, weight, bn_weight, bn_bias, running_mean, running_var, stride, training, eps,
-        need_conv_out)
+    with _device_grids(x) as grids:
+        out, conv_out, mean, var = torch.ops.fused_mbconv_ext.dwconv_bn_silu_forward(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride, training, eps,
+            need_conv_out)
     if recording():
         params = _nbytes(weight, bn_weight, bn_bias)
         backend = _backend(x)
         if training:
             # conv + per-tile statistics (writes d), merge, then BN + SiLU from d.
-            note_launch("dwconv_stats", backend, _nbytes(x) + params, _nbytes(out))
-            note_launch("bn_silu_apply", backend, _nbytes(out, mean, var),
-                        _nbytes(out, conv_out if need_conv_out else None))
+            apply, conv = _split(grids, lambda name: name == "bn_silu_apply")
+            _noted("dwconv_stats", backend, _nbytes(x) + params, _nbytes(out), conv)
+            _noted("bn_silu_apply", backend, _nbytes(out, mean, var),
+                   _nbytes(out, conv_out if need_conv_out else None), apply)
         else:
-            note_launch("dwconv_bn_silu", backend, _nbytes(x, running_mean, running_var) + params,
-                        _nbytes(out, conv_out if need_conv_out else None))
+            _noted("dwconv_bn_silu", backend, _nbytes(x, running_mean, running_var) + params,
+                   _nbytes(out, conv_out if need_conv_out else None), grids)
     return out, conv_out, mean, var
 
 
@@ -190,20 +248,22 @@ def dwconv_bn_silu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, conv_ou
                             output_mask: List[bool]
                             ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor],
                                        Optional[Tensor]]:
-    grads = torch.ops.fused_mbconv_ext.dwconv_bn_silu_backward(
-        grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride, training, eps,
-        list(output_mask))
+    with _device_grids(x) as grids:
+        grads = torch.ops.fused_mbconv_ext.dwconv_bn_silu_backward(
+            grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride, training, eps,
+            list(output_mask))
     if recording():
         backend = _backend(x)
         stats = _nbytes(mean, var, bn_weight, bn_bias)
-        note_launch("bn_silu_grad_reduce", backend, _nbytes(grad_out, conv_out) + stats,
-                    2 * x.shape[1] * torch.finfo(accumulate_dtype(x.dtype)).bits // 8)
+        reduce, conv = _split(grids, lambda name: name.startswith("bn_silu_grad"))
+        _noted("bn_silu_grad_reduce", backend, _nbytes(grad_out, conv_out) + stats,
+               2 * x.shape[1] * torch.finfo(accumulate_dtype(x.dtype)).bits // 8, reduce)
         if output_mask[0] or output_mask[1]:
-            note_launch("dwconv_grad", backend,
-                        _nbytes(grad_out, conv_out, weight) + stats
-                        + (_nbytes(x) if output_mask[1] else 0),
-                        _nbytes(grads[0] if output_mask[0] else None,
-                                grads[1] if output_mask[1] else None))
+            _noted("dwconv_grad", backend,
+                   _nbytes(grad_out, conv_out, weight) + stats
+                   + (_nbytes(x) if output_mask[1] else 0),
+                   _nbytes(grads[0] if output_mask[0] else None,
+                           grads[1] if output_mask[1] else None), conv)
     return tuple(g if m else None for g, m in zip(grads, output_mask))
 
 
@@ -220,65 +280,85 @@ def _empty_none(t: Tensor, wanted: bool) -> Optional[Tensor]:
     return t if wanted else None
 
 
-def _note(kernel: str, x: Tensor, read: int, written: int) -> None:
+def _note(kernel: str, x: Tensor, read: int, written: int,
+          grids: Optional[Grids] = None) -> None:
     if recording():
-        note_launch(kernel, _backend(x), read, written)
+        _noted(kernel, _backend(x), read, written, grids)
+
+
+def _dgrad_wgrad(grids: Optional[Grids], output_mask: List[bool]):
+    """(dgrad grids, wgrad grids) of a [2] function: launches named *wgrad* are the wgrad's,
+    the rest (shared passes included) the dgrad's, or the wgrad's when it runs alone."""
+    wgrad, rest = _split(grids, lambda name: "wgrad" in name)
+    if grids is not None and not output_mask[0]:
+        wgrad = wgrad + rest
+    return rest, wgrad
 
 
 def mbconv_expand_forward(x: Tensor, weight: Tensor, need_stats: bool
                           ) -> Tuple[Tensor, Tensor, Tensor]:
-    e, mean, var = torch.ops.fused_mbconv_ext.mbconv_expand_forward(x, weight, need_stats)
-    _note("mbconv_expand", x, _nbytes(x, weight), _nbytes(e, mean, var))
+    with _device_grids(x) as grids:
+        e, mean, var = torch.ops.fused_mbconv_ext.mbconv_expand_forward(x, weight, need_stats)
+    _note("mbconv_expand", x, _nbytes(x, weight), _nbytes(e, mean, var), grids)
     return e, mean, var
 
 
 def mbconv_dwconv_forward(h: Tensor, weight: Tensor, stride: int, in_bn: Optional[NormArgs],
                           activation: str, need_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    d, mean, var = torch.ops.fused_mbconv_ext.mbconv_dwconv_forward(
-        h, weight, stride, *_bn(in_bn), activation, need_stats)
-    _note("mbconv_dwconv", h, _nbytes(h, weight, *_bn(in_bn)[:4]), _nbytes(d, mean, var))
+    with _device_grids(h) as grids:
+        d, mean, var = torch.ops.fused_mbconv_ext.mbconv_dwconv_forward(
+            h, weight, stride, *_bn(in_bn), activation, need_stats)
+    _note("mbconv_dwconv", h, _nbytes(h, weight, *_bn(in_bn)[:4]), _nbytes(d, mean, var),
+          grids)
     return d, mean, var
 
 
 def mbconv_squeeze_forward(d: Tensor, bn2: NormArgs, activation: str) -> Tensor:
-    pooled = torch.ops.fused_mbconv_ext.mbconv_squeeze_forward(d, *_bn(bn2), activation)
-    _note("mbconv_squeeze", d, _nbytes(d, *_bn(bn2)[:4]), _nbytes(pooled))
+    with _device_grids(d) as grids:
+        pooled = torch.ops.fused_mbconv_ext.mbconv_squeeze_forward(d, *_bn(bn2), activation)
+    _note("mbconv_squeeze", d, _nbytes(d, *_bn(bn2)[:4]), _nbytes(pooled), grids)
     return pooled
 
 
 def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
                           fc2_weight: Tensor, fc2_bias: Tensor, se_activation: str, gate: str
                           ) -> Tensor:
-    g = torch.ops.fused_mbconv_ext.mbconv_excite_forward(pooled, fc1_weight, fc1_bias,
-                                                         fc2_weight, fc2_bias, se_activation, gate)
+    with _device_grids(pooled) as grids:
+        g = torch.ops.fused_mbconv_ext.mbconv_excite_forward(
+            pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate)
     _note("mbconv_excite", pooled, _nbytes(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias),
-          _nbytes(g))
+          _nbytes(g), grids)
     return g
 
 
 def mbconv_project_forward(d: Tensor, gate_values: Optional[Tensor], weight: Tensor,
                            bn2: NormArgs, activation: str, need_stats: bool
                            ) -> Tuple[Tensor, Tensor, Tensor]:
-    q, mean, var = torch.ops.fused_mbconv_ext.mbconv_project_forward(
-        d, gate_values, weight, *_bn(bn2), activation, need_stats)
+    with _device_grids(d) as grids:
+        q, mean, var = torch.ops.fused_mbconv_ext.mbconv_project_forward(
+            d, gate_values, weight, *_bn(bn2), activation, need_stats)
     _note("mbconv_project", d, _nbytes(d, gate_values, weight, *_bn(bn2)[:4]),
-          _nbytes(q, mean, var))
+          _nbytes(q, mean, var), grids)
     return q, mean, var
 
 
 def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tensor],
                           residual: Optional[Tensor]) -> Tensor:
-    out = torch.ops.fused_mbconv_ext.mbconv_output_forward(q, *_bn(bn3), sample_scale, residual)
-    _note("mbconv_output", q, _nbytes(q, residual, sample_scale, *_bn(bn3)[:4]), _nbytes(out))
+    with _device_grids(q) as grids:
+        out = torch.ops.fused_mbconv_ext.mbconv_output_forward(q, *_bn(bn3), sample_scale,
+                                                               residual)
+    _note("mbconv_output", q, _nbytes(q, residual, sample_scale, *_bn(bn3)[:4]), _nbytes(out),
+          grids)
     return out
 
 
 def mbconv_output_backward_stats(grad_out: Tensor, q: Tensor, bn3: NormArgs,
                                  sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    sums = torch.ops.fused_mbconv_ext.mbconv_output_backward_stats(
-        grad_out, q, *_bn(bn3), sample_scale)
+    with _device_grids(q) as grids:
+        sums = torch.ops.fused_mbconv_ext.mbconv_output_backward_stats(
+            grad_out, q, *_bn(bn3), sample_scale)
     _note("mbconv_output_grad_reduce", q, _nbytes(grad_out, q, sample_scale, *_bn(bn3)[:4]),
-          _nbytes(*sums))
+          _nbytes(*sums), grids)
     return sums
 
 
@@ -288,16 +368,18 @@ def mbconv_project_backward(grad_out: Tensor, q: Tensor, d: Tensor,
                             sum_dy3_xhat3: Tensor, sample_scale: Optional[Tensor],
                             training: bool, output_mask: List[bool]
                             ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    grad_a2, grad_gate, grad_weight = torch.ops.fused_mbconv_ext.mbconv_project_backward(
-        grad_out, q, d, gate_values, weight, *_bn(bn2), activation, *_bn(bn3), sum_dy3,
-        sum_dy3_xhat3, sample_scale, training, list(output_mask))
+    with _device_grids(d) as grids:
+        grad_a2, grad_gate, grad_weight = torch.ops.fused_mbconv_ext.mbconv_project_backward(
+            grad_out, q, d, gate_values, weight, *_bn(bn2), activation, *_bn(bn3), sum_dy3,
+            sum_dy3_xhat3, sample_scale, training, list(output_mask))
     stats = _nbytes(sum_dy3, sum_dy3_xhat3, *_bn(bn3)[:4], sample_scale)
+    dgrad, wgrad = _dgrad_wgrad(grids, output_mask)
     if output_mask[0]:  # gq built from grad_out and q, GEMM, then gate apply + gate reduction
         _note("mbconv_project_dgrad", d, _nbytes(grad_out, q, d, gate_values, weight) + stats,
-              _nbytes(grad_a2, grad_gate))
+              _nbytes(grad_a2, grad_gate), dgrad)
     if output_mask[1]:  # gq and a3 built on load, GEMM
         _note("mbconv_project_wgrad", d, _nbytes(grad_out, q, d, gate_values) + stats,
-              _nbytes(grad_weight))
+              _nbytes(grad_weight), wgrad)
     return (_empty_none(grad_a2, output_mask[0]), _empty_none(grad_gate, output_mask[0]),
             _empty_none(grad_weight, output_mask[1]))
 
@@ -306,19 +388,22 @@ def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor
                            fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
                            se_activation: str, gate: str
                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = torch.ops.fused_mbconv_ext.mbconv_excite_backward(
-        grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate)
+    with _device_grids(pooled) as grids:
+        grads = torch.ops.fused_mbconv_ext.mbconv_excite_backward(
+            grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate)
     _note("mbconv_excite_grad", pooled,
-          _nbytes(grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias), _nbytes(*grads))
+          _nbytes(grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias), _nbytes(*grads),
+          grids)
     return grads
 
 
 def mbconv_dwconv_backward_stats(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
                                  bn2: NormArgs, activation: str) -> Tuple[Tensor, Tensor]:
-    sums = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward_stats(
-        grad_a2, grad_pooled, d, *_bn(bn2), activation)
+    with _device_grids(d) as grids:
+        sums = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward_stats(
+            grad_a2, grad_pooled, d, *_bn(bn2), activation)
     _note("mbconv_dwconv_grad_reduce", d, _nbytes(grad_a2, grad_pooled, d, *_bn(bn2)[:4]),
-          _nbytes(*sums))
+          _nbytes(*sums), grids)
     return sums
 
 
@@ -327,16 +412,19 @@ def mbconv_dwconv_backward(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Te
                            activation: str, sum_dy2: Tensor, sum_dy2_xhat2: Tensor,
                            in_bn: Optional[NormArgs], training: bool, output_mask: List[bool]
                            ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
-    grad_h, grad_weight, sum_dy1, sum_dy1_xhat1 = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward(
-        grad_a2, grad_pooled, d, h, weight, stride, *_bn(bn2), activation, sum_dy2,
-        sum_dy2_xhat2, *_bn(in_bn), training, list(output_mask))
+    with _device_grids(h) as grids:
+        grads = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward(
+            grad_a2, grad_pooled, d, h, weight, stride, *_bn(bn2), activation, sum_dy2,
+            sum_dy2_xhat2, *_bn(in_bn), training, list(output_mask))
+    grad_h, grad_weight, sum_dy1, sum_dy1_xhat1 = grads
     read = _nbytes(grad_a2, grad_pooled, d, weight, sum_dy2, sum_dy2_xhat2, *_bn(bn2)[:4],
                    *_bn(in_bn)[:4])
+    dgrad, wgrad = _dgrad_wgrad(grids, output_mask)
     if output_mask[0]:
         _note("mbconv_dwconv_dgrad", h, read + (_nbytes(h) if in_bn is not None else 0),
-              _nbytes(grad_h, sum_dy1, sum_dy1_xhat1))
+              _nbytes(grad_h, sum_dy1, sum_dy1_xhat1), dgrad)
     if output_mask[1]:
-        _note("mbconv_dwconv_wgrad", h, read + _nbytes(h), _nbytes(grad_weight))
+        _note("mbconv_dwconv_wgrad", h, read + _nbytes(h), _nbytes(grad_weight), wgrad)
     return (_empty_none(grad_h, output_mask[0]), _empty_none(grad_weight, output_mask[1]),
             sum_dy1, sum_dy1_xhat1)
 
@@ -345,14 +433,17 @@ def mbconv_expand_backward(grad_y1: Tensor, e: Tensor, x: Tensor, weight: Tensor
                            bn1: NormArgs, sum_dy1: Tensor, sum_dy1_xhat1: Tensor,
                            training: bool, grad_residual: Optional[Tensor],
                            output_mask: List[bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    grad_x, grad_weight = torch.ops.fused_mbconv_ext.mbconv_expand_backward(
-        grad_y1, e, x, weight, *_bn(bn1), sum_dy1, sum_dy1_xhat1, training, grad_residual,
-        list(output_mask))
+    with _device_grids(x) as grids:
+        grad_x, grad_weight = torch.ops.fused_mbconv_ext.mbconv_expand_backward(
+            grad_y1, e, x, weight, *_bn(bn1), sum_dy1, sum_dy1_xhat1, training, grad_residual,
+            list(output_mask))
     read = _nbytes(grad_y1, e, sum_dy1, sum_dy1_xhat1, *_bn(bn1)[:4])
+    dgrad, wgrad = _dgrad_wgrad(grids, output_mask)
     if output_mask[0]:
-        _note("mbconv_expand_dgrad", x, read + _nbytes(weight, grad_residual), _nbytes(grad_x))
+        _note("mbconv_expand_dgrad", x, read + _nbytes(weight, grad_residual), _nbytes(grad_x),
+              dgrad)
     if output_mask[1]:
-        _note("mbconv_expand_wgrad", x, read + _nbytes(x), _nbytes(grad_weight))
+        _note("mbconv_expand_wgrad", x, read + _nbytes(x), _nbytes(grad_weight), wgrad)
     return _empty_none(grad_x, output_mask[0]), _empty_none(grad_weight, output_mask[1])
 
 

@@ -24,12 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_mbconv.accounting import note_launch
 from fused_mbconv.activations import kernel_kind
 from fused_mbconv.tensors import NormArgs
 
 from .common import (COMPILE_OPTIONS, NUM_WARPS, Problem, bn_args, bn_bytes, finalize_stats,
-                     nbytes, sum_rows, tile_sizes)
+                     launch, nbytes, sum_rows, tile_sizes)
 from .jit_helpers import (act, act_grad, bn_batch_grad, bn_coefficients, bn_grad_means,
                           bn_normalized, bn_scale_shift, image, offsets, store_grad_partials,
                           tap_offset, tile)
@@ -311,7 +310,11 @@ def conv_forward(pr: Problem, x: Tensor, weight: Tensor, d: Tensor, *, stats: bo
     mean = var = part = x
     if stats:
         mean, var, part = pr.stats(x), pr.stats(x), pr.partials(x, 2 * pr.c)
-    dwconv_bn_silu_fwd_kernel[pr.grid](
+    launch(
+        dwconv_bn_silu_fwd_kernel, pr.grid,
+        nbytes(x, weight) + bn_bytes(in_bn) + bn_bytes(bn),
+        nbytes(d) + (nbytes(part) if stats else 0)
+        + (nbytes(out, mean_out, var_out) if apply is not None else 0),
         x, weight, d if d is not None else x, out, part, *ptrs, mean_out, var_out, *in_ptrs,
         pr.c, pr.h, pr.w, pr.oh, pr.ow, eps, in_eps, K=pr.k, STRIDE=pr.stride,
         CHANNELS_LAST=pr.channels_last, STATS=stats, APPLY=apply is not None,
@@ -319,10 +322,6 @@ def conv_forward(pr: Problem, x: Tensor, weight: Tensor, d: Tensor, *, stats: bo
         ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c,
         **forward_options(pr.k, apply is not None), **flags,
         **in_flags)
-    note_launch("dwconv_bn_silu_fwd_kernel", "triton",
-                nbytes(x, weight) + bn_bytes(in_bn) + bn_bytes(bn),
-                nbytes(d) + (nbytes(part) if stats else 0)
-                + (nbytes(out, mean_out, var_out) if apply is not None else 0))
     if stats:
         finalize_stats(part, mean, var, pr.oh * pr.ow, pr.tiles, pr.block_p, pr.acc)
     return mean, var
@@ -335,14 +334,13 @@ def bn_grad_sums(pr: Problem, go: Tensor, d: Tensor, bn: NormArgs, activation: s
     reads go and d (both laid out like pr)."""
     ptrs, eps, flags = bn_args(bn, d)
     part = pr.partials(d, 2 * pr.c)
-    bn_silu_bwd_reduce_kernel[pr.grid](
-        go, d, *ptrs, part, pooled if pooled is not None else d,
+    launch(
+        bn_silu_bwd_reduce_kernel, pr.grid, nbytes(go, d, pooled, scale) + bn_bytes(bn),
+        nbytes(part), go, d, *ptrs, part, pooled if pooled is not None else d,
         scale if scale is not None else d, pr.c, pr.oh, pr.ow, eps,
         CHANNELS_LAST=pr.channels_last, ACT=kernel_kind(activation),
         POOLED=pooled is not None, SCALE=scale is not None, ACC=pr.acc, BLOCK_P=pr.block_p,
         BLOCK_C=pr.block_c, **COMPILE_OPTIONS, **flags)
-    note_launch("bn_silu_bwd_reduce_kernel", "triton",
-                nbytes(go, d, pooled, scale) + bn_bytes(bn), nbytes(part))
     sum_g, sum_gx = pr.stats(d), pr.stats(d)
     sum_rows(part, (sum_g, sum_gx), pr.acc)
     return sum_g, sum_gx
@@ -362,17 +360,16 @@ def conv_backward(pr: Problem, go: Tensor, d: Tensor, x: Tensor, weight: Tensor,
     gc = pr.empty_out(x) if need_gx else go  # go: an unused placeholder pointer
     gw_part = torch.empty((pr.rows if need_gw else 0, pr.c * pr.k * pr.k),
                           dtype=pr.acc_dtype, device=x.device)
-    dwconv_bwd_grad_conv_kernel[pr.grid](
+    launch(
+        dwconv_bwd_grad_conv_kernel, pr.grid,
+        nbytes(go, d, pooled) + bn_bytes(bn) + (nbytes(x) + bn_bytes(in_bn) if need_gw else 0)
+        + (nbytes(*sums) if training else 0),
+        (nbytes(gc) if need_gx else 0) + nbytes(gw_part),
         go, d, x, gc, gw_part, *ptrs, *sums, pooled if pooled is not None else x, *in_ptrs,
         pr.c, pr.h, pr.w, pr.oh, pr.ow, pr.count, eps, in_eps, K=pr.k, STRIDE=pr.stride,
         CHANNELS_LAST=pr.channels_last, TRAINING=training, WRITE_GC=need_gx, NEED_GW=need_gw,
         ACT=kind, POOLED=pooled is not None, IN_BN=in_bn is not None, ACC=pr.acc,
         BLOCK_P=pr.block_p, BLOCK_C=pr.block_c, **COMPILE_OPTIONS, **flags, **in_flags)
-    note_launch("dwconv_bwd_grad_conv_kernel", "triton",
-                nbytes(go, d, pooled) + bn_bytes(bn)
-                + (nbytes(x) + bn_bytes(in_bn) if need_gw else 0)
-                + (nbytes(*sums) if training else 0),
-                (nbytes(gc) if need_gx else 0) + nbytes(gw_part))
     grad_x = grad_w = in_sums = None
     if need_gw:
         grad_w = torch.empty_like(weight)
@@ -383,14 +380,14 @@ def conv_backward(pr: Problem, go: Tensor, d: Tensor, x: Tensor, weight: Tensor,
         tiles = triton.cdiv(pr.h * pr.w, block_q)
         part = torch.empty((pr.n * tiles if in_bn is not None else 0, 2 * pr.c),
                            dtype=pr.acc_dtype, device=x.device)
-        dwconv_bwd_input_kernel[(tiles, triton.cdiv(pr.c, block_c), pr.n)](
+        launch(
+            dwconv_bwd_input_kernel, (tiles, triton.cdiv(pr.c, block_c), pr.n),
+            nbytes(gc, weight) + (nbytes(x) + bn_bytes(in_bn) if in_bn else 0),
+            nbytes(grad_x, part),
             gc, weight, grad_x, x, part, *in_ptrs, pr.c, pr.h, pr.w, pr.oh, pr.ow, in_eps,
             K=pr.k, STRIDE=pr.stride, CHANNELS_LAST=pr.channels_last, IN_BN=in_bn is not None,
             ACT=kind, ACC=pr.acc, BLOCK_P=block_q, BLOCK_C=block_c, **COMPILE_OPTIONS,
             **in_flags)
-        note_launch("dwconv_bwd_input_kernel", "triton",
-                    nbytes(gc, weight) + (nbytes(x) + bn_bytes(in_bn) if in_bn else 0),
-                    nbytes(grad_x, part))
         if in_bn is not None:
             in_sums = (pr.stats(x), pr.stats(x))
             sum_rows(part, in_sums, pr.acc)
@@ -414,11 +411,11 @@ def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor
         mean, var = conv_forward(pr, x, weight, d, stats=True)
         bn = NormArgs(mean, var, bn_weight, bn_bias, eps)
         ptrs, eps, flags = bn_args(bn, x)
-        bn_silu_apply_kernel[pr.grid](
+        launch(
+            bn_silu_apply_kernel, pr.grid, nbytes(d) + bn_bytes(bn), nbytes(out),
             d, out, *ptrs, pr.c, pr.oh, pr.ow, eps, CHANNELS_LAST=pr.channels_last,
             ACT="silu", ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c,
             **COMPILE_OPTIONS, **flags)
-        note_launch("bn_silu_apply_kernel", "triton", nbytes(d) + bn_bytes(bn), nbytes(out))
     else:
         mean, var = pr.stats(x), pr.stats(x)
         conv_forward(pr, x, weight, d, stats=False, apply=(

@@ -35,12 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_mbconv.accounting import note_launch
+from fused_mbconv.accounting import MIN_PROGRAMS
 from fused_mbconv.activations import kernel_kind
 from fused_mbconv.tensors import NormArgs, accumulate_dtype
 
 from .common import (COMPILE_OPTIONS, NUM_WARPS, TILE_ELEMENTS, Problem, acc_type, bn_args,
-                     bn_bytes, finalize_stats, nbytes, sum_rows, tile_sizes)
+                     bn_bytes, finalize_stats, launch, nbytes, splits_to_fill, sum_rows,
+                     tile_sizes)
 from .dwconv_bn_silu import bn_grad_sums, conv_backward, conv_forward
 from .jit_helpers import (act, act_grad, bn_batch_grad, bn_coefficients, bn_grad_means,
                           bn_normalized, bn_scale_shift, chan_merge, flat_offsets, image,
@@ -53,8 +54,6 @@ Tensor = torch.Tensor
 # Launchers and the compile report use the same options.
 CAPPED_OPTIONS = dict(num_warps=NUM_WARPS, maxnreg=168)
 
-
-WGRAD_PROGRAMS = 512  # enough weight-gradient programs to fill a GPU: splits = this / tiles
 
 # The GEMM's operand prologues (A_KIND) and epilogues (EPILOGUE), string constexprs the kernels
 # compare against these names.
@@ -138,15 +137,20 @@ def pointwise_conv_kernel(
         a_ptr, aux_ptr, w_ptr, out_ptr, epi_ptr, part_ptr, gate_ptr, scale_ptr, ggate_ptr,
         a_mean_ptr, a_var_ptr, a_gamma_ptr, a_beta_ptr, a_sdy_ptr, a_sdyx_ptr,
         e_mean_ptr, e_var_ptr, e_gamma_ptr, e_beta_ptr,
-        KC, NC, HW, stride_wk, stride_wn, count, a_eps, e_eps,
+        KC, NC, HW, CHUNK_P, stride_wk, stride_wn, count, a_eps, e_eps,
         A_KIND: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, SCALE: tl.constexpr,
         TRAINING: tl.constexpr, A_HAS_GAMMA: tl.constexpr, A_HAS_BETA: tl.constexpr,
         EPILOGUE: tl.constexpr, E_HAS_GAMMA: tl.constexpr, E_HAS_BETA: tl.constexpr,
         CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[n, co, p] = Σ_k W[co, k] A[n, k, p] for output channels block program_id(0) of
-    image program_id(1), every position of the image (see the module docstring)."""
-    n = tl.program_id(1)
+    """out[n, co, p] = Σ_k W[co, k] A[n, k, p] for output channels block program_id(0),
+    positions chunk program_id(1) (CHUNK_P positions, whole BLOCK_P tiles) of image
+    program_id(2) (see the module docstring). The chunk's statistics are one (mean, M2) row
+    n·chunks + chunk of part, its gate-gradient sums row chunk of ggate [chunks, N·NC]."""
+    chunk = tl.program_id(1)
+    n = tl.program_id(2)
+    first = chunk * CHUNK_P
+    end = tl.minimum(first + CHUNK_P, HW)
     co = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mco = co < NC
     dt = out_ptr.dtype.element_ty
@@ -162,9 +166,9 @@ def pointwise_conv_kernel(
     n_a = tl.zeros([BLOCK_N], ACC)
     mean_a = tl.zeros([BLOCK_N], ACC)
     m2_a = tl.zeros([BLOCK_N], ACC)
-    for p0 in range(0, HW, BLOCK_P):
+    for p0 in range(first, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        mp = p < HW
+        mp = p < end
         acc = tl.zeros([BLOCK_P, BLOCK_N], ACC)
         for k0 in range(0, KC, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -189,7 +193,7 @@ def pointwise_conv_kernel(
         if EPILOGUE == "residual":
             v = (v.to(ACC) + tl.load(epi_img + offs, mask=mask, other=0.0).to(ACC)).to(dt)
         tl.store(out_img + offs, v, mask=mask)
-        if EPILOGUE == "stats":  # this tile merged into the image's running (mean, M2)
+        if EPILOGUE == "stats":  # this tile merged into the chunk's running (mean, M2)
             vt = tl.where(mask, v.to(ACC), 0.0)
             n_b = tl.sum(tl.where(mp, 1.0, 0.0).to(ACC), axis=0)
             mean_b = tl.sum(vt, axis=0) / n_b
@@ -197,10 +201,11 @@ def pointwise_conv_kernel(
             n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b,
                                            tl.sum(dev * dev, axis=0))
     if EPILOGUE == "stats":
-        tl.store(part_ptr + n * (2 * NC) + co, mean_a, mask=mco)
-        tl.store(part_ptr + n * (2 * NC) + NC + co, m2_a, mask=mco)
+        row = part_ptr + (n * tl.num_programs(1) + chunk) * (2 * NC)
+        tl.store(row + co, mean_a, mask=mco)
+        tl.store(row + NC + co, m2_a, mask=mco)
     if EPILOGUE == "gate_grad":
-        tl.store(ggate_ptr + n * NC + co, gate_sum, mask=mco)
+        tl.store(ggate_ptr + (chunk * tl.num_programs(2) + n) * NC + co, gate_sum, mask=mco)
 
 
 @triton.jit
@@ -208,14 +213,16 @@ def pointwise_wgrad_kernel(
         g_ptr, g_aux_ptr, a_ptr, out_ptr, gate_ptr, scale_ptr,
         g_mean_ptr, g_var_ptr, g_gamma_ptr, g_beta_ptr, g_sdy_ptr, g_sdyx_ptr,
         a_mean_ptr, a_var_ptr, a_gamma_ptr, a_beta_ptr,
-        GC, AC, NB, HW, count, g_eps, a_eps,
+        GC, AC, NB, HW, CHUNKS, CHUNK_P, count, g_eps, a_eps,
         A_KIND: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, SCALE: tl.constexpr,
         TRAINING: tl.constexpr, G_HAS_GAMMA: tl.constexpr, A_HAS_GAMMA: tl.constexpr,
         A_HAS_BETA: tl.constexpr, CHANNELS_LAST: tl.constexpr, UPCAST: tl.constexpr,
         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr):
-    """Partial grad W[m, k] = Σ G[n, m, p] A[n, k, p] over images n ≡ program_id(2) mod the
-    number of splits; G is the BN-backward prologue of g (x̂ from g_aux), A that of a."""
+    """Partial grad W[m, k] = Σ G[n, m, p] A[n, k, p] over the work items i ≡ program_id(2)
+    mod the number of splits, in order; item i is positions chunk i % CHUNKS (CHUNK_P
+    positions) of image i // CHUNKS. G is the BN-backward prologue of g (x̂ from g_aux), A
+    that of a."""
     split = tl.program_id(2)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mm = m < GC
@@ -229,13 +236,16 @@ def pointwise_wgrad_kernel(
                                          a_mean_ptr, a_mean_ptr, a_eps, count, A_KIND,
                                          A_HAS_GAMMA, A_HAS_BETA, ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-    for n in range(split, NB, tl.num_programs(2)):
+    for item in range(split, NB * CHUNKS, tl.num_programs(2)):
+        n = item // CHUNKS
+        first = (item % CHUNKS) * CHUNK_P
+        end = tl.minimum(first + CHUNK_P, HW)
         g_img = image(g_ptr, n, GC, 1, HW)
         g_aux_img = image(g_aux_ptr, n, GC, 1, HW)
         a_img = image(a_ptr, n, AC, 1, HW)
-        for p0 in range(0, HW, BLOCK_P):
+        for p0 in range(first, end, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
-            mp = p < HW
+            mp = p < end
             g = _operand(g_img, g_aux_img, n, m, mm, p, mp, GC, HW, g0, g1, g2, g3, g4, gate_ptr,
                          scale_ptr, "bn_bwd", "identity", False, SCALE, TRAINING, CHANNELS_LAST,
                          ACC)
@@ -247,26 +257,31 @@ def pointwise_wgrad_kernel(
 
 
 @triton.jit
-def squeeze_kernel(d_ptr, pooled_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, C, HW, eps,
+def squeeze_kernel(d_ptr, pooled_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, C, HW, CHUNK_P,
+                   eps,
                    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACT: tl.constexpr,
                    CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                    BLOCK_C: tl.constexpr):
-    """pooled[n, c] = mean over positions of act(BN(d)); one program per (channel block,
-    image) sums the whole image in a fixed order."""
-    n = tl.program_id(1)
+    """pooled[n, c] = mean over positions of act(BN(d)); program (channel block, chunk,
+    image n) sums CHUNK_P positions in a fixed order, its share of the mean stored at row
+    chunk of pooled [chunks, N, C] (the launcher sums the rows when there are several)."""
+    chunk = tl.program_id(1)
+    n = tl.program_id(2)
+    first = chunk * CHUNK_P
+    end = tl.minimum(first + CHUNK_P, HW)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = c < C
     scale, shift = bn_scale_shift(c, mc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,
                                   HAS_GAMMA, HAS_BETA, ACC)
     img = image(d_ptr, n, C, 1, HW)
     total = tl.zeros([BLOCK_C], ACC)
-    for p0 in range(0, HW, BLOCK_P):
+    for p0 in range(first, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        mask = (p < HW)[:, None] & mc[None, :]
+        mask = (p < end)[:, None] & mc[None, :]
         v = tl.load(img + flat_offsets(c, p, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(ACC)
         total += tl.sum(tl.where(mask, act(v * scale[None, :] + shift[None, :], ACT), 0.0),
                         axis=0)
-    tl.store(pooled_ptr + n * C + c, total / HW, mask=mc)
+    tl.store(pooled_ptr + (chunk * tl.num_programs(2) + n) * C + c, total / HW, mask=mc)
 
 
 @triton.jit
@@ -298,17 +313,17 @@ def _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC: tl.constexpr):
 def excite_kernel(pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, gate_ptr, C, S,
                   SE_ACT: tl.constexpr, GATE_ACT: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """gate[n] = gate_act(fc2(se_act(fc1(pooled[n])))), one program per image n."""
+    """gate[n, c] = gate_act(fc2(se_act(fc1(pooled[n]))))[c] for image n = program_id(0),
+    channel block program_id(1); each program computes the whole hidden vector."""
     n = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     ms = s < S
     h = tl.where(ms, act(_excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC, BLOCK_S,
                                         BLOCK_C), SE_ACT), 0.0)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mc = c < C
-        _, z2 = _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC)
-        tl.store(gate_ptr + n * C + c, act(z2, GATE_ACT), mask=mc)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    _, z2 = _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC)
+    tl.store(gate_ptr + n * C + c, act(z2, GATE_ACT), mask=mc)
 
 
 @triton.jit
@@ -316,14 +331,17 @@ def excite_bwd_sample_kernel(gg_ptr, pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                              gz1_ptr, gz2_ptr, h_ptr, C, S, SE_ACT: tl.constexpr,
                              GATE_ACT: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                              BLOCK_C: tl.constexpr):
-    """Per image n: the hidden vectors recomputed, gz2 = dL/dz2, gz1 = dL/dz1 and
-    grad_pooled; gz1, gz2 and h = se_act(z1) kept for the weight-gradient kernel."""
+    """Image n = program_id(0): the hidden vectors recomputed, gz2 = dL/dz2, gz1 = dL/dz1
+    and grad_pooled, for channel block program_id(1) (gz1 needs every channel's gz2: each
+    program computes all of it, the first block stores the per-image vectors); gz1, gz2 and
+    h = se_act(z1) kept for the weight-gradient kernel."""
     n = tl.program_id(0)
+    first = tl.program_id(1) * BLOCK_C
     s = tl.arange(0, BLOCK_S)
     ms = s < S
     z1 = _excite_hidden(pooled_ptr, w1_ptr, b1_ptr, n, C, S, ACC, BLOCK_S, BLOCK_C)
     h = tl.where(ms, act(z1, SE_ACT), 0.0)
-    tl.store(h_ptr + n * S + s, h, mask=ms)
+    tl.store(h_ptr + n * S + s, h, mask=ms & (first == 0))
     gh = tl.zeros([BLOCK_S], ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -331,16 +349,15 @@ def excite_bwd_sample_kernel(gg_ptr, pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
         w2, z2 = _excite_output(w2_ptr, b2_ptr, h, s, ms, c, mc, S, ACC)
         gz2 = tl.load(gg_ptr + n * C + c, mask=mc, other=0.0).to(ACC) * act_grad(z2, GATE_ACT)
         gz2 = tl.where(mc, gz2, 0.0)
-        tl.store(gz2_ptr + n * C + c, gz2, mask=mc)
+        tl.store(gz2_ptr + n * C + c, gz2, mask=mc & (c0 == first))
         gh += tl.sum(w2 * gz2[None, :], axis=1)
     gz1 = tl.where(ms, gh * act_grad(z1, SE_ACT), 0.0)
-    tl.store(gz1_ptr + n * S + s, gz1, mask=ms)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mc = c < C
-        w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=ms[:, None] & mc[None, :],
-                     other=0.0).to(ACC)
-        tl.store(gp_ptr + n * C + c, tl.sum(w1 * gz1[:, None], axis=0), mask=mc)
+    tl.store(gz1_ptr + n * S + s, gz1, mask=ms & (first == 0))
+    c = first + tl.arange(0, BLOCK_C)
+    mc = c < C
+    w1 = tl.load(w1_ptr + s[:, None] * C + c[None, :], mask=ms[:, None] & mc[None, :],
+                 other=0.0).to(ACC)
+    tl.store(gp_ptr + n * C + c, tl.sum(w1 * gz1[:, None], axis=0), mask=mc)
 
 
 @triton.jit
@@ -408,6 +425,38 @@ def gemm_blocks(k_channels: int, n_channels: int, positions: int) -> Tuple[int, 
             _pow2_clamp(n_channels, 16, 64))
 
 
+def _chunk_positions(positions: int, block_p: int, work_programs: int) -> Tuple[int, int]:
+    """(chunks, positions per chunk) splitting an image's ``positions`` into whole BLOCK_P
+    tiles so that ``work_programs`` programs per chunk make MIN_PROGRAMS."""
+    tiles = triton.cdiv(positions, block_p)
+    chunk_p = max(1, tiles // splits_to_fill(work_programs, tiles)) * block_p  # >= asked
+    return triton.cdiv(positions, chunk_p), chunk_p
+
+
+def gemm_geometry(k_channels: int, n_channels: int, positions: int, images: int
+                  ) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_P, BLOCK_K, BLOCK_N, chunks, CHUNK_P) of pointwise_conv_kernel for ``images``
+    images: gemm_blocks' tiles, each image's positions split into chunks until the grid has
+    MIN_PROGRAMS programs; where even one tile per chunk falls short (small maps), smaller
+    tiles first (BLOCK_P, then BLOCK_N, down to tl.dot's 16)."""
+    block_p, block_k, block_n = gemm_blocks(k_channels, n_channels, positions)
+
+    def most_programs(bp: int, bn: int) -> int:
+        return triton.cdiv(n_channels, bn) * images * triton.cdiv(positions, bp)
+
+    while most_programs(block_p, block_n) < MIN_PROGRAMS:  # one tile per chunk falls short
+        if block_p > 16 and triton.cdiv(positions, block_p // 2) > triton.cdiv(positions,
+                                                                               block_p):
+            block_p //= 2
+        elif block_n > 16:
+            block_n //= 2
+        else:
+            break
+    chunks, chunk_p = _chunk_positions(positions, block_p,
+                                       triton.cdiv(n_channels, block_n) * images)
+    return block_p, block_k, block_n, chunks, chunk_p
+
+
 def wgrad_blocks(g_channels: int, a_channels: int, positions: int) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_M, BLOCK_N) of pointwise_wgrad_kernel."""
     return (_pow2_clamp(positions, 16, 32), _pow2_clamp(g_channels, 16, 64),
@@ -438,25 +487,31 @@ def _gemm(a: Tensor, weight: Tensor, transpose: bool, out: Tensor, channels_last
     nc, hw = out.shape[1], h * w
     cols = weight.shape[1]
     stride_wk, stride_wn = (cols, 1) if transpose else (1, cols)
-    block_p, block_k, block_n = gemm_blocks(kc, nc, hw)
+    block_p, block_k, block_n, chunks, chunk_p = gemm_geometry(kc, nc, hw, n)
     a_ptrs, a_eps, a_flags = _prologue_args(a_bn, sums, a, "A_")
     e_ptrs, e_eps, e_flags = bn_args(e_bn, a, "E_")
     gate_in = kind == ACT_BN and gate is not None
-    pointwise_conv_kernel[(triton.cdiv(nc, block_n), n)](
-        a, aux if aux is not None else a, weight, out, epi if epi is not None else out,
-        part if part is not None else out, gate if gate is not None else a,
-        scale if scale is not None else a, ggate if ggate is not None else out, *a_ptrs,
-        *e_ptrs, kc, nc, hw, stride_wk, stride_wn, n * hw, a_eps, e_eps, A_KIND=kind,
-        ACT=kernel_kind(activation), GATE=gate_in, SCALE=scale is not None,
-        TRAINING=training, EPILOGUE=epilogue, CHANNELS_LAST=channels_last,
-        UPCAST=_upcast_dot(a.dtype), ACC=acc_type(a.dtype), BLOCK_P=block_p, BLOCK_K=block_k,
-        BLOCK_N=block_n, **gemm_options(epilogue), **a_flags, **e_flags)
+    gate_sums = ggate
+    if ggate is not None and chunks > 1:  # one row of per-chunk sums, summed after
+        gate_sums = torch.empty((chunks, ggate.numel()), dtype=ggate.dtype, device=a.device)
     reads = nbytes(a, weight, gate, scale) + bn_bytes(a_bn) + bn_bytes(e_bn)
     if kind == BN_BWD and training:
         reads += nbytes(aux, *sums)
     if epilogue in (GATE_GRAD, RESIDUAL):
         reads += nbytes(epi)
-    note_launch("pointwise_conv_kernel", "triton", reads, nbytes(out, part, ggate))
+    launch(
+        pointwise_conv_kernel, (triton.cdiv(nc, block_n), chunks, n), reads,
+        nbytes(out, part, gate_sums),
+        a, aux if aux is not None else a, weight, out, epi if epi is not None else out,
+        part if part is not None else out, gate if gate is not None else a,
+        scale if scale is not None else a, gate_sums if gate_sums is not None else out,
+        *a_ptrs, *e_ptrs, kc, nc, hw, chunk_p, stride_wk, stride_wn, n * hw, a_eps, e_eps,
+        A_KIND=kind, ACT=kernel_kind(activation), GATE=gate_in, SCALE=scale is not None,
+        TRAINING=training, EPILOGUE=epilogue, CHANNELS_LAST=channels_last,
+        UPCAST=_upcast_dot(a.dtype), ACC=acc_type(a.dtype), BLOCK_P=block_p, BLOCK_K=block_k,
+        BLOCK_N=block_n, **gemm_options(epilogue), **a_flags, **e_flags)
+    if gate_sums is not ggate:
+        sum_rows(gate_sums, (ggate,), acc_type(a.dtype))
 
 
 def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weight: Tensor,
@@ -465,29 +520,32 @@ def _wgrad(g: Tensor, g_aux: Tensor, g_bn: NormArgs, sums, a: Tensor, grad_weigh
            scale: Optional[Tensor] = None, activation: str = "identity",
            training: bool = False) -> None:
     """grad_weight (G channels, A channels) = Σ BN_backward(g) prologue(a)ᵀ: one
-    pointwise_wgrad_kernel launch, plus a sum_rows launch when the images are split."""
+    pointwise_wgrad_kernel launch, plus a sum_rows launch when the work is split (over
+    (image, positions chunk) items, enough splits for MIN_PROGRAMS programs)."""
     n, gc, h, w = g.shape
     ac, hw = a.shape[1], h * w
     block_p, block_m, block_n = wgrad_blocks(gc, ac, hw)
     tiles = triton.cdiv(gc, block_m) * triton.cdiv(ac, block_n)
-    splits = max(1, min(n, WGRAD_PROGRAMS // tiles))
+    splits = splits_to_fill(tiles, n * triton.cdiv(hw, block_p))
+    chunks, chunk_p = _chunk_positions(hw, block_p, tiles * n)
+    splits = min(splits, n * chunks)
     acc = accumulate_dtype(g.dtype)
     part = grad_weight if splits == 1 else torch.empty((splits, gc * ac), dtype=acc,
                                                        device=g.device)
     g_ptrs, g_eps, g_flags = _prologue_args(g_bn, sums, g, "G_")
     g_flags.pop("G_HAS_BETA")
     a_ptrs, a_eps, a_flags = bn_args(a_bn, a, "A_")
-    pointwise_wgrad_kernel[(triton.cdiv(gc, block_m), triton.cdiv(ac, block_n), splits)](
+    launch(
+        pointwise_wgrad_kernel, (triton.cdiv(gc, block_m), triton.cdiv(ac, block_n), splits),
+        nbytes(g, a, gate, scale) + bn_bytes(g_bn) + bn_bytes(a_bn)
+        + (nbytes(g_aux, *sums) if training else 0), nbytes(part),
         g, g_aux, a, part, gate if gate is not None else a, scale if scale is not None else a,
-        *g_ptrs, *a_ptrs, gc, ac, n, hw, n * hw, g_eps, a_eps, A_KIND=kind,
+        *g_ptrs, *a_ptrs, gc, ac, n, hw, chunks, chunk_p, n * hw, g_eps, a_eps, A_KIND=kind,
         ACT=kernel_kind(activation), GATE=gate is not None, SCALE=scale is not None,
         TRAINING=training, CHANNELS_LAST=channels_last,
         UPCAST=_upcast_dot(g.dtype), ACC=acc_type(g.dtype),
         BLOCK_P=block_p, BLOCK_M=block_m, BLOCK_N=block_n, **CAPPED_OPTIONS,
         **g_flags, **a_flags)
-    note_launch("pointwise_wgrad_kernel", "triton",
-                nbytes(g, a, gate, scale) + bn_bytes(g_bn) + bn_bytes(a_bn)
-                + (nbytes(g_aux, *sums) if training else 0), nbytes(part))
     if splits > 1:
         sum_rows(part, (grad_weight,), acc_type(g.dtype))
 
@@ -520,13 +578,14 @@ def _gemm_forward(a: Tensor, weight: Tensor, need_stats: bool, **prologue
         _gemm(a, weight.contiguous(), False, out, pr.channels_last, **prologue)
         return (out, *_empty_stats(a))
     acc = accumulate_dtype(a.dtype)
-    part = torch.empty((pr.n, 2 * cout), dtype=acc, device=a.device)
+    hw = pr.h * pr.w
+    block_p, _, _, chunks, chunk_p = gemm_geometry(a.shape[1], cout, hw, pr.n)
+    part = torch.empty((pr.n * chunks, 2 * cout), dtype=acc, device=a.device)
     _gemm(a, weight.contiguous(), False, out, pr.channels_last, epilogue=STATS, part=part,
           **prologue)
     mean = torch.empty(cout, dtype=acc, device=a.device)
     var = torch.empty(cout, dtype=acc, device=a.device)
-    hw = pr.h * pr.w
-    finalize_stats(part, mean, var, hw, 1, hw, acc_type(a.dtype))
+    finalize_stats(part, mean, var, hw, chunks, chunk_p, acc_type(a.dtype))
     return out, mean, var
 
 
@@ -556,12 +615,18 @@ def mbconv_squeeze_forward(d: Tensor, bn2: NormArgs, activation: str) -> Tensor:
     d = pr.layout(d)
     pooled = torch.empty((pr.n, pr.c), dtype=pr.acc_dtype, device=d.device)
     ptrs, eps, flags = bn_args(bn2, d)
-    block_p, block_c = squeeze_tile(pr.c, pr.h * pr.w, pr.channels_last)
-    squeeze_kernel[(triton.cdiv(pr.c, block_c), pr.n)](
-        d, pooled, *ptrs, pr.c, pr.h * pr.w, eps, ACT=kernel_kind(activation),
-        CHANNELS_LAST=pr.channels_last, ACC=pr.acc, BLOCK_P=block_p, BLOCK_C=block_c,
-        **COMPILE_OPTIONS, **flags)
-    note_launch("squeeze_kernel", "triton", nbytes(d) + bn_bytes(bn2), nbytes(pooled))
+    hw = pr.h * pr.w
+    block_p, block_c = squeeze_tile(pr.c, hw, pr.channels_last)
+    channel_blocks = triton.cdiv(pr.c, block_c)
+    chunks, chunk_p = _chunk_positions(hw, block_p, channel_blocks * pr.n)
+    shares = pooled if chunks == 1 else torch.empty((chunks, pr.n * pr.c), dtype=pr.acc_dtype,
+                                                    device=d.device)
+    launch(squeeze_kernel, (channel_blocks, chunks, pr.n), nbytes(d) + bn_bytes(bn2),
+           nbytes(shares), d, shares, *ptrs, pr.c, hw, chunk_p, eps,
+           ACT=kernel_kind(activation), CHANNELS_LAST=pr.channels_last, ACC=pr.acc,
+           BLOCK_P=block_p, BLOCK_C=block_c, **COMPILE_OPTIONS, **flags)
+    if chunks > 1:
+        sum_rows(shares, (pooled,), pr.acc)
     return pooled
 
 
@@ -572,10 +637,16 @@ def squeeze_tile(channels: int, positions: int, channels_last: bool) -> Tuple[in
     return max(16, TILE_ELEMENTS // block_c), block_c
 
 
-def excite_blocks(channels: int, hidden: int) -> Tuple[int, int]:
-    """(BLOCK_S, BLOCK_C): all S hidden units at once, [S, C] tiles of <= 4096 elements."""
+def excite_blocks(channels: int, hidden: int, images: Optional[int] = None) -> Tuple[int, int]:
+    """(BLOCK_S, BLOCK_C): all S hidden units at once, [S, C] tiles of <= 4096 elements; for
+    the (image, channel block) grids of ``images`` images, narrower channel blocks (down to
+    16) while the grid falls short of MIN_PROGRAMS."""
     block_s = triton.next_power_of_2(hidden)
-    return block_s, _pow2_clamp(channels, 16, max(16, 4096 // block_s))
+    block_c = _pow2_clamp(channels, 16, max(16, 4096 // block_s))
+    while (images is not None and block_c > 16
+           and images * triton.cdiv(channels, block_c) < MIN_PROGRAMS):
+        block_c //= 2
+    return block_s, block_c
 
 
 def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
@@ -584,15 +655,15 @@ def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
     """K4; contract of ``fused_mbconv.reference.mbconv_excite_forward``."""
     n, c = pooled.shape
     s = fc1_weight.shape[0]
-    block_s, block_c = excite_blocks(c, s)
+    block_s, block_c = excite_blocks(c, s, n)
     out = torch.empty((n, c), dtype=pooled.dtype, device=pooled.device)
     weights = [t.contiguous() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
-    excite_kernel[(n,)](pooled.contiguous(), *weights, out, c, s,
-                        SE_ACT=kernel_kind(se_activation, "se_activation"),
-                        GATE_ACT=kernel_kind(gate, "gate"),
-                        ACC=acc_type(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
-                        **COMPILE_OPTIONS)
-    note_launch("excite_kernel", "triton", nbytes(pooled, *weights), nbytes(out))
+    launch(excite_kernel, (n, triton.cdiv(c, block_c)), nbytes(pooled, *weights),
+           nbytes(out),
+           pooled.contiguous(), *weights, out, c, s,
+           SE_ACT=kernel_kind(se_activation, "se_activation"),
+           GATE_ACT=kernel_kind(gate, "gate"), ACC=acc_type(pooled.dtype), BLOCK_S=block_s,
+           BLOCK_C=block_c, **COMPILE_OPTIONS)
     return out
 
 
@@ -614,14 +685,13 @@ def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tenso
     out = pr.empty_out(q)
     ptrs, eps, flags = bn_args(bn3, q)
     sample_scale = _vector(sample_scale)
-    output_kernel[pr.grid](
+    launch(
+        output_kernel, pr.grid, nbytes(q, residual, sample_scale) + bn_bytes(bn3), nbytes(out),
         q, residual if residual is not None else q, out,
         sample_scale if sample_scale is not None else q, *ptrs, pr.c, pr.h, pr.w, eps,
         SCALE=sample_scale is not None, RESIDUAL=residual is not None,
         CHANNELS_LAST=pr.channels_last, ACC=pr.acc, BLOCK_P=pr.block_p, BLOCK_C=pr.block_c,
         **COMPILE_OPTIONS, **flags)
-    note_launch("output_kernel", "triton", nbytes(q, residual, sample_scale) + bn_bytes(bn3),
-                nbytes(out))
     return out
 
 
@@ -673,28 +743,29 @@ def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor
     n, c = pooled.shape
     s = fc1_weight.shape[0]
     acc, dev = pooled.dtype, pooled.device
-    block_s, block_c = excite_blocks(c, s)
+    block_s, block_c = excite_blocks(c, s, n)
     weights = [t.contiguous() for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)]
     grad_gate, pooled = grad_gate.contiguous(), pooled.contiguous()
     grad_pooled = torch.empty((n, c), dtype=acc, device=dev)
     gz1, h = (torch.empty((n, s), dtype=acc, device=dev) for _ in range(2))
     gz2 = torch.empty((n, c), dtype=acc, device=dev)
-    flags = dict(ACC=acc_type(pooled.dtype), BLOCK_S=block_s, BLOCK_C=block_c,
-                 **COMPILE_OPTIONS)
-    excite_bwd_sample_kernel[(n,)](
+    flags = dict(ACC=acc_type(pooled.dtype), BLOCK_S=block_s, **COMPILE_OPTIONS)
+    launch(
+        excite_bwd_sample_kernel, (n, triton.cdiv(c, block_c)),
+        nbytes(grad_gate, pooled, *weights), nbytes(grad_pooled, gz1, gz2, h),
         grad_gate, pooled, *weights, grad_pooled, gz1, gz2, h, c, s,
         SE_ACT=kernel_kind(se_activation, "se_activation"), GATE_ACT=kernel_kind(gate, "gate"),
-        **flags)
-    note_launch("excite_bwd_sample_kernel", "triton", nbytes(grad_gate, pooled, *weights),
-                nbytes(grad_pooled, gz1, gz2, h))
+        BLOCK_C=block_c, **flags)
     gw1 = torch.empty((s, c), dtype=acc, device=dev)
     gb1 = torch.empty(s, dtype=acc, device=dev)
     gw2 = torch.empty((c, s), dtype=acc, device=dev)
     gb2 = torch.empty(c, dtype=acc, device=dev)
-    excite_bwd_weight_kernel[(triton.cdiv(c, block_c),)](
-        pooled, gz1, gz2, h, gw1, gb1, gw2, gb2, n, c, s, **flags)
-    note_launch("excite_bwd_weight_kernel", "triton", nbytes(pooled, gz1, gz2, h),
-                nbytes(gw1, gb1, gw2, gb2))
+    # Channel blocks only, each summing every image: splitting the images would write more
+    # partial-gradient bytes than the kernel reads.
+    block_c = excite_blocks(c, s)[1]
+    launch(excite_bwd_weight_kernel, (triton.cdiv(c, block_c),), nbytes(pooled, gz1, gz2, h),
+           nbytes(gw1, gb1, gw2, gb2), pooled, gz1, gz2, h, gw1, gb1, gw2, gb2, n, c, s,
+           BLOCK_C=block_c, **flags)
     return grad_pooled, gw1, gb1, gw2, gb2
 
 

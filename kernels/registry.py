@@ -12,6 +12,8 @@ from typing import Tuple
 import torch
 import triton.language as tl
 
+from fused_mbconv.accounting import GEOMETRY_BATCHES
+
 from . import common, dwconv_bn_silu as dw, mbconv as mb
 
 # (channels, kernel size, stride) of every depthwise conv in EfficientNet-B0.
@@ -23,6 +25,9 @@ B0_BLOCKS = ((32, 16, 3, 1, 1), (16, 24, 3, 2, 6), (24, 24, 3, 1, 6), (24, 40, 5
              (40, 40, 5, 1, 6), (40, 80, 3, 2, 6), (80, 80, 3, 1, 6), (80, 112, 5, 1, 6),
              (112, 112, 5, 1, 6), (112, 192, 5, 2, 6), (192, 192, 5, 1, 6),
              (192, 320, 3, 1, 6))
+# Side of each B0_BLOCKS entry's input map at 224²: the GEMM's tiles shrink on small maps at
+# small batches (mbconv.gemm_geometry), so the report compiles those at the geometry batches.
+B0_INPUT_SIDES = (112, 112, 56, 56, 28, 28, 14, 14, 14, 14, 7, 7)
 BLOCK_ACTIVATION, SE_GATE = "silu", "sigmoid"  # EfficientNet's
 TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Pointer arguments in the activation dtype (the others are fp32 statistics and partials).
@@ -64,9 +69,10 @@ class Registry:
                  dict(ACC=tl.float32, BLOCK_T=common.BLOCK_T, BLOCK_C=block_c))
 
     def add_sum_rows(self, act: str, label: str, activation_ptrs) -> None:
-        self.add(common.sum_rows_kernel, act, label,
-                 dict(ACC=tl.float32, BLOCK_T=common.BLOCK_T, BLOCK_M=128),
-                 activation_ptrs=activation_ptrs)
+        for block_m in common.SUM_BLOCK_M:  # sum_rows_block_m narrows them for short grids
+            self.add(common.sum_rows_kernel, act, f"{label} {block_m}",
+                     dict(ACC=tl.float32, BLOCK_T=common.BLOCK_T, BLOCK_M=block_m),
+                     activation_ptrs=activation_ptrs)
 
     def list(self):
         return list(self.specs.values())
@@ -120,9 +126,9 @@ def _tile_of(channels: int, channels_last: bool) -> Tuple[int, int]:
     return common.tile_sizes(channels, _BIG, channels_last)
 
 
-def _add_block(reg: Registry, act: str, channels_last: bool, cin: int, cout: int, k: int,
-               stride: int, expand: int) -> None:
-    """The kernels of one block, K1..K6 and B6..B1."""
+def _add_block(reg: Registry, act: str, channels_last: bool, side: int, cin: int, cout: int,
+               k: int, stride: int, expand: int) -> None:
+    """The kernels of one block, K1..K6 and B6..B1, of an input map side x side."""
     fmt = "nhwc" if channels_last else "nchw"
     hidden = cin * expand
     squeeze = max(1, int(cin * 0.25))
@@ -130,15 +136,18 @@ def _add_block(reg: Registry, act: str, channels_last: bool, cin: int, cout: int
     where = f"{cin}->{hidden}->{cout} k{k} s{stride} {act} {fmt}"
     layout = dict(CHANNELS_LAST=channels_last, ACC=tl.float32)
 
-    def gemm(label, kc, nc, **flags):
-        bp, bk, bn = mb.gemm_blocks(kc, nc, _BIG)
-        base = dict(A_KIND=mb.RAW, ACT=BLOCK_ACTIVATION, GATE=False, SCALE=False,
-                    TRAINING=False, A_HAS_GAMMA=False, A_HAS_BETA=False, EPILOGUE=mb.PLAIN,
-                    E_HAS_GAMMA=False, E_HAS_BETA=False, UPCAST=False, BLOCK_P=bp, BLOCK_K=bk,
-                    BLOCK_N=bn, **layout)
-        base.update(flags)
-        reg.add(mb.pointwise_conv_kernel, act, f"{label} {where}", base,
-                options=mb.gemm_options(base["EPILOGUE"]), activation_ptrs=_BLOCK_ACT_PTRS)
+    def gemm(label, kc, nc, positions, **flags):
+        tiles = {mb.gemm_blocks(kc, nc, _BIG)}
+        tiles.update(mb.gemm_geometry(kc, nc, positions, batch)[:3]
+                     for batch in GEOMETRY_BATCHES)
+        for bp, bk, bn in sorted(tiles, reverse=True):
+            base = dict(A_KIND=mb.RAW, ACT=BLOCK_ACTIVATION, GATE=False, SCALE=False,
+                        TRAINING=False, A_HAS_GAMMA=False, A_HAS_BETA=False,
+                        EPILOGUE=mb.PLAIN, E_HAS_GAMMA=False, E_HAS_BETA=False, UPCAST=False,
+                        BLOCK_P=bp, BLOCK_K=bk, BLOCK_N=bn, **layout)
+            base.update(flags)
+            reg.add(mb.pointwise_conv_kernel, act, f"{label} {where} {bp}x{bn}", base,
+                    options=mb.gemm_options(base["EPILOGUE"]), activation_ptrs=_BLOCK_ACT_PTRS)
 
     def wgrad(label, gc, ac, **flags):
         bp, bm, bn = mb.wgrad_blocks(gc, ac, _BIG)
@@ -150,15 +159,17 @@ def _add_block(reg: Registry, act: str, channels_last: bool, cin: int, cout: int
                 options=mb.CAPPED_OPTIONS, activation_ptrs=_BLOCK_ACT_PTRS)
 
     bn_in = dict(A_HAS_GAMMA=True, A_HAS_BETA=True)
+    inputs, outputs = side * side, (side // stride) ** 2
     if expand != 1:
-        gemm("K1 train", cin, hidden, EPILOGUE=mb.STATS)
-        gemm("K1 eval", cin, hidden)
-        gemm("B1 dgrad", hidden, cin, A_KIND=mb.BN_BWD, TRAINING=True, A_HAS_GAMMA=True,
-             EPILOGUE=mb.RESIDUAL if residual else mb.PLAIN)
+        gemm("K1 train", cin, hidden, inputs, EPILOGUE=mb.STATS)
+        gemm("K1 eval", cin, hidden, inputs)
+        gemm("B1 dgrad", hidden, cin, inputs, A_KIND=mb.BN_BWD, TRAINING=True,
+             A_HAS_GAMMA=True, EPILOGUE=mb.RESIDUAL if residual else mb.PLAIN)
         wgrad("B1 wgrad", hidden, cin)
-    gemm("K5 train", hidden, cout, A_KIND=mb.ACT_BN, GATE=True, EPILOGUE=mb.STATS, **bn_in)
-    gemm("K5 eval/recompute", hidden, cout, A_KIND=mb.ACT_BN, GATE=True, **bn_in)
-    gemm("B5 dgrad", cout, hidden, A_KIND=mb.BN_BWD, SCALE=residual, TRAINING=True,
+    gemm("K5 train", hidden, cout, outputs, A_KIND=mb.ACT_BN, GATE=True, EPILOGUE=mb.STATS,
+         **bn_in)
+    gemm("K5 eval/recompute", hidden, cout, outputs, A_KIND=mb.ACT_BN, GATE=True, **bn_in)
+    gemm("B5 dgrad", cout, hidden, outputs, A_KIND=mb.BN_BWD, SCALE=residual, TRAINING=True,
          A_HAS_GAMMA=True, EPILOGUE=mb.GATE_GRAD, E_HAS_GAMMA=True, E_HAS_BETA=True)
     wgrad("B5 wgrad", cout, hidden, A_KIND=mb.ACT_BN, GATE=True, SCALE=residual, **bn_in)
     sq_p, sq_c = mb.squeeze_tile(hidden, _BIG, channels_last)
@@ -167,20 +178,27 @@ def _add_block(reg: Registry, act: str, channels_last: bool, cin: int, cout: int
                  BLOCK_C=sq_c, **layout), activation_ptrs=_BLOCK_ACT_PTRS)
     bs, bc = mb.excite_blocks(hidden, squeeze)
     ex = dict(ACC=tl.float32, BLOCK_S=bs, BLOCK_C=bc)
-    reg.add(mb.excite_kernel, "fp32", f"K4 {hidden}/{squeeze}",
-            dict(SE_ACT=BLOCK_ACTIVATION, GATE_ACT=SE_GATE, **ex))
-    reg.add(mb.excite_bwd_sample_kernel, "fp32", f"B4 {hidden}/{squeeze}",
-            dict(SE_ACT=BLOCK_ACTIVATION, GATE_ACT=SE_GATE, **ex))
     reg.add(mb.excite_bwd_weight_kernel, "fp32", f"B4 {hidden}/{squeeze}", ex)
-    op, oc = _tile_of(cout, channels_last)
-    for training in (True, False):
-        reg.add(mb.output_kernel, act, f"K6 {where} {'train' if training else 'eval'}",
-                dict(HAS_GAMMA=True, HAS_BETA=True, SCALE=residual and training,
-                     RESIDUAL=residual, BLOCK_P=op, BLOCK_C=oc, **layout),
-                activation_ptrs=_BLOCK_ACT_PTRS)
-    reg.add(dw.bn_silu_bwd_reduce_kernel, act, f"B6 {act} {fmt} {op}x{oc}",
-            dict(HAS_GAMMA=True, HAS_BETA=True, ACT="identity", POOLED=False, SCALE=residual,
-                 CHANNELS_LAST=channels_last, BLOCK_P=op, BLOCK_C=oc, ACC=tl.float32))
+    for batch in GEOMETRY_BATCHES:  # the per-image kernels narrow BLOCK_C for small batches
+        bs, bc = mb.excite_blocks(hidden, squeeze, batch)
+        ex = dict(ACC=tl.float32, BLOCK_S=bs, BLOCK_C=bc)
+        reg.add(mb.excite_kernel, "fp32", f"K4 {hidden}/{squeeze} {bc}",
+                dict(SE_ACT=BLOCK_ACTIVATION, GATE_ACT=SE_GATE, **ex))
+        reg.add(mb.excite_bwd_sample_kernel, "fp32", f"B4 {hidden}/{squeeze} {bc}",
+                dict(SE_ACT=BLOCK_ACTIVATION, GATE_ACT=SE_GATE, **ex))
+    output_tiles = {_tile_of(cout, channels_last)}
+    output_tiles.update(common.problem_tile(cout, outputs, channels_last, batch)
+                        for batch in GEOMETRY_BATCHES)
+    for op, oc in sorted(output_tiles, reverse=True):
+        for training in (True, False):
+            reg.add(mb.output_kernel, act, f"K6 {where} {'train' if training else 'eval'}",
+                    dict(HAS_GAMMA=True, HAS_BETA=True, SCALE=residual and training,
+                         RESIDUAL=residual, BLOCK_P=op, BLOCK_C=oc, **layout),
+                    activation_ptrs=_BLOCK_ACT_PTRS)
+        reg.add(dw.bn_silu_bwd_reduce_kernel, act, f"B6 {act} {fmt} {op}x{oc}",
+                dict(HAS_GAMMA=True, HAS_BETA=True, ACT="identity", POOLED=False,
+                     SCALE=residual, CHANNELS_LAST=channels_last, BLOCK_P=op, BLOCK_C=oc,
+                     ACC=tl.float32))
     add_depthwise_specializations(reg, act, channels_last, hidden, k, stride, block=True,
                                   in_bn=expand != 1)
     for c in (hidden, cout):
@@ -193,8 +211,8 @@ def add_mbconv_block(reg: Registry, blocks=B0_BLOCKS, dtypes=tuple(TL_NAMES)) ->
     for dtype in dtypes:
         act = TL_NAMES[dtype]
         for channels_last in (False, True):
-            for block in blocks:
-                _add_block(reg, act, channels_last, *block)
+            for side, block in zip(B0_INPUT_SIDES, blocks):
+                _add_block(reg, act, channels_last, side, *block)
         reg.add_sum_rows(act, f"{act} grad weight", _SUM_ACT_PTRS)
 
 

@@ -40,7 +40,8 @@ KERNEL_TESTS = ["tests/test_kernel_interface.py"] + [
 # training step and torch.compile: minutes emulated, and no kernel or variant that the block
 # cases leave out.
 OP_TESTS = ["tests/test_fused_mbconv.py", "tests/test_dwconv_bn_silu.py",
-            "tests/test_stem_head.py", "-k", "cpu and not efficientnet_b0 and not compile"]
+            "tests/test_stem_head.py", "tests/test_launch_geometry.py",
+            "-k", "cpu and not efficientnet_b0 and not compile"]
 
 # The CUDA kernels, not the C++ CPU ones, are what the "cpu" backend runs.
 CHECK_LOADED = """

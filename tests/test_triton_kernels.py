@@ -80,9 +80,10 @@ def test_block_launches_are_accounted():
     # K2 reads e and writes d (same size at stride 1)
     k2 = next(launch for launch in log if launch.kernel == "dwconv_bn_silu_fwd_kernel")
     assert k2.bytes_read >= e_bytes and k2.bytes_written >= e_bytes
-    # the squeeze reads d and writes only (N, C) values
+    # the squeeze reads d and writes only (N, C) values, one row of them per positions chunk
     sq = next(launch for launch in log if launch.kernel == "squeeze_kernel")
-    assert sq.bytes_read >= e_bytes and sq.bytes_written == n * hidden * 4
+    assert sq.bytes_read >= e_bytes and sq.bytes_written % (n * hidden * 4) == 0
+    assert sq.bytes_written < e_bytes
     assert all(launch.bytes_read > 0 and launch.bytes_written > 0 for launch in log)
 
 

@@ -387,3 +387,11 @@ TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
   m.impl("dwconv_bn_silu_forward", &fused_mbconv::cuda::forward_cuda);
   m.impl("dwconv_bn_silu_backward", &fused_mbconv::cuda::backward_cuda);
 }
+
+// The launch record of runtime.cuh, for every kernel of this library (the CUDA kernels, or
+// their CPU emulation; the C++ CPU kernels have no grids and no such ops).
+TORCH_LIBRARY(fused_mbconv_cuda_launches, m) {
+  m.def("start(bool dry_run, int multiprocessors) -> ()",
+        &fused_mbconv::cuda::start_launch_record);
+  m.def("stop() -> str", &fused_mbconv::cuda::stop_launch_record);
+}

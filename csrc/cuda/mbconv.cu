@@ -391,16 +391,19 @@ __global__ void excite_forward_kernel(const T* __restrict__ pooled, const T* __r
     if (lane == 0) hidden[j] = activate<kSe>(acc + b1[j]);
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  const int c = blockIdx.y * kThreads + threadIdx.x;  // this block's channel slice
+  if (c < C) {
     T acc = b2[c];
     for (int j = 0; j < S; ++j) acc += w2[int64_t(c) * S + j] * hidden[j];
     gate[n * C + c] = activate<kGate>(acc);
   }
 }
 
-// Per sample: the hidden values, the gradients of both FC outputs and of pooled. gz2 goes
-// through global memory (C values), read back by the same block after a barrier. Dynamic
-// shared memory: z1, hidden, gz1 (3 S values).
+// Per sample n = blockIdx.x: the hidden values, the gradients of both FC outputs and of
+// pooled, for the channel slice blockIdx.y (kThreads channels). gz1 needs every channel's
+// gz2: each block computes all of it into shared memory and stores its slice; the first
+// slice's block stores the per-sample vectors. Dynamic shared memory: z1, hidden, gz1 (3 S
+// values) and gz2 (C values).
 template <Act kSe, Act kGate, typename T>
 __global__ void excite_backward_kernel(const T* __restrict__ grad_gate,
                                        const T* __restrict__ pooled, const T* __restrict__ w1,
@@ -411,7 +414,10 @@ __global__ void excite_backward_kernel(const T* __restrict__ grad_gate,
   T* z1 = dynamic_shared<T>();
   T* hidden = z1 + S;
   T* gz1 = z1 + 2 * S;
+  T* gz2_all = z1 + 3 * S;
   const int64_t n = blockIdx.x;
+  const bool first = blockIdx.y == 0;
+  const int c0 = blockIdx.y * kThreads;
   const T* p = pooled + n * C;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   constexpr int kWarps = kThreads / kWarpSize;
@@ -422,39 +428,48 @@ __global__ void excite_backward_kernel(const T* __restrict__ grad_gate,
     if (lane == 0) {
       z1[j] = acc + b1[j];
       hidden[j] = activate<kSe>(z1[j]);
-      hidden_out[n * S + j] = hidden[j];
+      if (first) hidden_out[n * S + j] = hidden[j];
     }
   }
   __syncthreads();
   for (int c = threadIdx.x; c < C; c += kThreads) {
     T z2 = b2[c];
     for (int j = 0; j < S; ++j) z2 += w2[int64_t(c) * S + j] * hidden[j];
-    gz2[n * C + c] = grad_gate[n * C + c] * activate_grad<kGate>(z2);
+    gz2_all[c] = grad_gate[n * C + c] * activate_grad<kGate>(z2);
+    if (c >= c0 && c < c0 + kThreads) gz2[n * C + c] = gz2_all[c];
   }
   __syncthreads();
   for (int j = warp; j < S; j += kWarps) {
     T acc = 0;
-    for (int c = lane; c < C; c += kWarpSize) acc += gz2[n * C + c] * w2[int64_t(c) * S + j];
+    for (int c = lane; c < C; c += kWarpSize) acc += gz2_all[c] * w2[int64_t(c) * S + j];
     acc = warp_sum(acc);
     if (lane == 0) {
       gz1[j] = acc * activate_grad<kSe>(z1[j]);
-      gz1_out[n * S + j] = gz1[j];
+      if (first) gz1_out[n * S + j] = gz1[j];
     }
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < C; c += kThreads) {
+  const int c = c0 + threadIdx.x;
+  if (c < C) {
     T acc = 0;
     for (int j = 0; j < S; ++j) acc += gz1[j] * w1[int64_t(j) * C + c];
     grad_pooled[n * C + c] = acc;
   }
 }
 
-// The excite kernels' dynamic shared memory, checked against the 48 KiB every GPU allows.
-size_t excite_shared_bytes(int64_t S, const Tensor& pooled, int vectors) {
-  const size_t bytes = size_t(vectors) * size_t(S) * pooled.element_size();
-  TORCH_CHECK_VALUE(bytes <= 48 * 1024, "fused_mbconv: squeeze-excite width ", S,
-                    " is too large for the CUDA excite kernel");
+// The excite kernels' dynamic shared memory (`values` elements), checked against the 48 KiB
+// every GPU allows.
+size_t excite_shared_bytes(int64_t values, int64_t S, int64_t C, const Tensor& pooled) {
+  const size_t bytes = size_t(values) * pooled.element_size();
+  TORCH_CHECK_VALUE(bytes <= 48 * 1024, "fused_mbconv: squeeze-excite of ", C, " channels and "
+                    "width ", S, " is too large for the CUDA excite kernel");
   return bytes;
+}
+
+// The excite kernels' grid: (sample, slice of kThreads channels), so that a small batch of
+// wide SE layers still fills the GPU.
+dim3 excite_grid(int64_t N, int64_t C) {
+  return dim3(static_cast<unsigned>(N), static_cast<unsigned>((C + kThreads - 1) / kThreads));
 }
 
 Tensor excite_forward(const Tensor& pooled_in, const Tensor& w1, const Tensor& b1,
@@ -470,13 +485,13 @@ Tensor excite_forward(const Tensor& pooled_in, const Tensor& w1, const Tensor& b
   const int64_t N = p.size(0);
   const int C = static_cast<int>(p.size(1)), S = static_cast<int>(w1.size(0));
   Tensor out = at::empty_like(p);
-  const size_t shared = excite_shared_bytes(S, p, 1);
+  const size_t shared = excite_shared_bytes(S, S, C, p);
   AT_DISPATCH_FLOATING_TYPES(acc, "mbconv_excite", [&] {
     dispatch_activation(se, [&](auto SE) {
       dispatch_gate(gt, [&](auto G) {
         launch("mbconv_excite", &excite_forward_kernel<decltype(SE)::value, decltype(G)::value,
                                                        scalar_t>,
-               dim3(static_cast<unsigned>(N)), dim3(kThreads), shared,
+               excite_grid(N, C), dim3(kThreads), shared,
                p.const_data_ptr<scalar_t>(), w1a.const_data_ptr<scalar_t>(),
                b1a.const_data_ptr<scalar_t>(), w2a.const_data_ptr<scalar_t>(),
                b2a.const_data_ptr<scalar_t>(), C, S, out.mutable_data_ptr<scalar_t>());
@@ -500,13 +515,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> excite_backward(
   const int C = static_cast<int>(p.size(1)), S = static_cast<int>(w1.size(0));
   Tensor grad_pooled = at::empty_like(p), hidden = at::empty({N, S}, p.options()),
          gz2 = at::empty_like(p), gz1 = at::empty({N, S}, p.options());
-  const size_t shared = excite_shared_bytes(S, p, 3);
+  const size_t shared = excite_shared_bytes(3 * S + C, S, C, p);
   AT_DISPATCH_FLOATING_TYPES(acc, "mbconv_excite_backward", [&] {
     dispatch_activation(se, [&](auto SE) {
       dispatch_gate(gt, [&](auto G) {
         launch("mbconv_excite_backward",
                &excite_backward_kernel<decltype(SE)::value, decltype(G)::value, scalar_t>,
-               dim3(static_cast<unsigned>(N)), dim3(kThreads), shared,
+               excite_grid(N, C), dim3(kThreads), shared,
                gg.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
                w1a.const_data_ptr<scalar_t>(), b1a.const_data_ptr<scalar_t>(),
                w2a.const_data_ptr<scalar_t>(), b2a.const_data_ptr<scalar_t>(), C, S,

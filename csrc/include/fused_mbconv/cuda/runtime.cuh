@@ -9,6 +9,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
 
 #if defined(FM_CUDA_EMULATION)
 #include "fused_mbconv/cuda/emulation.h"
@@ -25,6 +29,51 @@ namespace cuda {
 constexpr int kThreads = 256;  // threads per block of every kernel
 constexpr int kWarpSize = 32;
 
+// The grids of this thread's launches, while fused_mbconv.accounting listens (the ops
+// fused_mbconv_cuda_launches::start / stop, registered in dwconv_bn_silu.cu, the library's
+// first source; fused_mbconv.extension calls them around each kernel-interface call): every
+// launch() below appends
+// its kernel name and programs (grid.x * grid.y * grid.z), so the accounting reports the grid
+// the launcher used. `dry`: record without running the kernel. `multiprocessors` > 0: size
+// grids for that many SMs instead of this device's (to record another GPU's geometry).
+struct LaunchRecord {
+  bool recording = false, dry = false;
+  int multiprocessors = 0;
+  std::vector<std::pair<std::string, int64_t>> launches;
+};
+
+inline LaunchRecord& launch_record() {
+  static thread_local LaunchRecord record;
+  return record;
+}
+
+// Records the launch when asked; false when it must not run (a dry run).
+inline bool note_grid(const char* name, dim3 grid) {
+  LaunchRecord& r = launch_record();
+  if (r.recording) r.launches.emplace_back(name, int64_t(grid.x) * grid.y * grid.z);
+  return !r.dry;
+}
+
+// start(): record from now on (multiprocessors 0: the device's own SM count).
+inline void start_launch_record(bool dry_run, int64_t multiprocessors) {
+  TORCH_CHECK_VALUE(multiprocessors >= 0, "fused_mbconv launch record: multiprocessors must be "
+                    ">= 0 (0: the device's own), got ", multiprocessors);
+  LaunchRecord& r = launch_record();
+  r.launches.clear();
+  r.recording = true;
+  r.dry = dry_run;
+  r.multiprocessors = static_cast<int>(multiprocessors);
+}
+
+// stop(): the launches since start(), one "name programs" line each; recording ends.
+inline std::string stop_launch_record() {
+  LaunchRecord& r = launch_record();
+  std::ostringstream out;
+  for (const auto& [name, programs] : r.launches) out << name << ' ' << programs << '\n';
+  r = LaunchRecord{};
+  return out.str();
+}
+
 #if defined(FM_CUDA_EMULATION)
 
 constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
@@ -35,13 +84,17 @@ struct DeviceGuard {
 
 // A small GPU: test-sized problems then still split into several blocks per channel, so the
 // partial-result merges run.
-inline int multiprocessor_count() { return 4; }
+inline int multiprocessor_count() {
+  const int asked = launch_record().multiprocessors;
+  return asked > 0 ? asked : 4;
+}
 
 // `name` says which kernel failed when one does.
 template <typename... Params, typename... Args>
 void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
             size_t shared_bytes, Args... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  if (!note_grid(name, grid)) return;
   emulation::scheduler().run(name, grid, block, shared_bytes, [&] { kernel(args...); });
 }
 
@@ -63,13 +116,15 @@ constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
 using DeviceGuard = c10::cuda::CUDAGuard;
 
 inline int multiprocessor_count() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int asked = launch_record().multiprocessors;
+  return asked > 0 ? asked : at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 template <typename... Params, typename... Args>
 void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
             size_t shared_bytes, Args... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  if (!note_grid(name, grid)) return;
   kernel<<<grid, block, shared_bytes, at::cuda::getCurrentCUDAStream()>>>(args...);
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "fused_mbconv: launching CUDA kernel ", name, " failed: ",
