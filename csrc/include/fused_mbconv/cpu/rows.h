@@ -1,33 +1,18 @@
-// What the CPU MBConv kernels (csrc/cpu/mbconv*.cpp) share: activations as NHWC rows, the
-// per-channel BN constants, work chunks and their deterministic merges, vectors, and the 1x1
-// convolutions' GEMMs on chunks of rows. csrc/cpu/mbconv.cpp describes the design.
+// What the CPU MBConv kernels (csrc/cpu/kernels/mbconv*.cpp) share: activations as NHWC rows,
+// the per-channel BN constants, work chunks and their deterministic merges, vectors, and the 1x1
+// convolutions' GEMMs on chunks of rows. csrc/cpu/kernels/mbconv.cpp describes the design.
 //
-// 512-bit vectors where the target has them. GCC's tuning for AVX-512 CPUs prefers 256-bit ones;
-// the activation passes, bound by exp's polynomial, run ~1.4x faster at 512 on a Sapphire Rapids
-// core (a 3.6M-value SiLU reduction: 2.35 -> 1.65 ms). Set before the includes: the loop bodies
-// are inlined into ATen's parallel_for, whose OpenMP outlined functions the headers define.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC target("prefer-vector-width=512")
+// Compiled once per CPU capability, inside its namespace and target pragma
+// (csrc/cpu/capability/*.cpp): the vector width below is the capability's.
+#pragma once
+
+#include "fused_mbconv/cpu/capability.h"
+
+#ifndef CPU_CAPABILITY
+#error "fused_mbconv/cpu/rows.h is compiled per CPU capability: include it from csrc/cpu/kernels/"
 #endif
-// Include this header first: the pragma must precede ATen's headers.
 
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cstring>
-#include <memory>
-#include <type_traits>
-#include <vector>
-
-#include "fused_mbconv/block_checks.h"
-#include "fused_mbconv/bn.h"
-#include "fused_mbconv/host.h"
-#include "fused_mbconv/math.h"
-
-namespace fused_mbconv {
-namespace cpu {
+namespace fused_mbconv::cpu::CPU_CAPABILITY {
 
 using at::MemoryFormat;
 constexpr auto kCPU = c10::DeviceType::CPU;
@@ -437,5 +422,4 @@ std::vector<acc_t> acc_values(const OptTensor& t) {
 }
 
 
-}  // namespace cpu
-}  // namespace fused_mbconv
+}  // namespace fused_mbconv::cpu::CPU_CAPABILITY
