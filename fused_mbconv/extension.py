@@ -13,9 +13,9 @@ Where the compiled code comes from, in order:
    ``$FUSED_MBCONV_BUILD_DIR`` (default ``~/.cache/fused_mbconv/<torch version>``); later
    processes load that library if no setup.py build is present.
 
-Loading happens on the first ``status()`` call (a dlopen, never a compile: a build takes about
-a minute and a half for the CPU kernels, several for CUDA, so it never happens implicitly in
-``import fused_mbconv`` or ``available_backends()``). A missing or broken build makes the
+Loading happens on the first ``status()`` call (a dlopen, never a compile: a build takes
+minutes, the CPU kernels being compiled once per CPU capability, so it never happens implicitly
+in ``import fused_mbconv`` or ``available_backends()``). A missing or broken build makes the
 backend unavailable with the reason, never an import error.
 """
 

@@ -190,3 +190,7 @@ def test_only_capability_namespaces_hold_avx_code():
     # the target pragmas took effect: the AVX2 kernels use 256-bit vectors, AVX-512's 512-bit
     assert len(wide["AVX2", "ymm"]) >= 10 and len(wide["AVX512", "zmm"]) >= 10, \
         {k: len(v) for k, v in wide.items()}
+    # and so did each capability's vector width: the register-blocked GEMM's vector types
+    # (rows.h's Simd) are the capability's widest, not SSE's 16 bytes
+    for capability, register in (("AVX2", "ymm"), ("AVX512", "zmm")):
+        assert any(f"{capability}::gemm_tn" in f for f in wide[capability, register]), capability

@@ -13,5 +13,7 @@ bool cpu_supported() {
 // arch and tuning agree, and the kernels' loops rely on inlining the headers' functions.
 #pragma GCC target("avx2,fma")
 #define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_VECTOR_BYTES 32
+#define CPU_CAPABILITY_VECTOR_REGISTERS 16
 #include "../kernels/capability_kernels.h"
 #endif

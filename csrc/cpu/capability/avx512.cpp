@@ -17,5 +17,7 @@ bool cpu_supported() {
 // run faster at 512.
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
 #define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_VECTOR_BYTES 64
+#define CPU_CAPABILITY_VECTOR_REGISTERS 32
 #include "../kernels/capability_kernels.h"
 #endif

@@ -228,18 +228,12 @@ void merge_moments(const std::vector<acc_t>& partial, const Chunks& ch, int64_t 
 
 // ---- vectors ------------------------------------------------------------------------------
 
-// The target's widest vectors and how many of them it has: the register blocks below (gemm_tn's
+// The capability's widest vectors and how many of them it has, from its translation unit (a
+// target pragma does not define __AVX2__ / __AVX512F__): the register blocks below (gemm_tn's
 // accumulators) are sized to fit, as a block that spills runs several times slower (64-byte
 // vectors on an AVX2 core, split into two registers each: B0's expand backward ran 5x slower).
-#if defined(__AVX512F__)
-constexpr int kVectorBytes = 64, kVectorRegisters = 32;
-#elif defined(__AVX__)
-constexpr int kVectorBytes = 32, kVectorRegisters = 16;
-#elif defined(__aarch64__)
-constexpr int kVectorBytes = 16, kVectorRegisters = 32;
-#else
-constexpr int kVectorBytes = 16, kVectorRegisters = 16;
-#endif
+constexpr int kVectorBytes = CPU_CAPABILITY_VECTOR_BYTES;
+constexpr int kVectorRegisters = CPU_CAPABILITY_VECTOR_REGISTERS;
 
 // Vectors of the accumulate dtype (GCC / Clang vector extensions).
 template <typename T>
