@@ -1,5 +1,6 @@
-"""CPU wall time of the fused block's depthwise kernels alone (csrc/cpu/mbconv.cpp), beside
-aten's depthwise convolution at the same shape as a reference point on a shared machine.
+"""CPU wall time of the fused block's depthwise kernels alone
+(csrc/cpu/kernels/mbconv_depthwise.cpp), beside aten's depthwise convolution at the same shape as
+a reference point on a shared machine.
 
     python benchmarks/mbconv_dwconv_ops_cpu.py [--shape N C H k stride] [--reps 30] [--threads 2]
 

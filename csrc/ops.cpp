@@ -1,6 +1,8 @@
 // The fused_mbconv_ext operator schemas, declared once. Implementations are registered per
-// dispatch key by csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA). These are the kernel
-// interface of fused_mbconv/reference.py, not public ops: fused_mbconv.extension wraps them.
+// dispatch key by csrc/cpu/dispatch.cpp (CPU: csrc/cpu/kernels/ as compiled for one CPU
+// capability) and csrc/cuda/*.cu (CUDA). These are the kernel interface of
+// fused_mbconv/reference.py, not public ops: fused_mbconv.extension wraps them. (The CPU
+// library's capability queries are defined beside their implementation, in dispatch.cpp.)
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_mbconv_ext, m) {

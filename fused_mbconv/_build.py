@@ -7,10 +7,20 @@ Environment switches:
   a CUDA build of torch is missing); unset builds it when both are present.
 - ``FUSED_MBCONV_CUDA_ARCHS``: ``;``-separated compute capabilities (default ``8.0;9.0``); no
   GPU is ever queried.
-- ``FUSED_MBCONV_CPU_ARCH``: ``-march`` of the CPU kernels (default ``native``: a source
-  install runs where it builds; e.g. ``x86-64-v3`` for a build used on other machines; empty
-  for the compiler's default).
 - ``MAX_JOBS``: parallel compile jobs (read by torch's ninja build).
+
+A build runs on every CPU of its architecture: no ``-march``, so everything is compiled for the
+compiler's baseline (x86-64: SSE2) except the CPU kernels, which are compiled once per CPU
+capability (x86-64: default, avx2, avx512; elsewhere default only) into the same library.
+Each csrc/cpu/capability/<name>.cpp includes the kernel sources of csrc/cpu/kernels/ inside its
+own namespace under its ``#pragma GCC target``, after every header (so torch's and the
+standard library's inline functions stay baseline code in every object: see
+csrc/include/fused_mbconv/cpu/capability.h); wrapper files rather than per-file flags, because
+torch's BuildExtension and the JIT build compile every source with the same flags. The library
+registers one copy when it loads (csrc/cpu/dispatch.cpp): the best the CPU runs, or
+``FUSED_MBCONV_CPU_CAPABILITY=default|avx2|avx512`` (read at load, as ATen's
+``ATEN_CPU_CAPABILITY``). The kernel code is compiled three times; torch's headers are parsed
+once per capability, not once per kernel file.
 """
 
 from __future__ import annotations
@@ -26,25 +36,20 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
 
-def cpu_arch_flags() -> List[str]:
-    arch = os.environ.get("FUSED_MBCONV_CPU_ARCH", "native").strip()
-    return [f"-march={arch}"] if arch else []
-
-
 # The CPU kernels' channel loops are `omp simd` loops of math.h functions: -fno-trapping-math
-# lets the compiler if-convert the activations' clamps (a float compare may trap otherwise), and
-# -march sets the vector width. On a 2-core AVX-512 machine, one EfficientNet-B0 block's
-# forward+backward took 185 ms at the default SSE2 with libm's expf, 67 ms with these flags and
-# math.h's vectorizable exp. torch adds -std (C++20).
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + cpu_arch_flags()
+# lets the compiler if-convert the activations' clamps (a float compare may trap otherwise); each
+# capability's target pragma sets the vector width. torch adds -std (C++20).
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
 def cpu_sources() -> List[str]:
-    """ops.cpp (the schemas) and the CPU kernels: one library, fused_mbconv._C."""
-    return [str(CSRC / "ops.cpp")] + sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp"))
+    """ops.cpp (the schemas), the capability dispatch and one file per CPU capability (each
+    includes csrc/cpu/kernels/): one library, fused_mbconv._C."""
+    return ([str(CSRC / "ops.cpp")] + sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp"))
+            + sorted(str(p) for p in (CSRC / "cpu" / "capability").glob("*.cpp")))
 
 
 def cuda_sources() -> List[str]:

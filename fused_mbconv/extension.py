@@ -13,9 +13,9 @@ Where the compiled code comes from, in order:
    ``$FUSED_MBCONV_BUILD_DIR`` (default ``~/.cache/fused_mbconv/<torch version>``); later
    processes load that library if no setup.py build is present.
 
-Loading happens on the first ``status()`` call (a dlopen, never a compile: a build takes about
-a minute and a half for the CPU kernels, several for CUDA, so it never happens implicitly in
-``import fused_mbconv`` or ``available_backends()``). A missing or broken build makes the
+Loading happens on the first ``status()`` call (a dlopen, never a compile: a build takes
+minutes, the CPU kernels being compiled once per CPU capability, so it never happens implicitly
+in ``import fused_mbconv`` or ``available_backends()``). A missing or broken build makes the
 backend unavailable with the reason, never an import error.
 """
 
@@ -93,8 +93,38 @@ def _load_unlocked(kind: str) -> Tuple[bool, str]:
             result = (True, f"compiled extension {path}")
         except Exception as exc:  # a stale build against another torch, missing symbols...
             result = (False, f"{kind} extension {path} failed to load: {exc}")
+        if result[0] and kind == "cpu" and _has_capability_dispatch():
+            try:
+                capability = torch.ops.fused_mbconv_ext.cpu_capability()
+                result = (True, f"{result[1]} (CPU capability {capability})")
+            except RuntimeError as exc:  # FUSED_MBCONV_CPU_CAPABILITY names none it can run
+                result = (False, f"{kind} extension {path}: {exc}")
     _loaded[kind] = result
     return result
+
+
+def _has_capability_dispatch() -> bool:
+    """Whether the loaded library chooses among CPU capabilities (csrc/cpu/dispatch.cpp); the
+    CUDA emulation library (``FUSED_MBCONV_LIBRARY``) has no CPU kernels to choose."""
+    return hasattr(torch.ops.fused_mbconv_ext, "cpu_capability")
+
+
+def cpu_capability() -> Optional[str]:
+    """The CPU capability whose kernels the "cpu" backend runs ("default", "avx2", "avx512"):
+    the best this CPU supports, or ``$FUSED_MBCONV_CPU_CAPABILITY``, read once when the library
+    loads. None when the backend is unusable (``status("cpu")`` says why) or the loaded library
+    has no capability dispatch."""
+    if not status("cpu")[0] or not _has_capability_dispatch():
+        return None
+    return torch.ops.fused_mbconv_ext.cpu_capability()
+
+
+def cpu_capabilities() -> List[str]:
+    """The CPU capabilities built for this architecture that this CPU runs, baseline first (any
+    of them may be chosen with ``$FUSED_MBCONV_CPU_CAPABILITY``); empty when the library is not
+    loaded or has no capability dispatch."""
+    _load("cpu")
+    return list(torch.ops.fused_mbconv_ext.cpu_capabilities()) if _has_capability_dispatch() else []
 
 
 def status(name: str) -> Tuple[bool, str]:

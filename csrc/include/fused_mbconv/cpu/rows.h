@@ -1,33 +1,18 @@
-// What the CPU MBConv kernels (csrc/cpu/mbconv*.cpp) share: activations as NHWC rows, the
-// per-channel BN constants, work chunks and their deterministic merges, vectors, and the 1x1
-// convolutions' GEMMs on chunks of rows. csrc/cpu/mbconv.cpp describes the design.
+// What the CPU MBConv kernels (csrc/cpu/kernels/mbconv*.cpp) share: activations as NHWC rows,
+// the per-channel BN constants, work chunks and their deterministic merges, vectors, and the 1x1
+// convolutions' GEMMs on chunks of rows. csrc/cpu/kernels/mbconv.cpp describes the design.
 //
-// 512-bit vectors where the target has them. GCC's tuning for AVX-512 CPUs prefers 256-bit ones;
-// the activation passes, bound by exp's polynomial, run ~1.4x faster at 512 on a Sapphire Rapids
-// core (a 3.6M-value SiLU reduction: 2.35 -> 1.65 ms). Set before the includes: the loop bodies
-// are inlined into ATen's parallel_for, whose OpenMP outlined functions the headers define.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC target("prefer-vector-width=512")
+// Compiled once per CPU capability, inside its namespace and target pragma
+// (csrc/cpu/capability/*.cpp): the vector width below is the capability's.
+#pragma once
+
+#include "fused_mbconv/cpu/capability.h"
+
+#ifndef CPU_CAPABILITY
+#error "fused_mbconv/cpu/rows.h is compiled per CPU capability: include it from csrc/cpu/kernels/"
 #endif
-// Include this header first: the pragma must precede ATen's headers.
 
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cstring>
-#include <memory>
-#include <type_traits>
-#include <vector>
-
-#include "fused_mbconv/block_checks.h"
-#include "fused_mbconv/bn.h"
-#include "fused_mbconv/host.h"
-#include "fused_mbconv/math.h"
-
-namespace fused_mbconv {
-namespace cpu {
+namespace fused_mbconv::cpu::CPU_CAPABILITY {
 
 using at::MemoryFormat;
 constexpr auto kCPU = c10::DeviceType::CPU;
@@ -243,18 +228,12 @@ void merge_moments(const std::vector<acc_t>& partial, const Chunks& ch, int64_t 
 
 // ---- vectors ------------------------------------------------------------------------------
 
-// The target's widest vectors and how many of them it has: the register blocks below (gemm_tn's
+// The capability's widest vectors and how many of them it has, from its translation unit (a
+// target pragma does not define __AVX2__ / __AVX512F__): the register blocks below (gemm_tn's
 // accumulators) are sized to fit, as a block that spills runs several times slower (64-byte
 // vectors on an AVX2 core, split into two registers each: B0's expand backward ran 5x slower).
-#if defined(__AVX512F__)
-constexpr int kVectorBytes = 64, kVectorRegisters = 32;
-#elif defined(__AVX__)
-constexpr int kVectorBytes = 32, kVectorRegisters = 16;
-#elif defined(__aarch64__)
-constexpr int kVectorBytes = 16, kVectorRegisters = 32;
-#else
-constexpr int kVectorBytes = 16, kVectorRegisters = 16;
-#endif
+constexpr int kVectorBytes = CPU_CAPABILITY_VECTOR_BYTES;
+constexpr int kVectorRegisters = CPU_CAPABILITY_VECTOR_REGISTERS;
 
 // Vectors of the accumulate dtype (GCC / Clang vector extensions).
 template <typename T>
@@ -437,5 +416,4 @@ std::vector<acc_t> acc_values(const OptTensor& t) {
 }
 
 
-}  // namespace cpu
-}  // namespace fused_mbconv
+}  // namespace fused_mbconv::cpu::CPU_CAPABILITY

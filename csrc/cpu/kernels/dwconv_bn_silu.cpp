@@ -5,24 +5,9 @@
 // per plane (two passes over the cache-resident plane) and merged across the batch in a fixed
 // order with Chan's formula, so results do not depend on the thread count.
 // channels_last inputs are computed through an NCHW copy (outputs come back channels_last).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "fused_mbconv/cpu/capability.h"  // the headers, outside the capability's target
 
-#include <algorithm>
-#include <array>
-#include <tuple>
-#include <type_traits>
-#include <vector>
-
-#include "fused_mbconv/bn.h"
-#include "fused_mbconv/checks.h"
-#include "fused_mbconv/host.h"
-#include "fused_mbconv/math.h"
-
-namespace fused_mbconv {
+namespace fused_mbconv::cpu::CPU_CAPABILITY {
 namespace {
 
 struct Geometry {
@@ -388,9 +373,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
 }
 
 }  // namespace
-}  // namespace fused_mbconv
 
-TORCH_LIBRARY_IMPL(fused_mbconv_ext, CPU, m) {
-  m.impl("dwconv_bn_silu_forward", &fused_mbconv::forward_cpu);
-  m.impl("dwconv_bn_silu_backward", &fused_mbconv::backward_cpu);
+void register_dwconv_bn_silu(torch::Library& m) {
+  m.impl("dwconv_bn_silu_forward", &forward_cpu);
+  m.impl("dwconv_bn_silu_backward", &backward_cpu);
 }
+
+}  // namespace fused_mbconv::cpu::CPU_CAPABILITY

@@ -1,16 +1,9 @@
 // CPU depthwise kernels of the MBConv block's kernel interface (K2 forward, B3 / B2 backward);
-// csrc/cpu/mbconv.cpp describes the design, fused_mbconv/cpu/rows.h holds what they share.
+// csrc/cpu/kernels/mbconv.cpp describes the design, fused_mbconv/cpu/rows.h holds what they share.
 
-#include "fused_mbconv/cpu/rows.h"  // first: its pragma precedes ATen's headers
+#include "fused_mbconv/cpu/rows.h"
 
-#include <torch/library.h>
-
-#include <array>
-#include <tuple>
-#include <vector>
-
-namespace fused_mbconv {
-namespace cpu {
+namespace fused_mbconv::cpu::CPU_CAPABILITY {
 namespace {
 
 // ---- depthwise helpers ----------------------------------------------------------------------
@@ -605,11 +598,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
 }
 
 }  // namespace
-}  // namespace cpu
-}  // namespace fused_mbconv
 
-TORCH_LIBRARY_IMPL(fused_mbconv_ext, CPU, m) {
-  m.impl("mbconv_dwconv_forward", &fused_mbconv::cpu::dwconv_forward);
-  m.impl("mbconv_dwconv_backward_stats", &fused_mbconv::cpu::dwconv_backward_stats);
-  m.impl("mbconv_dwconv_backward", &fused_mbconv::cpu::dwconv_backward);
+void register_mbconv_depthwise(torch::Library& m) {
+  m.impl("mbconv_dwconv_forward", &dwconv_forward);
+  m.impl("mbconv_dwconv_backward_stats", &dwconv_backward_stats);
+  m.impl("mbconv_dwconv_backward", &dwconv_backward);
 }
+
+}  // namespace fused_mbconv::cpu::CPU_CAPABILITY

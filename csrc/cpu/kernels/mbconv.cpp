@@ -19,17 +19,9 @@
 // This file: the 1x1 convolutions, squeeze-excite and output kernels; the depthwise ones are in
 // mbconv_depthwise.cpp, what they share in fused_mbconv/cpu/rows.h.
 
-#include "fused_mbconv/cpu/rows.h"  // first: its pragma precedes ATen's headers
+#include "fused_mbconv/cpu/rows.h"
 
-#include <ATen/Dispatch.h>
-#include <torch/library.h>
-
-#include <array>
-#include <tuple>
-#include <vector>
-
-namespace fused_mbconv {
-namespace cpu {
+namespace fused_mbconv::cpu::CPU_CAPABILITY {
 namespace {
 
 // ---- K1 expand ----------------------------------------------------------------------------
@@ -473,17 +465,17 @@ std::tuple<Tensor, Tensor> expand_backward(
 }
 
 }  // namespace
-}  // namespace cpu
-}  // namespace fused_mbconv
 
-TORCH_LIBRARY_IMPL(fused_mbconv_ext, CPU, m) {
-  m.impl("mbconv_expand_forward", &fused_mbconv::cpu::expand_forward);
-  m.impl("mbconv_squeeze_forward", &fused_mbconv::cpu::squeeze_forward);
-  m.impl("mbconv_excite_forward", &fused_mbconv::cpu::excite_forward);
-  m.impl("mbconv_project_forward", &fused_mbconv::cpu::project_forward);
-  m.impl("mbconv_output_forward", &fused_mbconv::cpu::output_forward);
-  m.impl("mbconv_output_backward_stats", &fused_mbconv::cpu::output_backward_stats);
-  m.impl("mbconv_project_backward", &fused_mbconv::cpu::project_backward);
-  m.impl("mbconv_excite_backward", &fused_mbconv::cpu::excite_backward);
-  m.impl("mbconv_expand_backward", &fused_mbconv::cpu::expand_backward);
+void register_mbconv(torch::Library& m) {
+  m.impl("mbconv_expand_forward", &expand_forward);
+  m.impl("mbconv_squeeze_forward", &squeeze_forward);
+  m.impl("mbconv_excite_forward", &excite_forward);
+  m.impl("mbconv_project_forward", &project_forward);
+  m.impl("mbconv_output_forward", &output_forward);
+  m.impl("mbconv_output_backward_stats", &output_backward_stats);
+  m.impl("mbconv_project_backward", &project_backward);
+  m.impl("mbconv_excite_backward", &excite_backward);
+  m.impl("mbconv_expand_backward", &expand_backward);
 }
+
+}  // namespace fused_mbconv::cpu::CPU_CAPABILITY
