@@ -32,11 +32,11 @@ KERNEL_TESTS = [f"tests/test_extension.py::{name}" for name in (
     f"tests/test_extension.py::test_block_functions_match_reference_on_chunked_shapes[{shape}-both]"
     for shape in ("k3-s1-banded-nhwc", "k3-s1-banded-nchw", "k5-s2-banded-nhwc",
                   "k5-s2-banded-nchw")]
-# Through the ops: every block and dwconv_bn_silu case of the "cpu" backend (now the CUDA
-# kernels), but the whole-network training step and torch.compile: minutes emulated, and no
-# kernel or variant that the block cases leave out.
-OP_TESTS = ["tests/test_fused_mbconv.py", "tests/test_dwconv_bn_silu.py",
-            "-k", "cpu and not efficientnet_b0 and not compile"]
+# Through the ops: every block (at every recompute level) and dwconv_bn_silu case of the "cpu"
+# backend (now the CUDA kernels), but the whole-network training step and torch.compile:
+# minutes emulated, and no kernel or variant that the block cases leave out.
+OP_TESTS = ["tests/test_fused_mbconv.py", "tests/test_recompute.py",
+            "tests/test_dwconv_bn_silu.py", "-k", "cpu and not efficientnet_b0 and not compile"]
 
 # The CUDA kernels, not the C++ CPU ones, are what the "cpu" backend runs.
 CHECK_LOADED = """
