@@ -189,7 +189,8 @@ def cmd_bench(args) -> int:
                     for p in providers if p.backend}
     names = [p.name for p in providers]
     what = ("saved activations of one forward and loss (no timing)" if args.saved_only
-            else f"{warmup} warm-up + {steps} timed steps each")
+            else f"{warmup} warm-up + {steps} timed steps each"
+            + (", one step of each provider in turn" if args.interleave else ""))
     print(f"bench {args.model}: training step (forward, loss, backward, SGD) at batch {batch}, "
           f"{resolution}x{resolution}, {device}, {_describe(settings)}; {what}; providers "
           f"{', '.join(names)}")
@@ -197,27 +198,35 @@ def cmd_bench(args) -> int:
                 steps=steps, warmup=warmup, dtype=settings["dtype"],
                 amp=DTYPE_NAMES[settings["amp"]] if settings["amp"] else None,
                 channels_last=settings["channels_last"], providers=names,
-                saved_only=args.saved_only, torch=torch.__version__,
-                fused_mbconv=fm.__version__)
+                saved_only=args.saved_only, interleave=args.interleave,
+                torch=torch.__version__, fused_mbconv=fm.__version__)
+
+    def build(provider: Provider) -> profiling.TrainStep:
+        model = copy.deepcopy(fused_models[provider.recompute] if provider.backend else eager)
+        if provider.name == "compile":
+            model = torch.compile(model)
+        with fm.use_backend(provider.backend):
+            return profiling.TrainStep.build(model, batch, resolution, num_classes=1000,
+                                             seed=args.seed, dtype=DTYPES[settings["dtype"]],
+                                             memory_format=memory_format,
+                                             autocast=settings["amp"])
+
     results = []
     progress = contextlib.nullcontext(None) if args.saved_only else \
         _progress(len(providers) * (warmup + steps), "bench")
     with progress as bar:
+        update = bar.update if bar else None
+        built, timings = {}, {}
+        if args.interleave and not args.saved_only:
+            built = {p.name: build(p) for p in providers}
+            timings = _time_in_turn(providers, built, device, warmup, steps, update)
         for provider in providers:
-            model = copy.deepcopy(fused_models[provider.recompute] if provider.backend
-                                  else eager)
-            if provider.name == "compile":
-                model = torch.compile(model)
+            step = built.get(provider.name) or build(provider)
             with fm.use_backend(provider.backend):
-                step = profiling.TrainStep.build(model, batch, resolution, num_classes=1000,
-                                                 seed=args.seed,
-                                                 dtype=DTYPES[settings["dtype"]],
-                                                 memory_format=memory_format,
-                                                 autocast=settings["amp"])
                 result = dict(provider=provider.name)
                 if not args.saved_only:
-                    timing = profiling.time_fn(step, device, warmup, steps,
-                                               progress=bar.update if bar else None)
+                    timing = timings.get(provider.name) or profiling.time_fn(
+                        step, device, warmup, steps, progress=update)
                     result.update(seconds_per_step=timing.median, seconds_min=timing.min,
                                   images_per_s=batch / timing.median)
                 result["saved_bytes"] = profiling.saved_bytes(
@@ -232,6 +241,21 @@ def cmd_bench(args) -> int:
     if args.json:
         print(f"wrote {args.json}")
     return 0
+
+
+def _time_in_turn(providers: List[Provider], steps_of: dict, device, warmup: int, steps: int,
+                  progress) -> dict:
+    """{provider name: Timing}: one step of each provider in turn, warm-up rounds first, so
+    that the load of a shared machine changes for all of them alike."""
+    samples = {p.name: [] for p in providers}
+    for round_index in range(warmup + steps):
+        for provider in providers:
+            with fm.use_backend(provider.backend):
+                timing = profiling.time_fn(steps_of[provider.name], device, 0, 1,
+                                           progress=progress)
+            if round_index >= warmup:
+                samples[provider.name] += timing.samples
+    return {name: profiling.Timing(s) for name, s in samples.items()}
 
 
 def _print_bench_table(results: List[dict], steps: int, saved_only: bool) -> None:
@@ -362,6 +386,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="what the fused blocks keep for backward (FusedMBConv.recompute): "
                         "False e and d, dwconv e, True neither (default False; repeat to run "
                         "several levels side by side)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time one step of each provider in turn (all models built first), "
+                        "not each provider's steps in a row: fairer on a shared machine")
     p.add_argument("--saved-only", action="store_true",
                    help="measure only the saved activations (one forward per provider, no "
                         "timing)")

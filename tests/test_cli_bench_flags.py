@@ -158,3 +158,19 @@ def test_bad_recompute_level_exits_2_naming_it(capsys):
         cli.main(["bench", *SMALL, "--recompute", "all"])
     assert exc.value.code == 2
     assert "argument --recompute: invalid choice: 'all'" in capsys.readouterr().err
+
+
+def test_interleave_times_one_step_of_each_provider_in_turn(steps, capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", *SMALL, "--backend", "torch", "--recompute", "False",
+                     "--recompute", "True", "--interleave", "--warmup", "1", "--steps", "2",
+                     "--json", str(path)]) == 0
+    assert "one step of each provider in turn" in capsys.readouterr().out
+    order = [seen["step"] for seen in steps]
+    providers = order[:3]
+    assert len({id(s) for s in providers}) == 3
+    assert order == providers * 3  # 1 warm-up + 2 timed rounds, each provider once a round
+    data = json.loads(path.read_text())
+    assert data["meta"]["interleave"] is True
+    assert [(r["provider"], r["seconds_per_step"]) for r in data["results"]] == [
+        ("eager", 0.5), ("fused-torch", 0.5), ("fused-torch-recompute=True", 0.5)]
