@@ -111,7 +111,7 @@ def cmd_verify(args) -> int:
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # --recompute's values: FusedMBConv.recompute's levels as Python spells them.
-RECOMPUTE_LEVELS = {"False": False, "dwconv": "dwconv", "True": True}
+RECOMPUTE_CHOICES = {"False": False, "dwconv": "dwconv", "True": True}
 
 
 class Provider(NamedTuple):
@@ -139,7 +139,7 @@ def _bench_providers(args, device) -> List[Provider]:
         if backend not in verification.block_backends(device):
             raise UsageError(f"--backend {backend}: does not implement the fused block's "
                              f"kernels yet")
-    levels = [RECOMPUTE_LEVELS[level] for level in dict.fromkeys(args.recompute or ["False"])]
+    levels = [RECOMPUTE_CHOICES[level] for level in dict.fromkeys(args.recompute or ["False"])]
     providers = [Provider("eager")] + [_fused_provider(b, level)
                                        for b in dict.fromkeys(backends) for level in levels]
     usable, reason = profiling.compile_status()
@@ -382,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, action="append",
                    help="only this fused backend (repeat for several)")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    p.add_argument("--recompute", choices=list(RECOMPUTE_LEVELS), action="append",
+    p.add_argument("--recompute", choices=list(RECOMPUTE_CHOICES), action="append",
                    help="what the fused blocks keep for backward (FusedMBConv.recompute): "
                         "False e and d, dwconv e, True neither (default False; repeat to run "
                         "several levels side by side)")
