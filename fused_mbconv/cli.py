@@ -13,7 +13,7 @@ import json
 import math
 import platform
 import sys
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 
@@ -110,11 +110,27 @@ def cmd_verify(args) -> int:
 # ---------------------------------------------------------------- bench
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# --recompute's values: FusedMBConv.recompute's levels as Python spells them.
+RECOMPUTE_CHOICES = {"False": False, "dwconv": "dwconv", "True": True}
 
 
-def _bench_providers(args, device) -> List[str]:
-    """eager, the fused backends, then torch.compile (slowest to warm up: last, so that an
-    interrupted run has already measured the others)."""
+class Provider(NamedTuple):
+    """One model ``bench`` runs: eager (backend None), a fused backend at a recompute level,
+    or torch.compile of the eager model."""
+    name: str
+    backend: Optional[str] = None
+    recompute: Union[bool, str] = False
+
+
+def _fused_provider(backend: str, recompute: Union[bool, str]) -> Provider:
+    suffix = "" if recompute is False else f"-recompute={recompute}"
+    return Provider(f"fused-{backend}{suffix}", backend, recompute)
+
+
+def _bench_providers(args, device) -> List[Provider]:
+    """eager, the fused backends (each at every --recompute level), then torch.compile
+    (slowest to warm up: last, so that an interrupted run has already measured the
+    others)."""
     backends = args.backend or verification.timed_block_backends(device)
     for backend in backends:
         usable, reason = backend_status(backend, device.type)
@@ -123,15 +139,17 @@ def _bench_providers(args, device) -> List[str]:
         if backend not in verification.block_backends(device):
             raise UsageError(f"--backend {backend}: does not implement the fused block's "
                              f"kernels yet")
-    names = ["eager"] + [f"fused-{b}" for b in dict.fromkeys(backends)]
+    levels = [RECOMPUTE_CHOICES[level] for level in dict.fromkeys(args.recompute or ["False"])]
+    providers = [Provider("eager")] + [_fused_provider(b, level)
+                                       for b in dict.fromkeys(backends) for level in levels]
     usable, reason = profiling.compile_status()
     if args.no_compile:
         pass
     elif usable:
-        names.append("compile")
+        providers.append(Provider("compile"))
     else:
         print(f"compile: skipped ({reason})")
-    return names
+    return providers
 
 
 def _bench_settings(args, device) -> dict:
@@ -166,52 +184,103 @@ def cmd_bench(args) -> int:
     torch.manual_seed(args.seed)
     eager = verification.build_model(args.model).to(device, DTYPES[settings["dtype"]],
                                                     memory_format=memory_format)
-    fused_model = verification.convert(eager)
     providers = _bench_providers(args, device)
+    fused_models = {p.recompute: verification.convert(eager, p.recompute)
+                    for p in providers if p.backend}
+    names = [p.name for p in providers]
+    what = ("saved activations of one forward and loss (no timing)" if args.saved_only
+            else f"{warmup} warm-up + {steps} timed steps each"
+            + (", one step of each provider in turn" if args.interleave else ""))
     print(f"bench {args.model}: training step (forward, loss, backward, SGD) at batch {batch}, "
-          f"{resolution}x{resolution}, {device}, {_describe(settings)}; {warmup} warm-up + "
-          f"{steps} timed steps each; providers {', '.join(providers)}")
+          f"{resolution}x{resolution}, {device}, {_describe(settings)}; {what}; providers "
+          f"{', '.join(names)}")
     meta = dict(model=args.model, device=str(device), batch=batch, resolution=resolution,
                 steps=steps, warmup=warmup, dtype=settings["dtype"],
                 amp=DTYPE_NAMES[settings["amp"]] if settings["amp"] else None,
-                channels_last=settings["channels_last"], providers=providers,
+                channels_last=settings["channels_last"], providers=names,
+                saved_only=args.saved_only, interleave=args.interleave,
                 torch=torch.__version__, fused_mbconv=fm.__version__)
+
+    def build(provider: Provider) -> profiling.TrainStep:
+        model = copy.deepcopy(fused_models[provider.recompute] if provider.backend else eager)
+        if provider.name == "compile":
+            model = torch.compile(model)
+        with fm.use_backend(provider.backend):
+            return profiling.TrainStep.build(model, batch, resolution, num_classes=1000,
+                                             seed=args.seed, dtype=DTYPES[settings["dtype"]],
+                                             memory_format=memory_format,
+                                             autocast=settings["amp"])
+
     results = []
-    with _progress(len(providers) * (warmup + steps), "bench") as bar:
+    progress = contextlib.nullcontext(None) if args.saved_only else \
+        _progress(len(providers) * (warmup + steps), "bench")
+    with progress as bar:
+        update = bar.update if bar else None
+        built, timings = {}, {}
+        if args.interleave and not args.saved_only:
+            built = {p.name: build(p) for p in providers}
+            timings = _time_in_turn(providers, built, device, warmup, steps, update)
         for provider in providers:
-            backend = provider[len("fused-"):] if provider.startswith("fused-") else None
-            model = copy.deepcopy(fused_model if backend else eager)
-            if provider == "compile":
-                model = torch.compile(model)
-            with fm.use_backend(backend):
-                step = profiling.TrainStep.build(model, batch, resolution, num_classes=1000,
-                                                 seed=args.seed,
-                                                 dtype=DTYPES[settings["dtype"]],
-                                                 memory_format=memory_format,
-                                                 autocast=settings["amp"])
-                timing = profiling.time_fn(step, device, warmup, steps,
-                                           progress=bar.update if bar else None)
-                saved = profiling.saved_bytes(step.loss, step.activation_exclusions())
-                peak = profiling.peak_memory(step, device)
-            results.append(dict(provider=provider, seconds_per_step=timing.median,
-                                seconds_min=timing.min, images_per_s=batch / timing.median,
-                                saved_bytes=saved.bytes, peak_bytes=peak))
+            step = built.get(provider.name) or build(provider)
+            with fm.use_backend(provider.backend):
+                result = dict(provider=provider.name)
+                if not args.saved_only:
+                    timing = timings.get(provider.name) or profiling.time_fn(
+                        step, device, warmup, steps, progress=update)
+                    result.update(seconds_per_step=timing.median, seconds_min=timing.min,
+                                  images_per_s=batch / timing.median)
+                result["saved_bytes"] = profiling.saved_bytes(
+                    step.loss, step.activation_exclusions()).bytes
+                if not args.saved_only:
+                    result["peak_bytes"] = profiling.peak_memory(step, device)
+            results.append(result)
             if args.json:  # after every provider: an interrupted run keeps what it measured
                 with open(args.json, "w") as f:
                     json.dump({"meta": meta, "results": results}, f, indent=1)
-    base = results[0]
-    rows = [[r["provider"], f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['images_per_s']:.1f}",
-             f"{base['seconds_per_step'] / r['seconds_per_step']:.2f}x",
-             f"{r['saved_bytes'] / 1e6:.1f}", f"{base['saved_bytes'] / r['saved_bytes']:.2f}x",
-             "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 1e6:.1f}"]
-            for r in results]
-    _print_table(["provider", "ms/step", "images/s", "speed-up", "saved MB", "fewer saved",
-                  "peak MB"], rows)
-    print(f"(median of {steps} steps on this machine; saved = activations kept for backward, "
-          f"excluding input and parameters; peak memory on CUDA only)")
+    _print_bench_table(results, steps, args.saved_only)
     if args.json:
         print(f"wrote {args.json}")
     return 0
+
+
+def _time_in_turn(providers: List[Provider], steps_of: dict, device, warmup: int, steps: int,
+                  progress) -> dict:
+    """{provider name: Timing}: one step of each provider in turn, warm-up rounds first, so
+    that the load of a shared machine changes for all of them alike."""
+    samples = {p.name: [] for p in providers}
+    for round_index in range(warmup + steps):
+        for provider in providers:
+            with fm.use_backend(provider.backend):
+                timing = profiling.time_fn(steps_of[provider.name], device, 0, 1,
+                                           progress=progress)
+            if round_index >= warmup:
+                samples[provider.name] += timing.samples
+    return {name: profiling.Timing(s) for name, s in samples.items()}
+
+
+def _print_bench_table(results: List[dict], steps: int, saved_only: bool) -> None:
+    """Each provider against eager (the first): > 1x is faster, or fewer bytes saved."""
+    base = results[0]
+
+    def saved(r):
+        return [f"{r['saved_bytes'] / 1e6:.1f}", f"{base['saved_bytes'] / r['saved_bytes']:.2f}x"]
+
+    if saved_only:
+        _print_table(["provider", "saved MB", "fewer saved"],
+                     [[r["provider"], *saved(r)] for r in results])
+        print("(saved = activations kept for backward, excluding input and parameters)")
+        return
+    rows = [[r["provider"], f"{r['seconds_per_step'] * 1e3:.1f}",
+             f"{r['seconds_min'] * 1e3:.1f}", f"{r['images_per_s']:.1f}",
+             f"{base['seconds_per_step'] / r['seconds_per_step']:.2f}x",
+             f"{base['seconds_min'] / r['seconds_min']:.2f}x", *saved(r),
+             "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 1e6:.1f}"]
+            for r in results]
+    _print_table(["provider", "ms/step", "min ms", "images/s", "speed-up", "min speed-up",
+                  "saved MB", "fewer saved", "peak MB"], rows)
+    print(f"(ms/step and speed-up: median of {steps} steps on this machine, min: the fastest "
+          f"step; saved = activations kept for backward, excluding input and parameters; peak "
+          f"memory on CUDA only)")
 
 
 # ---------------------------------------------------------------- train
@@ -331,6 +400,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, action="append",
                    help="only this fused backend (repeat for several)")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--recompute", choices=list(RECOMPUTE_CHOICES), action="append",
+                   help="what the fused blocks keep for backward (FusedMBConv.recompute): "
+                        "False e and d, dwconv e, True neither (default False; repeat to run "
+                        "several levels side by side)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time one step of each provider in turn (all models built first), "
+                        "not each provider's steps in a row: fairer on a shared machine")
+    p.add_argument("--saved-only", action="store_true",
+                   help="measure only the saved activations (one forward per provider, no "
+                        "timing)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="parameter and input dtype (default float32)")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES),

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
 from .activations import ACTIVATIONS, GATES
 from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
 from .distributed import ProcessGroupStatsSync, SyncBatchNorm, sync_enabled
-from .fused_block import FusedMBConv, register_block_type
+from .fused_block import FusedMBConv, check_recompute, register_block_type
 
 
 class NotFusable(ValueError):
@@ -530,10 +530,15 @@ class SyncFusedMBConv(FusedMBConv):
 
 
 def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
-            process_group=None) -> nn.Module:
+            process_group=None, recompute: Union[bool, str] = False) -> nn.Module:
     """Swap every block ``convert_report`` calls convertible for a ``FusedMBConv`` that adopts
     the block's submodules under their names, so ``state_dict`` keys and values are unchanged;
     and the model's stem and head for fused ones (``convert_stem_head``), likewise.
+
+    ``recompute``: what the converted blocks keep for backward (``FusedMBConv.recompute``):
+    False the expand and depthwise outputs, "dwconv" the expand output (backward recomputes
+    the depthwise one), True neither (backward recomputes both, the expand GEMM included).
+    Blocks that are already fused keep their own level.
 
     ``sync_bn``: batch statistics over every process of ``process_group`` (default: the whole
     world), in the fused blocks and in every other BatchNorm2d (as
@@ -542,6 +547,7 @@ def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
     Returns the converted model (a new one unless ``inplace``; when ``model`` itself is a
     block, always a new module: use the return value).
     """
+    recompute = check_recompute(recompute)
     if not inplace:
         model = copy.deepcopy(model)
     model = _convert_stem_head(model, sync_bn)
@@ -550,9 +556,7 @@ def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
         if _is_fused(block):
             if not sync_bn or isinstance(block, SyncFusedMBConv):
                 continue
-            recompute = block.recompute_dwconv
-            block = SyncFusedMBConv.from_spec(block, block.spec())
-            block.recompute_dwconv = recompute
+            block = SyncFusedMBConv.from_spec(block, block.spec())  # keeps its level
         else:
             try:
                 spec = recognize(block)
@@ -560,6 +564,7 @@ def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
                 continue
             block = fused_type.from_module(block) if isinstance(block, MBConv) else \
                 fused_type.from_spec(block, spec)
+            block.recompute = recompute
         if sync_bn:
             block.process_group = process_group
         if not path:

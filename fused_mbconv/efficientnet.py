@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .blocks import MBConv
-from .fused_block import FusedMBConv
+from .fused_block import FusedMBConv, check_recompute
 from .fused_stem_head import FusedConvBNAct, FusedHead
 
 
@@ -87,7 +87,9 @@ class EfficientNet(nn.Module):
                  num_classes: int = 1000, stochastic_depth_prob: float = 0.2,
                  bn_eps: float = 1e-5, bn_momentum: Optional[float] = 0.1,
                  fused: bool = False, stages: Tuple[StageConfig, ...] = B0_STAGES,
-                 resolution: int = 224):
+                 resolution: int = 224, recompute: Union[bool, str] = False):
+        """``recompute``: what each fused block keeps for backward (``FusedMBConv.recompute``);
+        only with ``fused=True``."""
         super().__init__()
         if not width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
@@ -100,7 +102,11 @@ class EfficientNet(nn.Module):
         if not 0.0 <= stochastic_depth_prob < 1.0:
             raise ValueError(
                 f"stochastic_depth_prob must be in [0, 1), got {stochastic_depth_prob!r}")
+        if check_recompute(recompute) is not False and not fused:
+            raise ValueError(f"recompute={recompute!r} needs fused=True (an eager block saves "
+                             f"what autograd saves)")
         block_cls = _block_class(fused)
+        block_options = dict(recompute=recompute) if fused else {}
         self.resolution = resolution
 
         def width(c: int) -> int:
@@ -123,7 +129,7 @@ class EfficientNet(nn.Module):
                     cin if i == 0 else cout, cout, stage.kernel_size,
                     stage.stride if i == 0 else 1, stage.expand_ratio,
                     drop_path=stochastic_depth_prob * block_index / total_blocks,
-                    bn_eps=bn_eps, bn_momentum=bn_momentum))
+                    bn_eps=bn_eps, bn_momentum=bn_momentum, **block_options))
                 block_index += 1
             stage_modules.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stage_modules)
@@ -179,7 +185,9 @@ def _make_constructor(name: str):
     width, depth, resolution, dropout, _, _ = VARIANTS[name]
     constructor.__name__ = constructor.__qualname__ = name
     constructor.__doc__ = (f"{name}: width x{width}, depth x{depth}, {resolution}px input, "
-                           f"dropout {dropout}. Random weights (nothing is downloaded).")
+                           f"dropout {dropout}. Random weights (nothing is downloaded). "
+                           f"With fused=True, recompute=False / 'dwconv' / True sets what "
+                           f"each block keeps for backward (FusedMBConv.recompute).")
     return constructor
 
 

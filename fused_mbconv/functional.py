@@ -8,7 +8,8 @@ updated in place exactly as ``nn.BatchNorm2d`` does (unbiased variance, ``moment
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional, Sequence
+import warnings
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -283,6 +284,36 @@ def check_mbconv_args(x: Tensor, expand_weight: Optional[Tensor], bn1: Optional[
                              f"input size {tuple(x.shape)} (output {values} value per channel)")
 
 
+# What fused_mbconv::mbconv keeps for backward at each ``recompute`` level, as its
+# (keep_expand_output, keep_dwconv_output) flags; backward recomputes what is not kept.
+RECOMPUTE_LEVELS = {False: (True, True), "dwconv": (True, False), True: (False, False)}
+RECOMPUTE_HELP = ("False (save the expand output e and the depthwise output d), 'dwconv' "
+                  "(save e, recompute d) or True (save neither: recompute e from the block "
+                  "input, then d)")
+
+
+def check_recompute(recompute) -> Union[bool, str]:
+    """``recompute`` if it is one of RECOMPUTE_LEVELS (by identity for the bools: 0 and 1 are
+    not levels), else ValueError naming the allowed values."""
+    if isinstance(recompute, bool) or (isinstance(recompute, str) and recompute == "dwconv"):
+        return recompute
+    raise ValueError(f"recompute must be {RECOMPUTE_HELP}; got {recompute!r}")
+
+
+def resolve_recompute(recompute, recompute_dwconv: Optional[bool]) -> Union[bool, str]:
+    """The level asked for by ``recompute`` and the deprecated ``recompute_dwconv`` alias
+    (None: not given; True means ``recompute="dwconv"``)."""
+    recompute = check_recompute(recompute)
+    if recompute_dwconv is None:
+        return recompute
+    warnings.warn("recompute_dwconv is deprecated: use recompute='dwconv' (or recompute=True "
+                  "to recompute the expand output as well)", DeprecationWarning, stacklevel=3)
+    if recompute is not False:
+        raise ValueError(f"give recompute ({recompute!r}) or the deprecated recompute_dwconv "
+                         f"({recompute_dwconv!r}), not both")
+    return "dwconv" if recompute_dwconv else False
+
+
 @torch.no_grad()
 def _update_bn(bn: BatchNormParams, mean: Tensor, var: Tensor, count: int) -> None:
     if bn.running_mean is None:
@@ -300,9 +331,10 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
            bn1: Optional[BatchNormParams] = None, se_weights: Optional[Sequence[Tensor]] = None,
            stride: int = 1, training: bool = False, residual: bool = False,
            drop_path: float = 0.0, activation: str = "silu", se_activation: str = "silu",
-           se_gate: str = "sigmoid", recompute_dwconv: bool = False,
+           se_gate: str = "sigmoid", recompute: Union[bool, str] = False,
            sync: Optional[BatchStatsSync] = None,
-           drop_path_training: Optional[bool] = None) -> Tensor:
+           drop_path_training: Optional[bool] = None,
+           recompute_dwconv: Optional[bool] = None) -> Tensor:
     """The MBConv block (``fused_mbconv.MBConv``'s forward) as one fused op.
 
     expand 1x1 conv (``expand_weight`` (Ce, Cin, 1, 1)) + ``bn1`` + act, absent when None;
@@ -317,15 +349,23 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
 
     In training, each BatchNorm's running statistics (and num_batches_tracked) are updated in
     place after the op succeeds, exactly as ``nn.BatchNorm2d`` does; a call that raises
-    changes nothing. ``recompute_dwconv`` saves memory: backward recomputes the depthwise
-    output from the expand output instead of keeping it. The output keeps the input's memory
-    format (NCHW or channels_last). Under ``torch.autocast`` the convolutions run in the
-    autocast dtype, as eager's do; a residual input of a wider dtype is added outside the
-    kernels so that the output dtype promotes exactly as eager's ``branch + input``.
+    changes nothing. ``recompute`` trades backward work for activation memory: False keeps
+    the expand output e and the depthwise output d for backward; "dwconv" keeps e only
+    (backward recomputes d from e, one more depthwise pass); True keeps neither, only the
+    block input, statistics and SE vectors (backward recomputes e with the expand GEMM, then
+    d). Without expansion there is no e: True is "dwconv". Gradients and running statistics
+    are the same at every level (statistics are computed and updated once, in the forward).
+    ``recompute_dwconv=True``, deprecated, is ``recompute="dwconv"``. The output keeps the
+    input's memory format (NCHW or channels_last). Under ``torch.autocast`` the convolutions
+    run in the autocast dtype, as eager's do; a residual input of a wider dtype is added
+    outside the kernels so that the output dtype promotes exactly as eager's
+    ``branch + input``.
 
     ``sync`` (training only): synchronized BatchNorm. The kernels' batch statistics and
     gradient sums go through it between kernels, e.g. a
     ``fused_mbconv.distributed.ProcessGroupStatsSync`` reduces them across processes."""
+    keep_expand_output, keep_dwconv_output = RECOMPUTE_LEVELS[
+        resolve_recompute(recompute, recompute_dwconv)]
     amp = _autocast_dtype(input)
     block_input = input
     input, expand_weight, dw_weight, project_weight = (
@@ -351,10 +391,10 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
               *se_args, project_weight.contiguous(), bn3.weight, bn3.bias, bn3.running_mean,
               bn3.running_var, None if residual_outside else scale, stride, training, eps,
               activation, se_activation, se_gate, residual and not residual_outside,
-              not recompute_dwconv)
+              keep_dwconv_output, keep_expand_output)
     sync = sync if training else None
     with _autocast_off(x):
-        out, e, _, mean1, var1, mean2, var2, mean3, var3, _, _ = (
+        out, _, _, mean1, var1, mean2, var2, mean3, var3, _, _ = (
             torch.ops.fused_mbconv.mbconv(*inputs) if sync is None
             else mbconv_synced(sync, *inputs))
     if residual_outside:
@@ -367,7 +407,8 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
             return local if sync is None else sync.global_count(bn)
 
         if bn1 is not None:
-            _update_bn(bn1, mean1, var1, count("bn1", e.numel() // e.shape[1]))
+            # e (N, Ce, H, W) has the input's positions; the op may return it empty
+            _update_bn(bn1, mean1, var1, count("bn1", x.shape[0] * x.shape[2] * x.shape[3]))
         _update_bn(bn2, mean2, var2, count("bn2", n * ho * wo))
         _update_bn(bn3, mean3, var3, count("bn3", n * ho * wo))
         if out.requires_grad and not torch.compiler.is_compiling():

@@ -22,13 +22,14 @@ eager block; ``fused_mbconv.revert`` restores the original blocks for any other 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import functional
 from .blocks import MBConv, MBConvSpec
+from .functional import check_recompute  # the levels' one rule, also for convert
 
 # Block types from_module accepts besides MBConv, each with its recognizer: a function from
 # a block to its MBConvSpec, raising ValueError (saying why) for a block it cannot fuse.
@@ -83,20 +84,47 @@ def _descendants(block: nn.Module) -> list:
 class FusedMBConv(MBConv):
     """MBConv computed by the fused kernels: same arguments, math and state_dict keys.
 
-    ``recompute_dwconv=True`` trades one more read of the expand output in backward for not
-    keeping the depthwise output for backward (less activation memory)."""
+    ``recompute`` (attribute and argument) trades backward work for activation memory:
+    False keeps the expand output e and the depthwise output d for backward; "dwconv" keeps
+    e only and recomputes d (one more depthwise pass in backward); True keeps only the block
+    input, statistics and SE vectors and recomputes e (the expand GEMM again), then d. Blocks
+    without expansion have no e: True is "dwconv" there. ``recompute_dwconv``: the deprecated
+    spelling of ``recompute="dwconv"``."""
 
-    recompute_dwconv: bool = False
+    _recompute: Union[bool, str] = False
     # The class this block stands for and its own (non-Module) attributes: eager_block().
     _eager_type: type = MBConv
     _eager_attrs: Optional[dict] = None
     # (descendant modules, spec, reason): the spec and the module tree it was derived from.
     _spec_cache: Optional[tuple] = None
 
-    def __init__(self, *args, recompute_dwconv: bool = False, **kwargs):
+    def __init__(self, *args, recompute: Union[bool, str] = False,
+                 recompute_dwconv: Optional[bool] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._eager_attrs = self._own_attributes(self)
-        self.recompute_dwconv = recompute_dwconv
+        self.recompute = functional.resolve_recompute(recompute, recompute_dwconv)
+
+    @property
+    def recompute(self) -> Union[bool, str]:
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, level: Union[bool, str]) -> None:
+        self._recompute = check_recompute(level)
+
+    @property
+    def recompute_dwconv(self) -> bool:
+        """Deprecated: whether backward recomputes d (``recompute`` is "dwconv" or True)."""
+        warnings.warn("recompute_dwconv is deprecated: read recompute", DeprecationWarning,
+                      stacklevel=2)
+        return self._recompute is not False
+
+    @recompute_dwconv.setter
+    def recompute_dwconv(self, value: bool) -> None:
+        warnings.warn("recompute_dwconv is deprecated: set recompute = 'dwconv' (or True, "
+                      "which recomputes the expand output as well)", DeprecationWarning,
+                      stacklevel=2)
+        self.recompute = "dwconv" if value else False
 
     @staticmethod
     def _own_attributes(module: nn.Module) -> dict:
@@ -144,7 +172,7 @@ class FusedMBConv(MBConv):
         fused._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
         if isinstance(source, FusedMBConv):  # re-fusing (e.g. as SyncFusedMBConv)
             fused._eager_type, fused._eager_attrs = source._eager_type, dict(source._eager_attrs)
-            fused.recompute_dwconv = source.recompute_dwconv
+            fused.recompute = source.recompute
         else:
             fused._eager_type, fused._eager_attrs = type(source), cls._own_attributes(source)
         return fused
@@ -238,7 +266,7 @@ class FusedMBConv(MBConv):
             se_weights=se, stride=spec.stride, training=training, residual=spec.residual,
             drop_path=spec.drop_path, activation=spec.activation,
             se_activation=spec.se_activation, se_gate=spec.se_gate,
-            recompute_dwconv=self.recompute_dwconv,
+            recompute=self.recompute,
             sync=self.stats_sync() if training else None,
             drop_path_training=(drop_module if drop_module is not None else self).training)
 

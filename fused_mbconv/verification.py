@@ -97,10 +97,10 @@ def timed_block_backends(device) -> List[str]:
     return [b for b in block_backends(device) if b in defaults]
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """A fused copy of ``model``; FusedPathUnavailable when nothing in it could be
-    converted."""
-    fused = fm.convert(model, inplace=False)
+def convert(model: nn.Module, recompute=False) -> nn.Module:
+    """A fused copy of ``model`` (its blocks at that ``recompute`` level); FusedPathUnavailable
+    when nothing in it could be converted."""
+    fused = fm.convert(model, inplace=False, recompute=recompute)
     if not fused_modules(fused):
         raise FusedPathUnavailable(f"no block of this model could be converted\n"
                                    f"{fm.convert_report(model)}")

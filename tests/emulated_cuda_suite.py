@@ -35,13 +35,13 @@ KERNEL_TESTS = ["tests/test_kernel_interface.py"] + [
         "(test_dwconv_matches_reference and not float64 and not (k3-s2 and train and nchw"
         " and not no-affine))",
         "(low_precision and not (k5-s2-odd and train and bn2-affine))")) + " or test_extension"]
-# Through the ops: every block, dwconv_bn_silu and stem/head case of the "cpu" backend (now
-# the CUDA kernels; the pooled head runs the block's K1, K3 and B1), but the whole-network
-# training step and torch.compile: minutes emulated, and no kernel or variant that the block
-# cases leave out.
-OP_TESTS = ["tests/test_fused_mbconv.py", "tests/test_dwconv_bn_silu.py",
-            "tests/test_stem_head.py", "tests/test_launch_geometry.py",
-            "-k", "cpu and not efficientnet_b0 and not compile"]
+# Through the ops: every block (at every recompute level), dwconv_bn_silu and stem/head case of
+# the "cpu" backend (now the CUDA kernels; the pooled head runs the block's K1, K3 and B1), but
+# the whole-network training step and torch.compile: minutes emulated, and no kernel or variant
+# that the block cases leave out.
+OP_TESTS = ["tests/test_fused_mbconv.py", "tests/test_recompute.py",
+            "tests/test_dwconv_bn_silu.py", "tests/test_stem_head.py",
+            "tests/test_launch_geometry.py", "-k", "cpu and not efficientnet_b0 and not compile"]
 
 # The CUDA kernels, not the C++ CPU ones, are what the "cpu" backend runs.
 CHECK_LOADED = """

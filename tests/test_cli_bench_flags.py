@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import fused_mbconv as fm
 from fused_mbconv import cli, profiling
 
 SMALL = ["efficientnet_b0", "--batch", "2", "--resolution", "32", "--no-compile"]
@@ -121,3 +122,55 @@ def test_amp_with_low_precision_parameters_exits_2(steps, capsys):
     err = capsys.readouterr().err
     assert "--amp bf16" in err and "--dtype float16" in err
     assert not steps  # nothing ran
+
+
+def test_recompute_levels_run_side_by_side_for_each_backend(steps, capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", *SMALL, "--backend", "torch", "--recompute", "False",
+                     "--recompute", "True", "--recompute", "dwconv", "--json", str(path)]) == 0
+    names = ["eager", "fused-torch", "fused-torch-recompute=True",
+             "fused-torch-recompute=dwconv"]
+    out = capsys.readouterr().out
+    assert f"providers {', '.join(names)}" in out
+    assert "min ms" in out and "min speed-up" in out
+    levels = [{m.recompute for m in seen["step"].model.modules()
+               if isinstance(m, fm.FusedMBConv)} for seen in steps]
+    assert levels == [set(), {False}, {True}, {"dwconv"}]
+    results = json.loads(path.read_text())["results"]
+    assert [r["provider"] for r in results] == names
+    assert all(r["seconds_min"] == 0.5 for r in results)  # the spy's one step
+
+
+def test_saved_only_measures_saved_bytes_without_timing(steps, capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", *SMALL, "--backend", "torch", "--recompute", "False",
+                     "--recompute", "True", "--saved-only", "--json", str(path)]) == 0
+    assert not steps  # nothing timed
+    out = capsys.readouterr().out
+    assert "no timing" in out and "ms/step" not in out
+    saved = {r["provider"]: r["saved_bytes"] for r in json.loads(path.read_text())["results"]}
+    assert list(saved) == ["eager", "fused-torch", "fused-torch-recompute=True"]
+    assert saved["eager"] > saved["fused-torch"] > saved["fused-torch-recompute=True"] > 0
+
+
+def test_bad_recompute_level_exits_2_naming_it(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *SMALL, "--recompute", "all"])
+    assert exc.value.code == 2
+    assert "argument --recompute: invalid choice: 'all'" in capsys.readouterr().err
+
+
+def test_interleave_times_one_step_of_each_provider_in_turn(steps, capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", *SMALL, "--backend", "torch", "--recompute", "False",
+                     "--recompute", "True", "--interleave", "--warmup", "1", "--steps", "2",
+                     "--json", str(path)]) == 0
+    assert "one step of each provider in turn" in capsys.readouterr().out
+    order = [seen["step"] for seen in steps]
+    providers = order[:3]
+    assert len({id(s) for s in providers}) == 3
+    assert order == providers * 3  # 1 warm-up + 2 timed rounds, each provider once a round
+    data = json.loads(path.read_text())
+    assert data["meta"]["interleave"] is True
+    assert [(r["provider"], r["seconds_per_step"]) for r in data["results"]] == [
+        ("eager", 0.5), ("fused-torch", 0.5), ("fused-torch-recompute=True", 0.5)]

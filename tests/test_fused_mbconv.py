@@ -57,12 +57,13 @@ def make_block(config, drop_path=0.0, **kwargs):
     return block
 
 
-def run(block, x, dtype, training, grad_out, fused, backend="torch", seed=11):
-    """Forward + backward of a copy of ``block`` in ``dtype`` on x's device; returns (out,
-    grads, bn state). The seed fixes the stochastic-depth draw: eager and fused must drop the
-    same samples."""
+def run(block, x, dtype, training, grad_out, fused, backend="torch", seed=11, recompute=False):
+    """Forward + backward of a copy of ``block`` in ``dtype`` on x's device (fused: at that
+    ``recompute`` level); returns (out, grads, bn state). The seed fixes the stochastic-depth
+    draw: eager and fused must drop the same samples."""
     if fused:
         model = fm.FusedMBConv.from_module(copy.deepcopy(block)).to(x.device, dtype)
+        model.recompute = recompute
     else:
         model = eager_in(block, dtype).to(x.device)
     model.train(training)
@@ -77,13 +78,14 @@ def run(block, x, dtype, training, grad_out, fused, backend="torch", seed=11):
     return out, grads, state
 
 
-def check_parity(block, x, dtype, training, backend, what=""):
+def check_parity(block, x, dtype, training, backend, what="", recompute=False):
     with torch.no_grad():
         shape = copy.deepcopy(block).to(x.device).train(training)(x).shape
     grad_out = torch.randn(shape, device=x.device)
     ref = run(block, x, torch.float64, training, grad_out, fused=False)
     eager = run(block, x, dtype, training, grad_out, fused=False)
-    fused = run(block, x, dtype, training, grad_out, fused=True, backend=backend)
+    fused = run(block, x, dtype, training, grad_out, fused=True, backend=backend,
+                recompute=recompute)
     out = fused[0].detach()
     assert out.dtype == dtype
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) \
@@ -247,7 +249,7 @@ def test_recompute_dwconv_gives_the_same_gradients(backend):
     grad_out = torch.randn(2, 8, 5, 4)
     kept = run(block, x, torch.float32, True, grad_out, fused=True, backend=backend)
     fused = fm.FusedMBConv.from_module(copy.deepcopy(block))
-    fused.recompute_dwconv = True
+    fused.recompute = "dwconv"
     xi = x.clone().requires_grad_()
     with fm.use_backend(backend):
         out = fused(xi)
@@ -340,7 +342,8 @@ def test_gradcheck_float64(device, backend, training, stride, residual, se):
         assert torch.autograd.gradcheck(f, (x, *params), fast_mode=True)
 
 
-def _op_args(training, expanded=True, se=True, residual=True, keep=True, device="cpu"):
+def _op_args(training, expanded=True, se=True, residual=True, keep=True, keep_expand=True,
+             device="cpu"):
     cin, cout = 4, 4
     hidden = 8 if expanded else cin  # the depthwise conv sees the block input unexpanded
     x = torch.randn(2, cin, 5, 6)
@@ -355,7 +358,7 @@ def _op_args(training, expanded=True, se=True, residual=True, keep=True, device=
     args = [x, *expand, torch.randn(hidden, 1, 3, 3), *bn(hidden), *se_w,
             torch.randn(cout, hidden, 1, 1), *bn(cout),
             torch.tensor([0.0, 2.0]) if residual else None, 1, training, [1e-5, 1e-3, 1e-5],
-            "silu", "silu", "sigmoid", residual, keep]
+            "silu", "silu", "sigmoid", residual, keep, keep_expand]
     for arg, value in zip(INPUTS, args, strict=True):
         if arg.grad and value is not None:
             value.requires_grad_()
@@ -363,17 +366,20 @@ def _op_args(training, expanded=True, se=True, residual=True, keep=True, device=
             if isinstance(a, torch.Tensor) else a for a in args]
 
 
-# opcheck tests the registration (schema, fake kernel, autograd, aliasing); on the Triton
-# interpreter (~7 s a case) it runs two of the six cases, one per mode.
+# opcheck tests the registration (schema, fake kernel, autograd, aliasing) at each recompute
+# level ("recompute": d recomputed, "recompute-all": e and d); on the Triton interpreter
+# (~7 s a case) it runs three of the eight cases.
 OP_VARIANTS = [("full", dict()), ("e1-nose", dict(expanded=False, se=False, residual=False)),
-               ("recompute", dict(keep=False))]
+               ("recompute", dict(keep=False)),
+               ("recompute-all", dict(keep=False, keep_expand=False))]
+TRITON_OP_VARIANTS = (("full", True), ("recompute", False), ("recompute-all", True))
 
 
 @pytest.mark.parametrize("device, backend, training, variant", [
     pytest.param("cpu", backend, training, variant,
                  id=f"{name}-{'train' if training else 'eval'}-{backend}")
     for backend in BACKENDS for training in (True, False) for name, variant in OP_VARIANTS
-    if backend != "triton" or (name, training) in (("full", True), ("recompute", False))] + [
+    if backend != "triton" or (name, training) in TRITON_OP_VARIANTS] + [
     pytest.param("cuda", backend, training, variant,
                  id=f"{name}-{'train' if training else 'eval'}-{target_id('cuda', backend)}")
     for backend in GPU_BACKENDS for training in (True, False) for name, variant in OP_VARIANTS])
@@ -653,14 +659,15 @@ def _saved(fn, x, module):
     return sum(sizes), saved_params
 
 
-def saved_bytes(batch=2, size=16, recompute_dwconv=False):
+def saved_bytes(batch=2, size=16, recompute=False):
     """{config: (eager, fused)} activation bytes saved for backward by one training forward of
-    each B0 block configuration at its real channel counts (x and parameters excluded)."""
+    each B0 block configuration at its real channel counts (x and parameters excluded), the
+    fused block at that ``recompute`` level."""
     result = {}
     for name, config in B0_REAL.items():
         block = make_block(config, drop_path=0.1).train()
         fused = fm.FusedMBConv.from_module(copy.deepcopy(block))
-        fused.recompute_dwconv = recompute_dwconv
+        fused.recompute = recompute
         x = torch.randn(batch, config[0], size, size, requires_grad=True)
         eager_bytes, _ = _saved(lambda: block(x), x, block)
         fused_bytes, params = _saved(lambda: fused(x), x, fused)
@@ -677,19 +684,33 @@ def test_saves_at_least_3x_fewer_bytes_than_eager():
 
 
 def test_recompute_dwconv_saves_less():
-    kept, recomputed = saved_bytes(1, 8), saved_bytes(1, 8, recompute_dwconv=True)
+    kept, recomputed = saved_bytes(1, 8), saved_bytes(1, 8, recompute="dwconv")
     for name in kept:
         assert recomputed[name][1] < kept[name][1], name
 
 
+def test_recompute_levels_save_strictly_less_in_turn():
+    """False > "dwconv" > True wherever the block expands; without expansion there is no e,
+    and True saves what "dwconv" does."""
+    levels = {level: saved_bytes(1, 8, recompute=level) for level in (False, "dwconv", True)}
+    for name, config in B0_REAL.items():
+        kept, dwconv, recomputed = (levels[level][name][1] for level in (False, "dwconv", True))
+        if config[4] > 1:
+            assert kept > dwconv > recomputed, (name, kept, dwconv, recomputed)
+        else:
+            assert kept > dwconv == recomputed, (name, kept, dwconv, recomputed)
+
+
 if __name__ == "__main__":  # the measurement table: python tests/test_fused_mbconv.py
-    kept, recomputed = saved_bytes(), saved_bytes(recompute_dwconv=True)
-    print("saved for backward, batch 2, 16x16 input, x and parameters excluded")
-    print(f"{'block':30s} {'eager B':>9s} {'fused B':>9s} {'ratio':>6s} "
-          f"{'recompute_dwconv B':>19s} {'ratio':>6s}")
-    for name, (eager, fused) in kept.items():
-        print(f"{name:30s} {eager:9d} {fused:9d} {eager / fused:6.2f} "
-              f"{recomputed[name][1]:19d} {eager / recomputed[name][1]:6.2f}")
+    levels = {level: saved_bytes(recompute=level) for level in (False, "dwconv", True)}
+    print("saved for backward, batch 2, 16x16 input, x and parameters excluded; bytes and "
+          "eager / fused")
+    print(f"{'block':30s} {'eager B':>9s} " + " ".join(
+        f"{'recompute=' + str(level) + ' B':>22s} {'ratio':>6s}" for level in levels))
+    for name, (eager, _) in levels[False].items():
+        print(f"{name:30s} {eager:9d} " + " ".join(
+            f"{levels[level][name][1]:22d} {eager / levels[level][name][1]:6.2f}"
+            for level in levels))
 
 
 @pytest.mark.parametrize("config", [(6, 6, 3, 1, 6), (6, 8, 5, 2, 1)], ids=["residual", "plain"])

@@ -1,5 +1,6 @@
 """The custom ops' schemas are a contract (saved programs, torch.export, other callers): their
-names, argument names, types and order stay exactly these."""
+names, argument names, types and order stay exactly these. An argument is only ever added
+last, with a default that keeps every older call's meaning (mbconv's keep_expand_output)."""
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ SCHEMAS = {
     "Tensor? fc1_weight, Tensor? fc1_bias, Tensor? fc2_weight, Tensor? fc2_bias, "
     "Tensor project_weight, Tensor? bn3_weight, Tensor? bn3_bias, Tensor? bn3_running_mean, "
     "Tensor? bn3_running_var, Tensor? sample_scale, SymInt stride, bool training, float[] eps, "
-    "str activation, str se_activation, str gate, bool residual, bool keep_dwconv_output) -> "
+    "str activation, str se_activation, str gate, bool residual, bool keep_dwconv_output, "
+    "bool keep_expand_output=True) -> "
     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "mbconv_backward": "fused_mbconv::mbconv_backward(Tensor grad_out, Tensor x, Tensor e, "
     "Tensor d, Tensor? expand_weight, Tensor? bn1_weight, Tensor? bn1_bias, Tensor mean1, "

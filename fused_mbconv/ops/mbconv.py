@@ -22,12 +22,15 @@ launch. ``run_forward`` / ``run_backward`` compose these calls and hold no math 
 the op runs them, and so does ``mbconv_synced`` (synchronized BatchNorm: a ``BatchStatsSync``
 reduces each BatchNorm's statistics and gradient sums across processes between kernels).
 
-Saved for backward: x, the expand output e, the depthwise output d (unless the forward was
-asked not to keep it: then backward recomputes it from e with K2), the per-channel statistics
-of the three BatchNorms, the per-sample SE vectors (pooled, gate values) and drop-path scale,
-and the parameters. Every other activation (a1, a2, a3, q, BN outputs) is recomputed in the
-backward kernels' prologues. Running statistics are not touched here: the op is functional,
-and ``fused_mbconv.functional.mbconv`` updates them from the statistics it returns.
+Saved for backward: x, the expand output e and the depthwise output d, the per-channel
+statistics of the three BatchNorms, the per-sample SE vectors (pooled, gate values) and
+drop-path scale, and the parameters. The forward may be asked not to keep e or d (the
+``keep_expand_output`` / ``keep_dwconv_output`` flags: the op then returns them empty); backward
+recomputes a missing e from x with K1 and a missing d from e with K2, neither computing
+statistics (the saved ones normalize). Every other activation (a1, a2, a3, q, BN outputs) is
+recomputed in the backward kernels' prologues. Running statistics are not touched here: the
+op is functional, and ``fused_mbconv.functional.mbconv`` updates them from the statistics it
+returns.
 
 Layout: the kernels run on ``kernel_input(x)`` (channels_last on the CPU), which e and d
 follow; the output and x's gradient come back in x's own memory format.
@@ -71,6 +74,7 @@ INPUTS = (
     Arg("stride", "SymInt"), Arg("training", "bool"), Arg("eps", "float[]"),
     Arg("activation", "str"), Arg("se_activation", "str"), Arg("gate", "str"),
     Arg("residual", "bool"), Arg("keep_dwconv_output", "bool"),
+    Arg("keep_expand_output", "bool", default=True),
 )
 MBConvInputs = values_type("MBConvInputs", INPUTS)
 # Its differentiable inputs, in the block's data-flow order (so the inputs before a layer's
@@ -85,8 +89,8 @@ SAVED = ("x", "e", "d", "expand_weight", "bn1_weight", "bn1_bias", "mean1", "var
          "dw_weight", "bn2_weight", "bn2_bias", "mean2", "var2", "fc1_weight", "fc1_bias",
          "fc2_weight", "fc2_bias", "pooled", "gate_values", "project_weight", "bn3_weight",
          "bn3_bias", "mean3", "var3", "sample_scale")
-# The forward's options that backward takes: all but keep_dwconv_output (d shows whether the
-# forward kept it).
+# The forward's options that backward takes: all but the keep_* flags (an empty e or d shows
+# that the forward did not keep it).
 OPTIONS = ("stride", "training", "eps", "activation", "se_activation", "gate", "residual")
 BACKWARD_INPUTS = backward_args(INPUTS, SAVED, OPTIONS)
 MBConvBackwardInputs = values_type("MBConvBackwardInputs", BACKWARD_INPUTS)
@@ -147,7 +151,8 @@ def run_forward(k, *, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Op
                 bn3_running_mean: Optional[Tensor], bn3_running_var: Optional[Tensor],
                 sample_scale: Optional[Tensor], stride: int, training: bool, eps: List[float],
                 activation: str, se_activation: str, gate: str, residual: bool,
-                keep_dwconv_output: bool, sync: Optional[BatchStatsSync] = None):
+                keep_dwconv_output: bool, keep_expand_output: bool,
+                sync: Optional[BatchStatsSync] = None):
     """``fused_mbconv::mbconv`` on the kernel-interface functions ``k`` (its inputs by name),
     returning its OUTPUTS; with ``sync``, each BatchNorm's batch statistics are reduced across
     processes before they are applied."""
@@ -184,6 +189,8 @@ def run_forward(k, *, x: Tensor, expand_weight: Optional[Tensor], bn1_weight: Op
     out = out.contiguous(memory_format=out_format)
     if not keep_dwconv_output:
         d = x.new_empty(0)
+    if not keep_expand_output:
+        e = x.new_empty(0)
     return MBConvOutputs(out, e, d, mean1, var1, mean2, var2, mean3, var3, pooled, gate_values)
 
 
@@ -220,6 +227,8 @@ def run_backward(k, *, grad_out: Tensor, x: Tensor, e: Tensor, d: Tensor,
     bn1 = NormArgs(mean1, var1, bn1_weight, bn1_bias, eps[0]) if expanded else None
     bn2 = NormArgs(mean2, var2, bn2_weight, bn2_bias, eps[1])
     bn3 = NormArgs(mean3, var3, bn3_weight, bn3_bias, eps[2])
+    if expanded and e.numel() == 0:
+        e = k.mbconv_expand_forward(x, _matrix(expand_weight), False)[0]
     h = e if expanded else x
     if d.numel() == 0:
         d = k.mbconv_dwconv_forward(h, dw_weight, stride, bn1, activation, False)[0]
@@ -266,9 +275,10 @@ def mbconv(*inputs) -> Tuple[Tensor, ...]:
     """INPUTS in order; returns OUTPUTS: (out, e, d, mean1, var1, mean2, var2, mean3, var3,
     pooled, gate_values).
 
-    e, mean1, var1 are empty without expansion; pooled and gate_values without SE; d when
-    ``keep_dwconv_output`` is False. The statistics are those used to normalize: the batch's
-    in training, copies of the running ones in eval."""
+    e, mean1, var1 are empty without expansion; pooled and gate_values without SE; e when
+    ``keep_expand_output`` is False, d when ``keep_dwconv_output`` is False. The statistics
+    are those used to normalize: the batch's in training, copies of the running ones in
+    eval."""
     return tuple(run_forward(_kernels(inputs[0].device), **MBConvInputs(*inputs)._asdict()))
 
 
@@ -290,7 +300,8 @@ def _(*inputs):
     xk = kernel_input(x)
     return tuple(MBConvOutputs(
         out=empty_like_input(x, (n, cout, ho, wo)),
-        e=empty_like_input(xk, (n, hidden, h, w)) if expanded else x.new_empty(0),
+        e=(empty_like_input(xk, (n, hidden, h, w)) if expanded and a.keep_expand_output
+           else x.new_empty(0)),
         d=empty_like_input(xk, (n, hidden, ho, wo)) if a.keep_dwconv_output else x.new_empty(0),
         mean1=vector(hidden if expanded else 0), var1=vector(hidden if expanded else 0),
         mean2=vector(hidden), var2=vector(hidden), mean3=vector(cout), var3=vector(cout),
@@ -311,8 +322,8 @@ def _backward_op(k, inputs, sync: Optional[BatchStatsSync] = None) -> List[Tenso
                          schema=schema(BACKWARD_INPUTS, "Tensor[]"))
 def mbconv_backward(*inputs) -> List[Tensor]:
     """BACKWARD_INPUTS in order; returns the gradients of GRAD_INPUTS, in that order, each in
-    its input's dtype; empty where output_mask is False or the input is absent. ``d`` may be
-    empty: it is recomputed."""
+    its input's dtype; empty where output_mask is False or the input is absent. ``e`` and
+    ``d`` may be empty: they are recomputed."""
     return _backward_op(_kernels(inputs[0].device), inputs)
 
 
