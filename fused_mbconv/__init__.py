@@ -1,6 +1,6 @@
 from ._version import __version__
 from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
-from .fused_block import FusedMBConv
+from .fused_block import DEFAULT_RECOMPUTE, FusedMBConv
 from .fused_stem_head import FoldedBatchNorm, FusedConvBNAct, FusedHead, FusedPairConv
 from .efficientnet import (EfficientNet, compound_scaling, efficientnet_b0, efficientnet_b1,
                            efficientnet_b2, efficientnet_b3, efficientnet_b4, efficientnet_b5,

@@ -71,6 +71,12 @@ def cmd_info(args) -> int:
         devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}"
                     for i in range(torch.cuda.device_count())]
     print(f"devices: {', '.join(devices)}")
+    from . import extension  # loads the compiled library: only here, not at import
+    capability = extension.cpu_capability()
+    if capability is not None:
+        print(f"CPU capability: {capability} (this CPU runs "
+              f"{', '.join(extension.cpu_capabilities())}; "
+              f"FUSED_MBCONV_CPU_CAPABILITY chooses another)")
     rows = []
     for backend in TABLE:
         for device_type in filter(backend.runs, DEVICE_TYPES):
@@ -119,11 +125,11 @@ class Provider(NamedTuple):
     or torch.compile of the eager model."""
     name: str
     backend: Optional[str] = None
-    recompute: Union[bool, str] = False
+    recompute: Union[bool, str] = fm.DEFAULT_RECOMPUTE
 
 
 def _fused_provider(backend: str, recompute: Union[bool, str]) -> Provider:
-    suffix = "" if recompute is False else f"-recompute={recompute}"
+    suffix = "" if recompute == fm.DEFAULT_RECOMPUTE else f"-recompute={recompute}"
     return Provider(f"fused-{backend}{suffix}", backend, recompute)
 
 
@@ -139,7 +145,8 @@ def _bench_providers(args, device) -> List[Provider]:
         if backend not in verification.block_backends(device):
             raise UsageError(f"--backend {backend}: does not implement the fused block's "
                              f"kernels yet")
-    levels = [RECOMPUTE_CHOICES[level] for level in dict.fromkeys(args.recompute or ["False"])]
+    levels = [RECOMPUTE_CHOICES[level]
+              for level in dict.fromkeys(args.recompute or [str(fm.DEFAULT_RECOMPUTE)])]
     providers = [Provider("eager")] + [_fused_provider(b, level)
                                        for b in dict.fromkeys(backends) for level in levels]
     usable, reason = profiling.compile_status()
@@ -402,8 +409,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--recompute", choices=list(RECOMPUTE_CHOICES), action="append",
                    help="what the fused blocks keep for backward (FusedMBConv.recompute): "
-                        "False e and d, dwconv e, True neither (default False; repeat to run "
-                        "several levels side by side)")
+                        f"False e and d, dwconv e, True neither (default "
+                        f"{fm.DEFAULT_RECOMPUTE}; repeat to run several levels side by side)")
     p.add_argument("--interleave", action="store_true",
                    help="time one step of each provider in turn (all models built first), "
                         "not each provider's steps in a row: fairer on a shared machine")

@@ -19,7 +19,8 @@ import torch.nn as nn
 from .activations import ACTIVATIONS, GATES
 from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
 from .distributed import ProcessGroupStatsSync, SyncBatchNorm, sync_enabled
-from .fused_block import FusedMBConv, check_recompute, register_block_type
+from .fused_block import (DEFAULT_RECOMPUTE, FusedMBConv, check_recompute,
+                          register_block_type)
 
 
 class NotFusable(ValueError):
@@ -530,14 +531,16 @@ class SyncFusedMBConv(FusedMBConv):
 
 
 def convert(model: nn.Module, inplace: bool = False, sync_bn: bool = False,
-            process_group=None, recompute: Union[bool, str] = False) -> nn.Module:
+            process_group=None,
+            recompute: Union[bool, str] = DEFAULT_RECOMPUTE) -> nn.Module:
     """Swap every block ``convert_report`` calls convertible for a ``FusedMBConv`` that adopts
     the block's submodules under their names, so ``state_dict`` keys and values are unchanged;
     and the model's stem and head for fused ones (``convert_stem_head``), likewise.
 
     ``recompute``: what the converted blocks keep for backward (``FusedMBConv.recompute``):
-    False the expand and depthwise outputs, "dwconv" the expand output (backward recomputes
-    the depthwise one), True neither (backward recomputes both, the expand GEMM included).
+    False the expand and depthwise outputs, "dwconv" (the default) the expand output
+    (backward recomputes the depthwise one), True neither (backward recomputes both, the
+    expand GEMM included).
     Blocks that are already fused keep their own level.
 
     ``sync_bn``: batch statistics over every process of ``process_group`` (default: the whole

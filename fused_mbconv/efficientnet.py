@@ -87,9 +87,9 @@ class EfficientNet(nn.Module):
                  num_classes: int = 1000, stochastic_depth_prob: float = 0.2,
                  bn_eps: float = 1e-5, bn_momentum: Optional[float] = 0.1,
                  fused: bool = False, stages: Tuple[StageConfig, ...] = B0_STAGES,
-                 resolution: int = 224, recompute: Union[bool, str] = False):
-        """``recompute``: what each fused block keeps for backward (``FusedMBConv.recompute``);
-        only with ``fused=True``."""
+                 resolution: int = 224, recompute: Union[bool, str, None] = None):
+        """``recompute``: what each fused block keeps for backward (``FusedMBConv.recompute``;
+        None: its default); only with ``fused=True``."""
         super().__init__()
         if not width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
@@ -102,7 +102,8 @@ class EfficientNet(nn.Module):
         if not 0.0 <= stochastic_depth_prob < 1.0:
             raise ValueError(
                 f"stochastic_depth_prob must be in [0, 1), got {stochastic_depth_prob!r}")
-        if check_recompute(recompute) is not False and not fused:
+        if recompute is not None and not fused:
+            check_recompute(recompute)
             raise ValueError(f"recompute={recompute!r} needs fused=True (an eager block saves "
                              f"what autograd saves)")
         block_cls = _block_class(fused)

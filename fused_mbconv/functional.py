@@ -287,6 +287,9 @@ def check_mbconv_args(x: Tensor, expand_weight: Optional[Tensor], bn1: Optional[
 # What fused_mbconv::mbconv keeps for backward at each ``recompute`` level, as its
 # (keep_expand_output, keep_dwconv_output) flags; backward recomputes what is not kept.
 RECOMPUTE_LEVELS = {False: (True, True), "dwconv": (True, False), True: (False, False)}
+# d is one depthwise pass from e (memory-bound, no GEMM), so keeping it costs more memory than
+# recomputing it costs time: the default keeps e only.
+DEFAULT_RECOMPUTE = "dwconv"
 RECOMPUTE_HELP = ("False (save the expand output e and the depthwise output d), 'dwconv' "
                   "(save e, recompute d) or True (save neither: recompute e from the block "
                   "input, then d)")
@@ -301,14 +304,14 @@ def check_recompute(recompute) -> Union[bool, str]:
 
 
 def resolve_recompute(recompute, recompute_dwconv: Optional[bool]) -> Union[bool, str]:
-    """The level asked for by ``recompute`` and the deprecated ``recompute_dwconv`` alias
-    (None: not given; True means ``recompute="dwconv"``)."""
-    recompute = check_recompute(recompute)
+    """The level asked for by ``recompute`` (None: DEFAULT_RECOMPUTE) and the deprecated
+    ``recompute_dwconv`` alias (None: not given; True means ``recompute="dwconv"``, False
+    ``recompute=False``)."""
     if recompute_dwconv is None:
-        return recompute
+        return DEFAULT_RECOMPUTE if recompute is None else check_recompute(recompute)
     warnings.warn("recompute_dwconv is deprecated: use recompute='dwconv' (or recompute=True "
                   "to recompute the expand output as well)", DeprecationWarning, stacklevel=3)
-    if recompute is not False:
+    if recompute is not None:
         raise ValueError(f"give recompute ({recompute!r}) or the deprecated recompute_dwconv "
                          f"({recompute_dwconv!r}), not both")
     return "dwconv" if recompute_dwconv else False
@@ -331,7 +334,7 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
            bn1: Optional[BatchNormParams] = None, se_weights: Optional[Sequence[Tensor]] = None,
            stride: int = 1, training: bool = False, residual: bool = False,
            drop_path: float = 0.0, activation: str = "silu", se_activation: str = "silu",
-           se_gate: str = "sigmoid", recompute: Union[bool, str] = False,
+           se_gate: str = "sigmoid", recompute: Union[bool, str, None] = None,
            sync: Optional[BatchStatsSync] = None,
            drop_path_training: Optional[bool] = None,
            recompute_dwconv: Optional[bool] = None) -> Tensor:
@@ -350,16 +353,16 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
     In training, each BatchNorm's running statistics (and num_batches_tracked) are updated in
     place after the op succeeds, exactly as ``nn.BatchNorm2d`` does; a call that raises
     changes nothing. ``recompute`` trades backward work for activation memory: False keeps
-    the expand output e and the depthwise output d for backward; "dwconv" keeps e only
-    (backward recomputes d from e, one more depthwise pass); True keeps neither, only the
-    block input, statistics and SE vectors (backward recomputes e with the expand GEMM, then
-    d). Without expansion there is no e: True is "dwconv". Gradients and running statistics
-    are the same at every level (statistics are computed and updated once, in the forward).
-    ``recompute_dwconv=True``, deprecated, is ``recompute="dwconv"``. The output keeps the
-    input's memory format (NCHW or channels_last). Under ``torch.autocast`` the convolutions
-    run in the autocast dtype, as eager's do; a residual input of a wider dtype is added
-    outside the kernels so that the output dtype promotes exactly as eager's
-    ``branch + input``.
+    the expand output e and the depthwise output d for backward; "dwconv" (the default,
+    None) keeps e only (backward recomputes d from e, one more depthwise pass); True keeps
+    neither, only the block input, statistics and SE vectors (backward recomputes e with the
+    expand GEMM, then d). Without expansion there is no e: True is "dwconv". Gradients and
+    running statistics are the same at every level (statistics are computed and updated
+    once, in the forward). ``recompute_dwconv=True``, deprecated, is ``recompute="dwconv"``.
+    The output keeps the input's memory format (NCHW or channels_last). Under
+    ``torch.autocast`` the convolutions run in the autocast dtype, as eager's do; a residual
+    input of a wider dtype is added outside the kernels so that the output dtype promotes
+    exactly as eager's ``branch + input``.
 
     ``sync`` (training only): synchronized BatchNorm. The kernels' batch statistics and
     gradient sums go through it between kernels, e.g. a

@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from . import functional
 from .blocks import MBConv, MBConvSpec
-from .functional import check_recompute  # the levels' one rule, also for convert
+# The recompute levels' one rule, also for convert and efficientnet.
+from .functional import DEFAULT_RECOMPUTE, check_recompute
 
 # Block types from_module accepts besides MBConv, each with its recognizer: a function from
 # a block to its MBConvSpec, raising ValueError (saying why) for a block it cannot fuse.
@@ -85,20 +86,20 @@ class FusedMBConv(MBConv):
     """MBConv computed by the fused kernels: same arguments, math and state_dict keys.
 
     ``recompute`` (attribute and argument) trades backward work for activation memory:
-    False keeps the expand output e and the depthwise output d for backward; "dwconv" keeps
-    e only and recomputes d (one more depthwise pass in backward); True keeps only the block
-    input, statistics and SE vectors and recomputes e (the expand GEMM again), then d. Blocks
-    without expansion have no e: True is "dwconv" there. ``recompute_dwconv``: the deprecated
-    spelling of ``recompute="dwconv"``."""
+    False keeps the expand output e and the depthwise output d for backward; "dwconv" (the
+    default) keeps e only and recomputes d (one more depthwise pass in backward); True keeps
+    only the block input, statistics and SE vectors and recomputes e (the expand GEMM again),
+    then d. Blocks without expansion have no e: True is "dwconv" there.
+    ``recompute_dwconv``: the deprecated spelling of ``recompute="dwconv"``."""
 
-    _recompute: Union[bool, str] = False
+    _recompute: Union[bool, str] = DEFAULT_RECOMPUTE
     # The class this block stands for and its own (non-Module) attributes: eager_block().
     _eager_type: type = MBConv
     _eager_attrs: Optional[dict] = None
     # (descendant modules, spec, reason): the spec and the module tree it was derived from.
     _spec_cache: Optional[tuple] = None
 
-    def __init__(self, *args, recompute: Union[bool, str] = False,
+    def __init__(self, *args, recompute: Union[bool, str, None] = None,
                  recompute_dwconv: Optional[bool] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._eager_attrs = self._own_attributes(self)

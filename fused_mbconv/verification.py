@@ -97,7 +97,7 @@ def timed_block_backends(device) -> List[str]:
     return [b for b in block_backends(device) if b in defaults]
 
 
-def convert(model: nn.Module, recompute=False) -> nn.Module:
+def convert(model: nn.Module, recompute=fm.DEFAULT_RECOMPUTE) -> nn.Module:
     """A fused copy of ``model`` (its blocks at that ``recompute`` level); FusedPathUnavailable
     when nothing in it could be converted."""
     fused = fm.convert(model, inplace=False, recompute=recompute)

@@ -128,8 +128,8 @@ def test_recompute_levels_run_side_by_side_for_each_backend(steps, capsys, tmp_p
     path = tmp_path / "bench.json"
     assert cli.main(["bench", *SMALL, "--backend", "torch", "--recompute", "False",
                      "--recompute", "True", "--recompute", "dwconv", "--json", str(path)]) == 0
-    names = ["eager", "fused-torch", "fused-torch-recompute=True",
-             "fused-torch-recompute=dwconv"]
+    names = ["eager", "fused-torch-recompute=False", "fused-torch-recompute=True",
+             "fused-torch"]  # the default level, dwconv, unsuffixed
     out = capsys.readouterr().out
     assert f"providers {', '.join(names)}" in out
     assert "min ms" in out and "min speed-up" in out
@@ -149,8 +149,9 @@ def test_saved_only_measures_saved_bytes_without_timing(steps, capsys, tmp_path)
     out = capsys.readouterr().out
     assert "no timing" in out and "ms/step" not in out
     saved = {r["provider"]: r["saved_bytes"] for r in json.loads(path.read_text())["results"]}
-    assert list(saved) == ["eager", "fused-torch", "fused-torch-recompute=True"]
-    assert saved["eager"] > saved["fused-torch"] > saved["fused-torch-recompute=True"] > 0
+    assert list(saved) == ["eager", "fused-torch-recompute=False", "fused-torch-recompute=True"]
+    assert (saved["eager"] > saved["fused-torch-recompute=False"]
+            > saved["fused-torch-recompute=True"] > 0)
 
 
 def test_bad_recompute_level_exits_2_naming_it(capsys):
@@ -173,4 +174,5 @@ def test_interleave_times_one_step_of_each_provider_in_turn(steps, capsys, tmp_p
     data = json.loads(path.read_text())
     assert data["meta"]["interleave"] is True
     assert [(r["provider"], r["seconds_per_step"]) for r in data["results"]] == [
-        ("eager", 0.5), ("fused-torch", 0.5), ("fused-torch-recompute=True", 0.5)]
+        ("eager", 0.5), ("fused-torch-recompute=False", 0.5),
+        ("fused-torch-recompute=True", 0.5)]

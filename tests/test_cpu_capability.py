@@ -60,8 +60,10 @@ def test_status_and_info_name_the_capability(capsys):
     assert chosen in SUPPORTED
     assert f"CPU capability {chosen}" in CPU_REASON
     assert cli.main(["info"]) == 0
-    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cpu ")]
+    out = capsys.readouterr().out.splitlines()
+    row = [line for line in out if line.startswith("cpu ")]
     assert len(row) == 1 and f"CPU capability {chosen}" in row[0], row
+    assert f"CPU capability: {chosen} (this CPU runs {', '.join(SUPPORTED)};" in out[3], out
 
 
 def test_the_override_is_read_when_the_library_loads():

@@ -18,7 +18,8 @@ from test_fused_mbconv import (B0_CONFIGS, BACKENDS, GPU_BACKENDS, _gradcheck_in
                                _mbconv_kwargs, check_parity, make_block, run)
 
 LEVELS = [False, "dwconv", True]
-# The levels other than the default (which every other block test runs).
+# The levels other than False, which test_fused_mbconv's block grid runs (the models of the
+# other tests run the default, "dwconv").
 RECOMPUTING = ["dwconv", True]
 # Modes of the parity grid: (dtype, channels_last, training).
 MODES = [(torch.float32, False, True), (torch.bfloat16, True, True),
@@ -142,12 +143,13 @@ def test_recompute_true_saves_no_expanded_map(backend):
 
 def test_bad_levels_are_refused_naming_the_allowed_values():
     allowed = r"recompute must be False .* 'dwconv' .* True"
-    for bad in ("all", "none", 1, 0, None, "True"):
+    for bad in ("all", "none", 1, 0, "True"):
         with pytest.raises(ValueError, match=allowed):
             fm.FusedMBConv(6, 6, 3, 1, 6, recompute=bad)
     block = fm.FusedMBConv(6, 6, 3, 1, 6, recompute="dwconv")
-    with pytest.raises(ValueError, match=allowed):
-        block.recompute = "yes"
+    for bad in ("yes", None):  # None is the constructors' "default", not a level
+        with pytest.raises(ValueError, match=allowed):
+            block.recompute = bad
     assert block.recompute == "dwconv"
     with pytest.raises(ValueError, match="recompute=True needs fused=True"):
         fm.efficientnet_b0(recompute=True)
@@ -186,6 +188,8 @@ def test_recompute_dwconv_is_a_deprecated_alias():
         assert block.recompute_dwconv is True  # True recomputes d as well
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not both"):
         fm.FusedMBConv(6, 6, 3, 1, 6, recompute=True, recompute_dwconv=True)
+    with pytest.warns(DeprecationWarning):  # False through the alias, over the default
+        assert fm.FusedMBConv(6, 6, 3, 1, 6, recompute_dwconv=False).recompute is False
     args = _mbconv_kwargs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new spelling warns of nothing
@@ -211,7 +215,9 @@ def test_levels_reach_every_block_and_survive_conversion_and_copies():
     converted = fm.convert(eager, recompute="dwconv")
     assert _levels(converted) == {"FusedMBConv:dwconv"}
     assert list(converted.state_dict()) == keys
-    assert _levels(fm.convert(eager)) == {"FusedMBConv:False"}
+    assert _levels(fm.convert(eager)) == {"FusedMBConv:dwconv"}  # the default
+    assert _levels(fm.efficientnet_b0(num_classes=10, fused=True)) == {"FusedMBConv:dwconv"}
+    assert fm.FusedMBConv(6, 6, 3, 1, 6).recompute == fm.DEFAULT_RECOMPUTE == "dwconv"
     # Already fused blocks keep their level, whatever convert is asked for new ones.
     assert _levels(fm.convert(built)) == {"FusedMBConv:True"}
     assert _levels(fm.convert(built, sync_bn=True)) == {"SyncFusedMBConv:True"}
