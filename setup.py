@@ -69,7 +69,7 @@ setup(
     install_requires=["torch>=2.13", "triton>=3.6; platform_system == 'Linux'", "ninja", "numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision", "matplotlib",
-                 "onnx", "onnxscript"],
+                 "onnx", "onnxscript", "transformers"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
         "cli": ["matplotlib", "tqdm"],
     },

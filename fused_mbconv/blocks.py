@@ -9,7 +9,7 @@ squeeze-excite whose squeeze width comes from the block's *input* channels, proj
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -90,6 +90,12 @@ class MBConvSpec:
     # The stochastic-depth module, whose own ``training`` flag says whether it drops (as in
     # eager); None: the block's flag.
     drop_path_module: Optional[nn.Module] = None
+    # Element-wise nn.Dropout on the branch before the residual add (Hugging Face's
+    # EfficientNet), applied while that module trains; None: none.
+    branch_dropout: Optional[nn.Module] = None
+    # The (left, right, top, bottom) padding a separate pad layer applies before the depthwise
+    # conv; None: the conv pads itself.
+    dw_pad: Optional[Tuple[int, int, int, int]] = None
 
 
 class MBConv(nn.Module):

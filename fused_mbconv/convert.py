@@ -2,10 +2,11 @@
 ``MBConvSpec`` (or say why it can't be fused), and swap it for ``FusedMBConv``.
 
 Recognizers read a block's structure exactly as its library builds and runs it
-(torchvision ``MBConv``, timm ``InvertedResidual`` / ``DepthwiseSeparableConv``, this
+(torchvision's EfficientNet/MobileNetV2/V3/MNASNet blocks, timm ``InvertedResidual`` /
+``DepthwiseSeparableConv``, transformers' EfficientNet/MobileNetV2/MobileViT blocks, this
 package's ``MBConv``); anything the fused block cannot express is refused with a reason.
-Third-party classes are matched by qualified name, so neither timm nor torchvision is
-imported here.
+Third-party classes are matched by qualified name, so none of those libraries is imported
+here.
 """
 
 from __future__ import annotations
@@ -32,16 +33,21 @@ def qualified_name(cls: type) -> str:
 
 
 _TV = "torchvision.models.efficientnet."
+_TVM = "torchvision.models."
 _TIMM = "timm.models._efficientnet_blocks."
+_HF = "transformers.models."
+_HF_EFFICIENTNET = _HF + "efficientnet.modeling_efficientnet."
 
-# Activation / gate classes by qualified name. timm's own classes compute the same function
-# as torch's (checked against timm's source); the *Me variants only differ in autograd memory.
+# Activation / gate classes by qualified name. timm's and transformers' own classes compute the
+# same function as torch's (checked against their source); timm's *Me variants only differ in
+# autograd memory.
 _ACTIVATION_NAMES: Dict[str, str] = {qualified_name(c): n for n, c in ACTIVATIONS.items()}
 _ACTIVATION_NAMES.update({
     "timm.layers.activations.Swish": "silu",
     "timm.layers.activations_me.SwishMe": "silu",
     "timm.layers.activations.HardSwish": "hardswish",
     "timm.layers.activations_me.HardSwishMe": "hardswish",
+    "transformers.activations.SiLUActivation": "silu",
 })
 _GATE_NAMES: Dict[str, str] = {qualified_name(c): n for n, c in GATES.items()}
 _GATE_NAMES.update({
@@ -115,6 +121,12 @@ def _drop_path(module: Optional[nn.Module], where: str) -> float:
     raise NotFusable(f"{where}: unsupported stochastic-depth module {_type_name(module)}")
 
 
+def _check_mean_pool(pool: nn.Module, where: str) -> None:
+    """AdaptiveAvgPool2d(1) is the spatial mean the fused block computes."""
+    if type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1)):
+        raise NotFusable(f"{where}: expected AdaptiveAvgPool2d(1), got {pool}")
+
+
 def _squeeze_excite(se: Optional[nn.Module], where: str
                     ) -> Tuple[Optional[nn.Conv2d], Optional[nn.Conv2d], Optional[str],
                                Optional[str]]:
@@ -126,15 +138,16 @@ def _squeeze_excite(se: Optional[nn.Module], where: str
         return (se.fc1, se.fc2, _activation(se.act, f"{where}.act"),
                 _gate(se.gate, f"{where}.gate"))
     if name == "torchvision.ops.misc.SqueezeExcitation":
-        # AdaptiveAvgPool2d(1) is the spatial mean the fused block computes.
-        pool = se.avgpool
-        if type(pool) is not nn.AdaptiveAvgPool2d or pool.output_size not in (1, (1, 1)):
-            raise NotFusable(f"{where}.avgpool: expected AdaptiveAvgPool2d(1), got {se.avgpool}")
+        _check_mean_pool(se.avgpool, f"{where}.avgpool")
         return (se.fc1, se.fc2, _activation(se.activation, f"{where}.activation"),
                 _gate(se.scale_activation, f"{where}.scale_activation"))
     if name == _TIMM + "SqueezeExcite":
         return (se.conv_reduce, se.conv_expand, _activation(se.act1, f"{where}.act1"),
                 _gate(se.gate, f"{where}.gate"))
+    if name == _HF_EFFICIENTNET + "EfficientNetSqueezeExciteLayer":
+        _check_mean_pool(se.squeeze, f"{where}.squeeze")
+        return (se.reduce, se.expand, _activation(se.act_reduce, f"{where}.act_reduce"),
+                _gate(se.act_expand, f"{where}.act_expand"))
     raise NotFusable(f"{where}: unsupported squeeze-excite module {_type_name(se)}")
 
 
@@ -144,18 +157,50 @@ def _squeeze_excite(se: Optional[nn.Module], where: str
 # (training flag, affine, running statistics, momentum) is read at each call instead.
 
 def _plain_conv(conv: Optional[nn.Module], role: str) -> nn.Conv2d:
+    """``conv`` if it computes what nn.Conv2d does: nn.Conv2d, or a subclass that only sets
+    other constructor defaults (Hugging Face's EfficientNetDepthwiseConv2d)."""
     if conv is None:
         raise NotFusable(f"{role}: missing")
     reason = _CONV_REASONS.get(qualified_name(type(conv)))
     if reason is not None:
         raise NotFusable(f"{role}: {reason}")
-    if type(conv) is not nn.Conv2d:
+    cls = type(conv)
+    if not (issubclass(cls, nn.Conv2d) and cls.forward is nn.Conv2d.forward
+            and cls._conv_forward is nn.Conv2d._conv_forward):
         raise NotFusable(f"{role}: {_type_name(conv)} is not a plain nn.Conv2d")
     return conv
 
 
+def _padding(conv: nn.Conv2d) -> Tuple[int, int]:
+    """The conv's (height, width) padding, with the "valid" and "same" spellings resolved
+    (stride 1 and odd kernels: the only ones where "same" pads symmetrically)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
+    return conv.padding
+
+
+def _check_dw_padding(conv: nn.Conv2d, role: str, pad: Optional[Tuple[int, int, int, int]]
+                      ) -> None:
+    """The depthwise kernels pad k//2 zeros on every side: the conv's own padding or, with
+    ``pad`` (left, right, top, bottom), a pad layer's before an unpadded conv."""
+    half = conv.kernel_size[0] // 2
+    if pad is None:
+        if _padding(conv) != (half, half):
+            raise NotFusable(f"{role}: padding {conv.padding} (only symmetric k//2 = {half})")
+        return
+    if _padding(conv) != (0, 0):
+        raise NotFusable(f"{role}: padded by a pad layer and by the conv ({conv.padding})")
+    if tuple(pad) != (half,) * 4:
+        kind = "symmetric" if len(set(pad)) == 1 else "asymmetric, TF 'SAME' style"
+        raise NotFusable(f"{role}: pad layer (left, right, top, bottom) = {tuple(pad)}, {kind}; "
+                         f"the depthwise kernels pad k//2 = {half} on every side")
+
+
 def _check_conv(conv: Optional[nn.Module], role: str, in_channels: int, out_channels: int,
-                depthwise: bool, bias: bool) -> None:
+                depthwise: bool, bias: bool,
+                pad: Optional[Tuple[int, int, int, int]] = None) -> None:
     _plain_conv(conv, role)
     if (conv.in_channels, conv.out_channels) != (in_channels, out_channels):
         raise NotFusable(f"{role}: expected {in_channels}->{out_channels} channels, got "
@@ -173,11 +218,11 @@ def _check_conv(conv: Optional[nn.Module], role: str, in_channels: int, out_chan
             raise NotFusable(f"{role}: groups={conv.groups}, not depthwise (groups={in_channels})")
         if conv.kernel_size != (k, k) or k % 2 == 0:
             raise NotFusable(f"{role}: kernel {conv.kernel_size} (only square, odd sizes)")
-        if conv.padding != (k // 2, k // 2):
-            raise NotFusable(f"{role}: padding {conv.padding} (only symmetric k//2 = {k // 2})")
+        _check_dw_padding(conv, role, pad)
         if conv.stride not in ((1, 1), (2, 2)):
             raise NotFusable(f"{role}: stride {conv.stride} (only 1 or 2)")
-    elif (conv.kernel_size, conv.stride, conv.padding, conv.groups) != ((1, 1), (1, 1), (0, 0), 1):
+    elif (conv.kernel_size, conv.stride, _padding(conv), conv.groups) != (
+            (1, 1), (1, 1), (0, 0), 1):
         raise NotFusable(f"{role}: expected a dense 1x1 stride-1 conv, got "
                          f"kernel {conv.kernel_size}, stride {conv.stride}, padding "
                          f"{conv.padding}, groups {conv.groups}")
@@ -208,7 +253,7 @@ def check_spec(spec: MBConvSpec, in_channels: int) -> MBConvSpec:
     elif hidden != in_channels:
         raise NotFusable(f"no expand conv, but the depthwise conv has {hidden} channels for "
                          f"{in_channels} inputs")
-    _check_conv(spec.dw_conv, "depthwise conv", hidden, hidden, True, False)
+    _check_conv(spec.dw_conv, "depthwise conv", hidden, hidden, True, False, spec.dw_pad)
     _check_bn(spec.dw_bn, "depthwise BN", hidden)
     if (spec.stride, spec.kernel_size) != (spec.dw_conv.stride[0], spec.dw_conv.kernel_size[0]):
         raise NotFusable(f"spec stride/kernel ({spec.stride}, {spec.kernel_size}) disagree "
@@ -230,6 +275,12 @@ def check_spec(spec: MBConvSpec, in_channels: int) -> MBConvSpec:
         raise NotFusable(f"residual with stride {spec.stride}, {in_channels}->{out_channels}")
     if not 0.0 <= spec.drop_path < 1.0:
         raise NotFusable(f"drop_path {spec.drop_path} (must be in [0, 1))")
+    if spec.branch_dropout is not None:
+        if type(spec.branch_dropout) is not nn.Dropout:
+            raise NotFusable(f"branch dropout {_type_name(spec.branch_dropout)} (only "
+                             f"nn.Dropout)")
+        if not spec.residual or spec.drop_path:
+            raise NotFusable("branch dropout needs a residual block without stochastic depth")
     return spec
 
 
@@ -248,8 +299,6 @@ _UNFUSABLE_BLOCKS: Dict[str, str] = {
                             "depthwise stage to fuse",
     _TIMM + "CondConvResidual": "CondConv: per-sample mixture of expert kernels",
     _TIMM + "ConvBnAct": "a single conv + BN + activation, not an inverted-residual block",
-    _TIMM + "UniversalInvertedResidual": "MobileNetV4 block: optional depthwise convs around the "
-                                         "expansion, layer scale",
     _TIMM + "MobileAttention": "attention block",
 }
 
@@ -267,44 +316,109 @@ def _fused_mbconv_block(block: MBConv) -> Tuple[MBConvSpec, int]:
     return block.spec(), block.in_channels
 
 
-def _conv_norm_act(layer: nn.Module, where: str, with_act: bool
-                   ) -> Tuple[nn.Module, nn.Module, Optional[str]]:
-    """torchvision Conv2dNormActivation: Sequential(conv, norm[, activation])."""
-    if not isinstance(layer, nn.Sequential) or len(layer) != (3 if with_act else 2):
-        raise NotFusable(f"{where}: expected Conv2dNormActivation(conv, norm"
-                         f"{', activation' if with_act else ''}), got {layer}")
-    act = _activation(layer[2], f"{where}.2") if with_act else None
-    return layer[0], layer[1], act
+def _branch_spec(expand: Optional[Tuple[nn.Module, nn.Module]], dw_conv: nn.Module,
+                 dw_bn: nn.Module, se: Optional[nn.Module], se_where: str,
+                 project: Tuple[nn.Module, nn.Module], activation: str, residual: bool,
+                 drop_path_module: Optional[nn.Module] = None, drop_path_where: str = "",
+                 conv_names: Tuple[str, str] = ("expand conv", "depthwise conv"),
+                 **extra) -> Tuple[MBConvSpec, int]:
+    """The spec of an [expand conv, BN, act,] depthwise conv, BN, act, [SE,] project conv, BN
+    branch (one activation throughout), and its input channels: what every recognizer
+    builds. ``conv_names``: the expand and depthwise convs' names in the block, for reasons.
+    Stochastic depth only counts with a residual."""
+    dw_conv = _plain_conv(dw_conv, conv_names[1])
+    expand_conv, expand_bn = expand if expand is not None else (None, None)
+    if expand_conv is not None:
+        expand_conv = _plain_conv(expand_conv, conv_names[0])
+    fc1, fc2, se_act, gate = _squeeze_excite(se, se_where)
+    drop_path_module = drop_path_module if residual else None
+    spec = MBConvSpec(
+        expand_conv=expand_conv, expand_bn=expand_bn, dw_conv=dw_conv, dw_bn=dw_bn,
+        se_fc1=fc1, se_fc2=fc2, project_conv=project[0], project_bn=project[1],
+        stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0], residual=residual,
+        drop_path=_drop_path(drop_path_module, drop_path_where) if residual else 0.0,
+        drop_path_module=drop_path_module, activation=activation,
+        se_activation=se_act or activation, se_gate=gate or "sigmoid", **extra)
+    return spec, (expand_conv if expand_conv is not None else dw_conv).in_channels
+
+
+def _same_activation(expand_act: Optional[str], dw_act: Optional[str], where: str) -> str:
+    if dw_act is None:
+        raise NotFusable(f"{where}: no activation after the depthwise BN")
+    if expand_act is not None and expand_act != dw_act:
+        raise NotFusable(f"{where}: expand activation {expand_act} differs from the depthwise "
+                         f"activation {dw_act}; the fused block applies one activation to both")
+    return dw_act
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision: EfficientNet's MBConv, MobileNetV2/V3's InvertedResidual and MNASNet's
+# _InvertedResidual are the same branch as Sequentials (Conv2dNormActivation is one too).
+
+_TV_SQUEEZE_EXCITE = "torchvision.ops.misc.SqueezeExcitation"
+
+
+def _torchvision_spec(layers: nn.Sequential, where: str, residual: bool,
+                      drop_path_module: Optional[nn.Module] = None) -> Tuple[MBConvSpec, int]:
+    """The spec of a torchvision branch ``layers``: conv, BN and activation layers, nested one
+    Sequential deep, in the order [expand conv, BN, act,] depthwise conv, BN, act, [SE,]
+    project conv, BN."""
+    flat = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, nn.Sequential):
+            flat.extend((f"{where}.{i}.{j}", m) for j, m in enumerate(layer))
+        else:
+            flat.append((f"{where}.{i}", layer))
+
+    def kind(module: nn.Module) -> str:
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return "conv"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return "bn"
+        return "se" if qualified_name(type(module)) == _TV_SQUEEZE_EXCITE else "act"
+
+    kinds = " ".join(kind(m) for _, m in flat)
+    if kinds not in {f"{e}conv bn act {s}conv bn" for e in ("", "conv bn act ")
+                     for s in ("", "se ")}:
+        raise NotFusable(f"{where}: expected [expand conv, BN, act,] depthwise conv, BN, act, "
+                         f"[SE,] project conv, BN; got {kinds}")
+    modules = [m for _, m in flat]
+    names = [n for n, _ in flat]
+    expanded = kinds.count("conv") == 3
+    dw = 3 if expanded else 0
+    expand_act = _activation(modules[2], names[2]) if expanded else None
+    act = _same_activation(expand_act, _activation(modules[dw + 2], names[dw + 2]), where)
+    has_se = " se " in kinds
+    return _branch_spec(
+        (modules[0], modules[1]) if expanded else None, modules[dw], modules[dw + 1],
+        modules[dw + 3] if has_se else None, names[dw + 3] if has_se else "",
+        (modules[-2], modules[-1]), act, residual, drop_path_module, "stochastic_depth",
+        conv_names=(names[0], names[dw]))
 
 
 @register_recognizer(_TV + "MBConv")
 def _torchvision_mbconv(block: nn.Module) -> Tuple[MBConvSpec, int]:
-    layers = list(block.block)
-    if len(layers) not in (3, 4):
-        raise NotFusable(f"block: expected [expand,] depthwise, SE, project layers, "
-                         f"got {len(layers)} layers")
-    expand_conv = expand_bn = None
-    if len(layers) == 4:
-        expand_conv, expand_bn, expand_act = _conv_norm_act(layers[0], "block.0", True)
-        expand_conv = _plain_conv(expand_conv, "block.0.0")
-    dw_at = len(layers) - 3
-    dw_conv, dw_bn, act = _conv_norm_act(layers[dw_at], f"block.{dw_at}", True)
-    dw_conv = _plain_conv(dw_conv, f"block.{dw_at}.0")
-    if expand_conv is not None and expand_act != act:
-        raise NotFusable(f"expand activation {expand_act} differs from depthwise activation {act}")
-    fc1, fc2, se_act, gate = _squeeze_excite(layers[dw_at + 1], f"block.{dw_at + 1}")
-    project_conv, project_bn, _ = _conv_norm_act(layers[dw_at + 2], f"block.{dw_at + 2}", False)
-    in_channels = (expand_conv if expand_conv is not None else dw_conv).in_channels
-    spec = MBConvSpec(
-        expand_conv=expand_conv, expand_bn=expand_bn, dw_conv=dw_conv, dw_bn=dw_bn,
-        se_fc1=fc1, se_fc2=fc2, project_conv=project_conv, project_bn=project_bn,
-        stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0],
-        residual=bool(block.use_res_connect),
-        drop_path=_drop_path(block.stochastic_depth, "stochastic_depth") if block.use_res_connect
-        else 0.0, drop_path_module=block.stochastic_depth if block.use_res_connect else None,
-        activation=act, se_activation=se_act or act, se_gate=gate or "sigmoid")
-    return spec, in_channels
+    return _torchvision_spec(block.block, "block", bool(block.use_res_connect),
+                             block.stochastic_depth)
 
+
+@register_recognizer(_TVM + "mobilenetv3.InvertedResidual")
+def _torchvision_mobilenet_v3(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    return _torchvision_spec(block.block, "block", bool(block.use_res_connect))
+
+
+@register_recognizer(_TVM + "mobilenetv2.InvertedResidual")
+def _torchvision_mobilenet_v2(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    return _torchvision_spec(block.conv, "conv", bool(block.use_res_connect))
+
+
+@register_recognizer(_TVM + "mnasnet._InvertedResidual")
+def _torchvision_mnasnet(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    return _torchvision_spec(block.layers, "layers", bool(block.apply_residual))
+
+
+# ---------------------------------------------------------------------------------------------
+# timm
 
 def _timm_common(block: nn.Module) -> None:
     if getattr(block, "conv_s2d", None) is not None:
@@ -317,48 +431,135 @@ def _timm_common(block: nn.Module) -> None:
 @register_recognizer(_TIMM + "DepthwiseSeparableConv")
 def _timm_depthwise_separable(block: nn.Module) -> Tuple[MBConvSpec, int]:
     _timm_common(block)
-    act = _norm_act(block.bn1, "bn1")
-    if act is None:
-        raise NotFusable("bn1: no activation after the depthwise BN")
+    act = _same_activation(None, _norm_act(block.bn1, "bn1"), "bn1")
     if _norm_act(block.bn2, "bn2") is not None:
         raise NotFusable("bn2: activation after the pointwise projection (pw_act)")
-    fc1, fc2, se_act, gate = _squeeze_excite(block.se, "se")
-    dw_conv = _plain_conv(block.conv_dw, "conv_dw")
-    spec = MBConvSpec(
-        expand_conv=None, expand_bn=None, dw_conv=block.conv_dw, dw_bn=block.bn1,
-        se_fc1=fc1, se_fc2=fc2, project_conv=block.conv_pw, project_bn=block.bn2,
-        stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0],
-        residual=bool(block.has_skip),
-        drop_path=_drop_path(block.drop_path, "drop_path") if block.has_skip else 0.0,
-        drop_path_module=block.drop_path if block.has_skip else None,
-        activation=act, se_activation=se_act or act, se_gate=gate or "sigmoid")
-    return spec, dw_conv.in_channels
+    return _branch_spec(None, block.conv_dw, block.bn1, block.se, "se",
+                        (block.conv_pw, block.bn2), act, bool(block.has_skip),
+                        block.drop_path, "drop_path", conv_names=("", "conv_dw"))
 
 
 @register_recognizer(_TIMM + "InvertedResidual")
 def _timm_inverted_residual(block: nn.Module) -> Tuple[MBConvSpec, int]:
     _timm_common(block)
-    act = _norm_act(block.bn1, "bn1")
-    dw_act = _norm_act(block.bn2, "bn2")
-    if act is None:
+    expand_act = _norm_act(block.bn1, "bn1")
+    if expand_act is None:
         raise NotFusable("bn1: no activation after the expand BN")
-    if dw_act != act:
-        raise NotFusable(f"bn2: depthwise activation {dw_act} differs from the expand "
-                         f"activation {act}; the fused block applies one activation to both")
+    act = _same_activation(expand_act, _norm_act(block.bn2, "bn2"), "bn2")
     if _norm_act(block.bn3, "bn3") is not None:
         raise NotFusable("bn3: activation after the pointwise projection")
-    fc1, fc2, se_act, gate = _squeeze_excite(block.se, "se")
-    expand_conv = _plain_conv(block.conv_pw, "conv_pw")
-    dw_conv = _plain_conv(block.conv_dw, "conv_dw")
-    spec = MBConvSpec(
-        expand_conv=block.conv_pw, expand_bn=block.bn1, dw_conv=block.conv_dw, dw_bn=block.bn2,
-        se_fc1=fc1, se_fc2=fc2, project_conv=block.conv_pwl, project_bn=block.bn3,
-        stride=dw_conv.stride[0], kernel_size=dw_conv.kernel_size[0],
-        residual=bool(block.has_skip),
-        drop_path=_drop_path(block.drop_path, "drop_path") if block.has_skip else 0.0,
-        drop_path_module=block.drop_path if block.has_skip else None,
-        activation=act, se_activation=se_act or act, se_gate=gate or "sigmoid")
-    return spec, expand_conv.in_channels
+    return _branch_spec((block.conv_pw, block.bn1), block.conv_dw, block.bn2, block.se, "se",
+                        (block.conv_pwl, block.bn3), act, bool(block.has_skip),
+                        block.drop_path, "drop_path", conv_names=("conv_pw", "conv_dw"))
+
+
+def _conv_norm_act(layer: nn.Module, where: str) -> Tuple[nn.Module, nn.Module, Optional[str]]:
+    """timm ConvNormAct: conv, BatchNormAct2d (and the activation inside it)."""
+    if not _is_identity(getattr(layer, "aa", None)):
+        raise NotFusable(f"{where}: anti-aliasing layer aa ({_type_name(layer.aa)}) after the "
+                         f"conv")
+    return layer.conv, layer.bn, _norm_act(layer.bn, f"{where}.bn")
+
+
+@register_recognizer(_TIMM + "UniversalInvertedResidual")
+def _timm_universal_inverted_residual(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    """MobileNetV4's block. Its inverted-bottleneck ("IB") form, expand, depthwise (dw_mid),
+    project, is an MBConv block; the forms with a depthwise conv before the expansion
+    (dw_start: "ExtraDW", "ConvNext") or after the projection (dw_end) are not."""
+    for name, place in (("dw_start", "before the expand conv"),
+                        ("dw_end", "after the projection")):
+        layer = getattr(block, name)
+        if not _is_identity(layer):
+            kernel = "x".join(map(str, layer.conv.kernel_size))
+            raise NotFusable(f"{name}: a second depthwise conv ({kernel}) {place}; the kernels "
+                             f"fuse one depthwise conv, between expand and project")
+    if _is_identity(block.dw_mid):
+        raise NotFusable("dw_mid: no depthwise conv between expand and project (MobileNetV4 "
+                         "FFN form)")
+    if not _is_identity(block.layer_scale):
+        raise NotFusable(f"layer_scale ({_type_name(block.layer_scale)}): a per-channel scale "
+                         f"of the branch before the residual add")
+    expand_conv, expand_bn, expand_act = _conv_norm_act(block.pw_exp, "pw_exp")
+    if expand_act is None:
+        raise NotFusable("pw_exp: no activation after the expand BN")
+    dw_conv, dw_bn, dw_act = _conv_norm_act(block.dw_mid, "dw_mid")
+    act = _same_activation(expand_act, dw_act, "dw_mid")
+    project_conv, project_bn, project_act = _conv_norm_act(block.pw_proj, "pw_proj")
+    if project_act is not None:
+        raise NotFusable("pw_proj: activation after the pointwise projection")
+    return _branch_spec((expand_conv, expand_bn), dw_conv, dw_bn, block.se, "se",
+                        (project_conv, project_bn), act, bool(block.has_skip),
+                        block.drop_path, "drop_path",
+                        conv_names=("pw_exp.conv", "dw_mid.conv"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers
+
+@register_recognizer(_HF_EFFICIENTNET + "EfficientNetBlock")
+def _hf_efficientnet(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    dw = block.depthwise_conv
+    expand, expand_act = None, None
+    if block.expand:
+        layer = block.expansion
+        expand = (layer.expand_conv, layer.expand_bn)
+        expand_act = _activation(layer.expand_act, "expansion.expand_act")
+    act = _same_activation(expand_act, _activation(dw.depthwise_act,
+                                                   "depthwise_conv.depthwise_act"),
+                           "depthwise_conv")
+    projection = block.projection
+    residual = bool(projection.apply_dropout)
+    # At stride 2 the layer pads (ZeroPad2d) before a "valid" conv: asymmetrically unless the
+    # config lists the block in depthwise_padding.
+    pad = tuple(dw.depthwise_conv_pad.padding) if dw.stride == 2 else None
+    return _branch_spec(
+        expand, dw.depthwise_conv, dw.depthwise_norm, block.squeeze_excite, "squeeze_excite",
+        (projection.project_conv, projection.project_bn), act, residual,
+        conv_names=("expansion.expand_conv", "depthwise_conv.depthwise_conv"),
+        branch_dropout=projection.dropout if residual else None, dw_pad=pad)
+
+
+def _hf_conv_layer(layer: nn.Module, where: str, with_act: bool
+                   ) -> Tuple[nn.Module, nn.Module, Optional[str]]:
+    """MobileNetV2ConvLayer / MobileViTConvLayer: convolution, normalization, activation."""
+    if layer.normalization is None:
+        raise NotFusable(f"{where}: no normalization after the conv")
+    if (layer.activation is not None) != with_act:
+        raise NotFusable(f"{where}: {'no' if with_act else 'an'} activation after the BN")
+    act = _activation(layer.activation, f"{where}.activation") if with_act else None
+    return layer.convolution, layer.normalization, act
+
+
+def _hf_inverted_residual(block: nn.Module, tf_padding: bool) -> Tuple[MBConvSpec, int]:
+    """MobileNetV2's inverted residual (MobileViT's too): expand_1x1, conv_3x3, reduce_1x1.
+    With ``tf_padding`` each conv pads TF-'SAME' style at run time: symmetric k//2 at stride
+    1, but at stride 2 it depends on the input size."""
+    expand_conv, expand_bn, expand_act = _hf_conv_layer(block.expand_1x1, "expand_1x1", True)
+    dw_conv, dw_bn, dw_act = _hf_conv_layer(block.conv_3x3, "conv_3x3", True)
+    act = _same_activation(expand_act, dw_act, "conv_3x3")
+    project_conv, project_bn, _ = _hf_conv_layer(block.reduce_1x1, "reduce_1x1", False)
+    pad = None
+    if tf_padding:
+        if dw_conv.stride != (1, 1):
+            raise NotFusable("conv_3x3: TF 'SAME' padding (config.tf_padding) at stride 2 pads "
+                             "(0, 1) for even input sizes, asymmetrically; the depthwise "
+                             "kernels pad k//2 on every side")
+        k = dw_conv.kernel_size[0]
+        pad = ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2)
+    return _branch_spec((expand_conv, expand_bn), dw_conv, dw_bn, None, "",
+                        (project_conv, project_bn), act, bool(block.use_residual),
+                        conv_names=("expand_1x1.convolution", "conv_3x3.convolution"),
+                        dw_pad=pad)
+
+
+@register_recognizer(_HF + "mobilenet_v2.modeling_mobilenet_v2.MobileNetV2InvertedResidual")
+def _hf_mobilenet_v2(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    return _hf_inverted_residual(block, bool(block.expand_1x1.config.tf_padding))
+
+
+@register_recognizer(_HF + "mobilevit.modeling_mobilevit.MobileViTInvertedResidual")
+def _hf_mobilevit(block: nn.Module) -> Tuple[MBConvSpec, int]:
+    return _hf_inverted_residual(block, False)
 
 
 def _lookup(cls: type) -> Tuple[Optional[Recognizer], Optional[str]]:

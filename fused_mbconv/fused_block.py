@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import functional
 from .blocks import MBConv, MBConvSpec
@@ -40,7 +41,7 @@ _RECOGNIZERS: Dict[type, Callable[[nn.Module], MBConvSpec]] = {}
 # the eager block it stands for share; every other attribute is the eager class's own.
 _MODULE_STATE = frozenset(vars(nn.Module())) - {"training"}
 _ROLES = ("expand_conv", "expand_bn", "dw_conv", "dw_bn", "se_fc1", "se_fc2", "project_conv",
-          "project_bn", "drop_path_module")
+          "project_bn", "drop_path_module", "branch_dropout")
 
 
 def register_block_type(block_type: type, recognize: Callable[[nn.Module], MBConvSpec]) -> None:
@@ -259,17 +260,23 @@ class FusedMBConv(MBConv):
             se = (spec.se_fc1.weight, spec.se_fc1.bias, spec.se_fc2.weight, spec.se_fc2.bias)
         drop_module = spec.drop_path_module
         training = _uses_batch_stats(spec.dw_bn)
-        return functional.mbconv(
+        # Element-wise branch dropout is not in the kernels: the op returns the branch and the
+        # dropout and residual add follow it, as in the eager block.
+        dropout = spec.branch_dropout
+        dropping = dropout is not None and dropout.training and dropout.p > 0
+        out = functional.mbconv(
             x, spec.dw_conv.weight, _bn_params(spec.dw_bn), spec.project_conv.weight,
             _bn_params(spec.project_bn),
             expand_weight=spec.expand_conv.weight if spec.expand_conv is not None else None,
             bn1=_bn_params(spec.expand_bn) if spec.expand_bn is not None else None,
-            se_weights=se, stride=spec.stride, training=training, residual=spec.residual,
+            se_weights=se, stride=spec.stride, training=training,
+            residual=spec.residual and not dropping,
             drop_path=spec.drop_path, activation=spec.activation,
             se_activation=spec.se_activation, se_gate=spec.se_gate,
             recompute=self.recompute,
             sync=self.stats_sync() if training else None,
             drop_path_training=(drop_module if drop_module is not None else self).training)
+        return x + F.dropout(out, dropout.p, training=True) if dropping else out
 
     def _trace(self, x: torch.fx.Proxy) -> torch.fx.Proxy:
         """Under torch.fx, the block is one ``call_module`` node (a leaf), so the traced

@@ -9,6 +9,8 @@ model.
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -20,6 +22,16 @@ import fused_mbconv as fm
 from .tolerances import compare, eager_in
 
 OWN_MODELS = tuple(f"efficientnet_b{i}" for i in range(8))
+
+# hf:NAME: transformers model class and config arguments. transformers' default
+# EfficientNetConfig is B7-sized: these coefficients give B0.
+HF_MODELS = {
+    "efficientnet_b0": ("EfficientNetForImageClassification", "EfficientNetConfig",
+                        dict(width_coefficient=1.0, depth_coefficient=1.0, hidden_dim=1280)),
+    "efficientnet_b7": ("EfficientNetForImageClassification", "EfficientNetConfig", {}),
+    "mobilenet_v2": ("MobileNetV2ForImageClassification", "MobileNetV2Config", {}),
+    "mobilevit_s": ("MobileViTForImageClassification", "MobileViTConfig", {}),
+}
 
 
 class ModelNotFound(ValueError):
@@ -35,16 +47,44 @@ class FusedPathUnavailable(RuntimeError):
 
 
 def _require(package: str, model: str):
-    try:
-        return __import__(package)
-    except ImportError as exc:
+    if importlib.util.find_spec(package) is None:
         raise MissingPackage(f"{model} needs the optional package {package!r}, which is not "
-                             f"installed: pip install {package}") from exc
+                             f"installed: pip install {package}")
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:  # e.g. a directory named like one of its dependencies on sys.path
+        raise MissingPackage(f"{model}: {package!r} is installed but does not import: "
+                             f"{exc}") from exc
+
+
+class Logits(nn.Module):
+    """A transformers image classifier returning its logits tensor, as timm and torchvision
+    models do (transformers returns an output object)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values).logits
+
+
+def build_hf_model(name: str, num_classes: int = 1000, **config) -> nn.Module:
+    """transformers model ``HF_MODELS[name]`` from its config (random weights), with
+    ``config`` overriding the config's arguments; wrapped in ``Logits``."""
+    if name not in HF_MODELS:
+        raise ModelNotFound(f"no Hugging Face model hf:{name}: use one of "
+                            f"{', '.join('hf:' + n for n in HF_MODELS)}")
+    transformers = _require("transformers", f"hf:{name}")
+    model_class, config_class, defaults = HF_MODELS[name]
+    config = getattr(transformers, config_class)(**{**defaults, "num_labels": num_classes,
+                                                    **config})
+    return Logits(getattr(transformers, model_class)(config))
 
 
 def build_model(name: str, num_classes: int = 1000) -> nn.Module:
-    """``efficientnet_b0``..``efficientnet_b7`` (this package), ``timm:NAME`` or
-    ``torchvision:NAME``, with random weights."""
+    """``efficientnet_b0``..``efficientnet_b7`` (this package), ``timm:NAME``,
+    ``torchvision:NAME`` or ``hf:NAME`` (``HF_MODELS``), with random weights."""
     if name in OWN_MODELS:
         return getattr(fm, name)(num_classes=num_classes)
     prefix, _, model = name.partition(":")
@@ -59,8 +99,10 @@ def build_model(name: str, num_classes: int = 1000) -> nn.Module:
             raise ModelNotFound(f"torchvision has no model {model!r} "
                                 f"(see torchvision.models.list_models())")
         return torchvision.models.get_model(model, weights=None, num_classes=num_classes)
+    if prefix == "hf" and model:
+        return build_hf_model(model, num_classes)
     raise ModelNotFound(f"unknown model {name!r}: use one of {', '.join(OWN_MODELS)}, "
-                        f"timm:NAME or torchvision:NAME")
+                        f"timm:NAME, torchvision:NAME or hf:NAME")
 
 
 def disable_stochastic(model: nn.Module) -> nn.Module:

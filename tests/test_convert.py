@@ -44,6 +44,16 @@ MODELS = {
     "timm:tf_efficientnet_b0": (lambda: timm_model("tf_efficientnet_b0"), 12,
                                 {"'same' padding": 4}),
     "fm:efficientnet_b0": (lambda: fm.efficientnet_b0(), 16, {}),
+    "tv:mobilenet_v2": (lambda: tv_model("mobilenet_v2"), 17, {}),
+    "tv:mobilenet_v3_large": (lambda: tv_model("mobilenet_v3_large"), 15, {}),
+    "tv:mnasnet1_0": (lambda: tv_model("mnasnet1_0"), 16, {}),
+    "timm:tf_mobilenetv3_large_100": (lambda: timm_model("tf_mobilenetv3_large_100"), 11,
+                                      {"'same' padding": 4, "not an inverted-residual block": 1}),
+    # MobileNetV4: its inverted-bottleneck UniversalInvertedResidual blocks fuse
+    "timm:mobilenetv4_conv_small": (lambda: timm_model("mobilenetv4_conv_small",
+                                                       drop_path_rate=0.2), 8,
+                                    {"not an inverted-residual block": 5,
+                                     "dw_start: a second depthwise conv": 4}),
 }
 
 
@@ -299,7 +309,16 @@ def test_report_after_conversion(name, unconverted, reason):
 
 PARITY_MODELS = ["tv:efficientnet_b0", "tv:efficientnet_v2_s", "timm:efficientnet_b0",
                  "timm:mobilenetv2_100", "timm:mobilenetv3_large_100", "timm:mnasnet_100",
-                 "timm:tf_efficientnet_b0"]
+                 "timm:tf_efficientnet_b0", "tv:mobilenet_v3_large",
+                 "tv:mnasnet1_0", "timm:mobilenetv4_conv_small", "tv:mobilenet_v2"]
+
+
+# Inputs redrawn where the default one puts a pre-activation within float32 rounding of a ReLU6
+# kink near the input, where the rule does not apply: in tv:mobilenet_v2 one depthwise BN output
+# of features.1 is 1.8e-8 in float64, so float32 rounding clips it in one model and not in
+# another, and that single mask element moves the stem's weight gradient by 2% (eager's own
+# error is the large one when the fused block rounds it the float64 way).
+INPUT_SEEDS = {"tv:mobilenet_v2": 1}
 
 
 def train_steps(model, x, weights, steps=2):
@@ -326,10 +345,11 @@ def assert_state_close(fused, eager, ref, what, rounds=1):
             assert torch.equal(fused[key], ref[key]), f"{what} {key}"
 
 
-def check_converted_training(name, device="cpu"):
+def check_converted_training(name, device="cpu", case=None):
     """Two SGD steps of the converted model, the original and a float64 copy, all on device:
-    outputs, step-1 gradients and final states by the rule, then eval outputs."""
-    build, fusable, _ = MODELS[name]
+    outputs, step-1 gradients and final states by the rule, then eval outputs. ``case``: a
+    (constructor, fusable, reasons) entry not in MODELS."""
+    build, fusable, _ = case or MODELS[name]
     torch.manual_seed(0)
     original = build()
     randomize_bn_state(original)
@@ -337,6 +357,8 @@ def check_converted_training(name, device="cpu"):
     converted = fm.convert(original)
     assert len(fm.convert_report(converted).converted) == fusable
     reference = copy.deepcopy(original).double()
+    if name in INPUT_SEEDS:
+        torch.manual_seed(INPUT_SEEDS[name])
     x = torch.randn(2, 3, 64, 64, device=device)
     weights = torch.randn(2, 1000, device=device) / 1000  # small, well-conditioned steps
     runs = {label: train_steps(m.train(), x, weights)
