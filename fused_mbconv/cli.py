@@ -89,6 +89,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- report
+
+def cmd_report(args) -> int:
+    """convert_report of the converted model: which blocks, stems and heads fused, and why the
+    others did not; exit 1 (FusedPathUnavailable) when nothing fused."""
+    fused = verification.convert(verification.build_model(args.model))
+    print(f"{args.model}: fm.convert(model)")
+    print(fm.convert_report(fused))
+    return 0
+
+
 # ---------------------------------------------------------------- verify
 
 def cmd_verify(args) -> int:
@@ -387,8 +398,13 @@ def _parser() -> argparse.ArgumentParser:
                     "PyTorch, benchmarks and a short training run.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, backends built and usable")
-    model_help = ("efficientnet_b0..efficientnet_b7, timm:NAME or torchvision:NAME "
-                  "(random weights, nothing downloaded)")
+    model_help = ("efficientnet_b0..efficientnet_b7, timm:NAME, torchvision:NAME or hf:NAME "
+                  f"(hf: {', '.join(verification.HF_MODELS)}; random weights, nothing "
+                  f"downloaded)")
+
+    p = sub.add_parser("report", help="convert MODEL; list each block, stem and head: fused "
+                                      "or why not")
+    p.add_argument("model", help=model_help)
 
     p = sub.add_parser("verify", help="convert MODEL, compare with eager; exit 1 on mismatch")
     p.add_argument("model", help=model_help)
@@ -456,8 +472,8 @@ def _positive(args, *names) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    commands = {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench, "train": cmd_train,
-                "geometry": cmd_geometry}
+    commands = {"info": cmd_info, "report": cmd_report, "verify": cmd_verify, "bench": cmd_bench,
+                "train": cmd_train, "geometry": cmd_geometry}
     try:
         if args.command == "geometry":
             _positive(argparse.Namespace(batch=min(args.batch)), "batch")

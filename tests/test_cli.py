@@ -33,7 +33,7 @@ def test_python_m_runs_the_cli():
     assert "backends" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["verify", "bench", "train"])
+@pytest.mark.parametrize("command", ["verify", "bench", "train", "report"])
 def test_unknown_model_exits_2(capsys, command):
     assert cli.main([command, "resnet_b9"]) == 2
     assert "unknown model 'resnet_b9'" in capsys.readouterr().err
@@ -59,9 +59,22 @@ def test_bad_arguments_exit_2(capsys):
     assert exc.value.code == 2
 
 
-@pytest.mark.parametrize("command", ["verify", "bench", "train"])
+def test_report_lists_every_block(capsys):
+    assert cli.main(["report", "torchvision:mnasnet1_0"]) == 0
+    out = capsys.readouterr().out
+    assert "16 MBConv-style blocks: 16 converted" in out
+    assert out.count("converted    fused_mbconv.FusedMBConv") == 16
+
+
+def test_report_says_why_a_block_stays_eager(capsys):
+    assert cli.main(["report", "timm:tf_efficientnet_b0"]) == 0
+    out = capsys.readouterr().out
+    assert "12 converted" in out and out.count("TF 'same' padding") == 4, out
+
+
+@pytest.mark.parametrize("command", ["verify", "bench", "train", "report"])
 def test_model_with_nothing_to_fuse_says_why_and_exits_1(capsys, command):
-    assert cli.main([command, "timm:resnet18"] + SMALL) == 1
+    assert cli.main([command, "timm:resnet18"] + (SMALL if command != "report" else [])) == 1
     err = capsys.readouterr().err
     assert "no block of this model could be converted" in err
     assert "0 MBConv-style blocks" in err
