@@ -366,10 +366,12 @@ def excite_bwd_sample_kernel(gg_ptr, pooled_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
 def excite_bwd_weight_kernel(pooled_ptr, gz1_ptr, gz2_ptr, h_ptr, gw1_ptr, gb1_ptr, gw2_ptr,
                              gb2_ptr, N, C, S, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                              BLOCK_C: tl.constexpr):
-    """SE weight gradients of channel block program_id(0), summed over images in order:
-    gW1[:, c] = Σ gz1 pooledᵀ, gW2[c, :] = Σ gz2 hᵀ, gb2[c] = Σ gz2; program 0 also gb1."""
+    """SE weight gradients of the [hidden block program_id(1), channel block program_id(0)]
+    tile, summed over images in order: gW1[s, c] = Σ gz1 pooledᵀ, gW2[c, s] = Σ gz2 hᵀ,
+    gb2[c] = Σ gz2 (hidden block 0), gb1[s] = Σ gz1 (channel block 0)."""
     pid = tl.program_id(0)
-    s = tl.arange(0, BLOCK_S)
+    pid_s = tl.program_id(1)
+    s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     ms = s < S
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = c < C
@@ -389,7 +391,7 @@ def excite_bwd_weight_kernel(pooled_ptr, gz1_ptr, gz2_ptr, h_ptr, gw1_ptr, gb1_p
     m = ms[:, None] & mc[None, :]
     tl.store(gw1_ptr + s[:, None] * C + c[None, :], gw1, mask=m)
     tl.store(gw2_ptr + c[None, :] * S + s[:, None], gw2, mask=m)
-    tl.store(gb2_ptr + c, gb2, mask=mc)
+    tl.store(gb2_ptr + c, gb2, mask=mc & (pid_s == 0))
     if pid == 0:
         tl.store(gb1_ptr + s, gb1, mask=ms)
 
@@ -651,6 +653,21 @@ def excite_blocks(channels: int, hidden: int, images: Optional[int] = None) -> T
     return block_s, block_c
 
 
+def excite_weight_blocks(channels: int, hidden: int) -> Tuple[int, int]:
+    """(BLOCK_S, BLOCK_C) of the SE weight-gradient tiles: ``excite_blocks``' tile, narrowed
+    (channels, then hidden units, down to 8) while the [hidden, channel] grid falls short of
+    MIN_PROGRAMS. Each tile sums every image itself, so no partial sums are written."""
+    block_s, block_c = excite_blocks(channels, hidden)
+    while triton.cdiv(channels, block_c) * triton.cdiv(hidden, block_s) < MIN_PROGRAMS:
+        if block_c > 8 and block_c >= block_s:
+            block_c //= 2
+        elif block_s > 8:
+            block_s //= 2
+        else:
+            break
+    return block_s, block_c
+
+
 def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
                           fc2_weight: Tensor, fc2_bias: Tensor, se_activation: str, gate: str
                           ) -> Tensor:
@@ -762,12 +779,13 @@ def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor
     gb1 = torch.empty(s, dtype=acc, device=dev)
     gw2 = torch.empty((c, s), dtype=acc, device=dev)
     gb2 = torch.empty(c, dtype=acc, device=dev)
-    # Channel blocks only, each summing every image: splitting the images would write more
-    # partial-gradient bytes than the kernel reads.
-    block_c = excite_blocks(c, s)[1]
-    launch(excite_bwd_weight_kernel, (triton.cdiv(c, block_c),), nbytes(pooled, gz1, gz2, h),
-           nbytes(gw1, gb1, gw2, gb2), pooled, gz1, gz2, h, gw1, gb1, gw2, gb2, n, c, s,
-           BLOCK_C=block_c, **flags)
+    # [hidden, channel] tiles, each summing every image: splitting the images instead would
+    # write more partial-gradient bytes than the kernel reads.
+    block_s, block_c = excite_weight_blocks(c, s)
+    launch(excite_bwd_weight_kernel, (triton.cdiv(c, block_c), triton.cdiv(s, block_s)),
+           nbytes(pooled, gz1, gz2, h), nbytes(gw1, gb1, gw2, gb2),
+           pooled, gz1, gz2, h, gw1, gb1, gw2, gb2, n, c, s,
+           BLOCK_C=block_c, **{**flags, "BLOCK_S": block_s})
     return grad_pooled, gw1, gb1, gw2, gb2
 
 

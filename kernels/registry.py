@@ -176,9 +176,9 @@ def _add_block(reg: Registry, act: str, channels_last: bool, side: int, cin: int
     reg.add(mb.squeeze_kernel, act, f"K3 {where}",
             dict(HAS_GAMMA=True, HAS_BETA=True, ACT=BLOCK_ACTIVATION, BLOCK_P=sq_p,
                  BLOCK_C=sq_c, **layout), activation_ptrs=_BLOCK_ACT_PTRS)
-    bs, bc = mb.excite_blocks(hidden, squeeze)
-    ex = dict(ACC=tl.float32, BLOCK_S=bs, BLOCK_C=bc)
-    reg.add(mb.excite_bwd_weight_kernel, "fp32", f"B4 {hidden}/{squeeze}", ex)
+    bs, bc = mb.excite_weight_blocks(hidden, squeeze)
+    reg.add(mb.excite_bwd_weight_kernel, "fp32", f"B4 {hidden}/{squeeze}",
+            dict(ACC=tl.float32, BLOCK_S=bs, BLOCK_C=bc))
     for batch in GEOMETRY_BATCHES:  # the per-image kernels narrow BLOCK_C for small batches
         bs, bc = mb.excite_blocks(hidden, squeeze, batch)
         ex = dict(ACC=tl.float32, BLOCK_S=bs, BLOCK_C=bc)

@@ -17,10 +17,6 @@ from tolerances import assert_close_by_rule
 SPLIT_BLOCK = geometry.BlockConfig(8, 8, 4, 3, 1, 24)
 # The kernels split by positions: each moves more than 1 MB in every B0 block.
 SPLIT_KERNELS = ("pointwise_conv_kernel", "pointwise_wgrad_kernel", "squeeze_kernel")
-# Above the batch 32 only: the SE weight gradient sums every image per channel block
-# (18 programs at 1152 channels); splitting the images would write more partial bytes than
-# the 1.7 MB it moves at batch 128.
-LARGE_BATCH_EXCEPTIONS = {"excite_bwd_weight_kernel"}
 
 
 def _signature(launches):
@@ -57,9 +53,8 @@ def test_every_big_b0_launch_fills_the_gpu(batch):
     assert {row.phase for row in rows} == {"forward", "backward"}
     assert all(row.launch.programs is not None for row in rows)
     assert set(SPLIT_KERNELS) <= {row.launch.kernel for row in rows}
-    exempt = LARGE_BATCH_EXCEPTIONS if batch > 32 else set()
     short = [(row.block, row.phase, row.launch.kernel, row.launch.programs)
-             for row in rows if not row.fills_gpu and row.launch.kernel not in exempt]
+             for row in rows if not row.fills_gpu]
     assert not short, short
     big = [row for row in rows if row.launch.kernel in SPLIT_KERNELS
            and row.launch.bytes_moved > accounting.BIG_LAUNCH_BYTES]
