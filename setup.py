@@ -69,9 +69,9 @@ setup(
     install_requires=["torch>=2.13", "triton>=3.6; platform_system == 'Linux'", "ninja", "numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "torchvision", "matplotlib",
-                 "onnx", "onnxscript", "transformers"],
+                 "onnx", "onnxscript", "transformers", "scikit-learn"],
         "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
-        "cli": ["matplotlib", "tqdm"],
+        "cli": ["matplotlib", "tqdm", "scikit-learn"],
     },
     entry_points={"console_scripts": ["fused-mbconv = fused_mbconv.cli:main"]},
 )

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fused_mbconv as fm
-from fused_mbconv import cli, synthetic, verification
+from fused_mbconv import cli, digits, synthetic, verification
 
 SMALL = ["--batch", "2", "--resolution", "32"]
 VERIFY = ["--batch", "4", "--resolution", "64"]  # the default: BN sees >= 16 values per channel
@@ -127,12 +127,45 @@ def test_bench_writes_json(capsys, tmp_path):
     assert "images/s" in capsys.readouterr().out
 
 
-def test_train_plots_both_curves(capsys, tmp_path):
+@pytest.mark.parametrize("data", ["digits", "synthetic"])
+def test_train_plots_both_curves(capsys, tmp_path, data):
     path = tmp_path / "loss.png"
-    assert cli.main(["train", "--steps", "3", "--batch", "4", "--resolution", "32",
-                     "--plot", str(path)]) == 0
+    assert cli.main(["train", "--data", data, "--steps", "3", "--batch", "4", "--resolution",
+                     "32", "--plot", str(path)]) == 0
     assert path.stat().st_size > 0
-    assert "largest loss difference eager vs fused" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "largest loss difference eager vs fused" in out
+    assert out.count("steps/s, held-out accuracy") == 2
+    assert ("handwritten digits" in out) == (data == "digits")
+
+
+def test_train_rejects_a_bad_learning_rate(capsys):
+    assert cli.main(["train", "--lr", "0"]) == 2
+    assert "--lr must be > 0" in capsys.readouterr().err
+
+
+def test_train_without_scikit_learn_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert cli.main(["train", "--steps", "1"]) == 2
+    assert "pip install scikit-learn" in capsys.readouterr().err
+
+
+def test_digits_split_is_seeded_disjoint_and_normalized():
+    a, b, c = digits.load(16, 0), digits.load(16, 0), digits.load(16, 1)
+    assert torch.equal(a.val_images, b.val_images) and not torch.equal(a.val_images,
+                                                                       c.val_images)
+    assert len(a.train_labels) + len(a.val_labels) == 1797
+    assert a.train_images.shape[1:] == (3, 16, 16)
+    assert set(a.val_labels.tolist()) == set(range(10))
+    pixels = torch.cat([a.train_images, a.val_images])
+    assert abs(pixels.mean().item()) < 1e-4 and abs(pixels.std().item() - 1) < 1e-3
+    # no held-out image is also a training image
+    train = {tuple(x.flatten().tolist()) for x in a.train_images[:, 0]}
+    assert sum(tuple(x.flatten().tolist()) in train for x in a.val_images[:, 0]) < 5
+    batches = list(a.batches(100, 20, torch.Generator().manual_seed(0)))
+    assert len(batches) == 20 and all(len(labels) == 100 for _, labels in batches)
+    first_epoch = torch.cat([labels for _, labels in batches])[:len(a.train_labels)]
+    assert torch.equal(first_epoch.sort().values, a.train_labels.sort().values)
 
 
 def test_synthetic_shapes_are_deterministic_and_labelled():
