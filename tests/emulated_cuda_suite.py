@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # run as a script: the checkout's package. Imported by a test, it
+    # must not put the repository root first on sys.path: its kernels/ would then shadow the
+    # `kernels` package transformers imports.
+    sys.path.insert(0, str(ROOT))
 
 from fused_mbconv import _build  # noqa: E402
 
