@@ -9,7 +9,7 @@ squeeze-excite whose squeeze width comes from the block's *input* channels, proj
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -93,9 +93,10 @@ class MBConvSpec:
     # Element-wise nn.Dropout on the branch before the residual add (Hugging Face's
     # EfficientNet), applied while that module trains; None: none.
     branch_dropout: Optional[nn.Module] = None
-    # The (left, right, top, bottom) padding a separate pad layer applies before the depthwise
-    # conv; None: the conv pads itself.
-    dw_pad: Optional[Tuple[int, int, int, int]] = None
+    # The depthwise conv's zero padding (functional.DwPadding): None, the conv's own k//2;
+    # "same", TensorFlow's SAME from each input's size; (left, right, top, bottom), a pad
+    # layer's before the unpadded conv.
+    dw_pad: Union[None, str, Tuple[int, int, int, int]] = None
 
 
 class MBConv(nn.Module):

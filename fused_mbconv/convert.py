@@ -20,6 +20,7 @@ import torch.nn as nn
 from .activations import ACTIVATIONS, GATES
 from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
 from .distributed import ProcessGroupStatsSync, SyncBatchNorm, sync_enabled
+from .functional import DwPadding, padded_dw_weight
 from .fused_block import (DEFAULT_RECOMPUTE, FusedMBConv, check_recompute,
                           register_block_type)
 
@@ -58,10 +59,12 @@ _GATE_NAMES.update({
 
 _BATCH_NORMS = {qualified_name(nn.BatchNorm2d), "timm.layers.norm_act.BatchNormAct2d"}
 
+# nn.Conv2d subclasses that pad TensorFlow-SAME style at run time before an unpadded conv:
+# their depthwise convs fuse with dw_pad "same".
+_SAME_PADDING_CONVS = {"timm.layers.conv2d_same.Conv2dSame"}
+
 # Conv classes the fused kernels cannot run, and why.
 _CONV_REASONS = {
-    "timm.layers.conv2d_same.Conv2dSame":
-        "TF 'same' padding (Conv2dSame pads at run time, asymmetrically for stride 2)",
     "timm.layers.mixed_conv2d.MixedConv2d":
         "MixedConv2d: channels split into groups, each with its own conv (mixed kernels)",
     "timm.layers.cond_conv2d.CondConv2d":
@@ -165,6 +168,8 @@ def _plain_conv(conv: Optional[nn.Module], role: str) -> nn.Conv2d:
     if reason is not None:
         raise NotFusable(f"{role}: {reason}")
     cls = type(conv)
+    if qualified_name(cls) in _SAME_PADDING_CONVS:
+        return conv
     if not (issubclass(cls, nn.Conv2d) and cls.forward is nn.Conv2d.forward
             and cls._conv_forward is nn.Conv2d._conv_forward):
         raise NotFusable(f"{role}: {_type_name(conv)} is not a plain nn.Conv2d")
@@ -181,26 +186,41 @@ def _padding(conv: nn.Conv2d) -> Tuple[int, int]:
     return conv.padding
 
 
-def _check_dw_padding(conv: nn.Conv2d, role: str, pad: Optional[Tuple[int, int, int, int]]
-                      ) -> None:
-    """The depthwise kernels pad k//2 zeros on every side: the conv's own padding or, with
-    ``pad`` (left, right, top, bottom), a pad layer's before an unpadded conv."""
-    half = conv.kernel_size[0] // 2
+def _check_dw_padding(conv: nn.Conv2d, role: str, pad: DwPadding) -> None:
+    """The depthwise conv's padding is one the fused block runs (``functional.DwPadding``):
+    ``pad`` None, the conv's own k//2 on every side; "same", an unpadded conv whose input is
+    padded TensorFlow-SAME style at run time; (left, right, top, bottom), a pad layer's before
+    an unpadded conv, if it gives the kernels' output size on even-sized maps (others run
+    eager)."""
+    k, stride = conv.kernel_size[0], conv.stride[0]
+    half = k // 2
+    same_conv = qualified_name(type(conv)) in _SAME_PADDING_CONVS
+    if same_conv and pad != "same":
+        raise NotFusable(f"{role}: {_type_name(conv)} pads TF 'same' at run time, but the "
+                         f"block is described with padding {pad!r}")
     if pad is None:
         if _padding(conv) != (half, half):
-            raise NotFusable(f"{role}: padding {conv.padding} (only symmetric k//2 = {half})")
+            raise NotFusable(f"{role}: padding {conv.padding} (only symmetric k//2 = {half}, "
+                             f"TF 'same' or a pad layer)")
         return
     if _padding(conv) != (0, 0):
-        raise NotFusable(f"{role}: padded by a pad layer and by the conv ({conv.padding})")
-    if tuple(pad) != (half,) * 4:
-        kind = "symmetric" if len(set(pad)) == 1 else "asymmetric, TF 'SAME' style"
-        raise NotFusable(f"{role}: pad layer (left, right, top, bottom) = {tuple(pad)}, {kind}; "
-                         f"the depthwise kernels pad k//2 = {half} on every side")
+        raise NotFusable(f"{role}: padded at run time or by a pad layer, and by the conv "
+                         f"({conv.padding})")
+    if pad == "same":
+        return
+    for size in (16, 32):
+        try:
+            ok = padded_dw_weight(conv.weight, pad, size, size, stride) is not None
+        except ValueError as exc:
+            raise NotFusable(f"{role}: pad layer: {exc}")
+        if not ok:
+            raise NotFusable(f"{role}: pad layer (left, right, top, bottom) = {tuple(pad)} "
+                             f"gives another output size than ceil(size / stride) on a "
+                             f"{size}x{size} map")
 
 
 def _check_conv(conv: Optional[nn.Module], role: str, in_channels: int, out_channels: int,
-                depthwise: bool, bias: bool,
-                pad: Optional[Tuple[int, int, int, int]] = None) -> None:
+                depthwise: bool, bias: bool, pad: DwPadding = None) -> None:
     _plain_conv(conv, role)
     if (conv.in_channels, conv.out_channels) != (in_channels, out_channels):
         raise NotFusable(f"{role}: expected {in_channels}->{out_channels} channels, got "
@@ -327,6 +347,8 @@ def _branch_spec(expand: Optional[Tuple[nn.Module, nn.Module]], dw_conv: nn.Modu
     builds. ``conv_names``: the expand and depthwise convs' names in the block, for reasons.
     Stochastic depth only counts with a residual."""
     dw_conv = _plain_conv(dw_conv, conv_names[1])
+    if qualified_name(type(dw_conv)) in _SAME_PADDING_CONVS:
+        extra.setdefault("dw_pad", "same")
     expand_conv, expand_bn = expand if expand is not None else (None, None)
     if expand_conv is not None:
         expand_conv = _plain_conv(expand_conv, conv_names[0])
@@ -538,18 +560,10 @@ def _hf_inverted_residual(block: nn.Module, tf_padding: bool) -> Tuple[MBConvSpe
     dw_conv, dw_bn, dw_act = _hf_conv_layer(block.conv_3x3, "conv_3x3", True)
     act = _same_activation(expand_act, dw_act, "conv_3x3")
     project_conv, project_bn, _ = _hf_conv_layer(block.reduce_1x1, "reduce_1x1", False)
-    pad = None
-    if tf_padding:
-        if dw_conv.stride != (1, 1):
-            raise NotFusable("conv_3x3: TF 'SAME' padding (config.tf_padding) at stride 2 pads "
-                             "(0, 1) for even input sizes, asymmetrically; the depthwise "
-                             "kernels pad k//2 on every side")
-        k = dw_conv.kernel_size[0]
-        pad = ((k - 1) // 2, k // 2, (k - 1) // 2, k // 2)
     return _branch_spec((expand_conv, expand_bn), dw_conv, dw_bn, None, "",
                         (project_conv, project_bn), act, bool(block.use_residual),
                         conv_names=("expand_1x1.convolution", "conv_3x3.convolution"),
-                        dw_pad=pad)
+                        dw_pad="same" if tf_padding else None)
 
 
 @register_recognizer(_HF + "mobilenet_v2.modeling_mobilenet_v2.MobileNetV2InvertedResidual")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.fused_mbconv)
@@ -284,6 +285,60 @@ def check_mbconv_args(x: Tensor, expand_weight: Optional[Tensor], bn1: Optional[
                              f"input size {tuple(x.shape)} (output {values} value per channel)")
 
 
+# A depthwise conv's zero padding: None, k//2 on every side (what the kernels run); "same",
+# TensorFlow's SAME, chosen from each input's size (timm's Conv2dSame, Hugging Face's
+# tf_padding); or an explicit (left, right, top, bottom), a pad layer's before an unpadded conv.
+DwPadding = Union[None, str, Tuple[int, int, int, int]]
+
+
+def same_padding(size: int, kernel_size: int, stride: int) -> Tuple[int, int]:
+    """TensorFlow SAME padding of one axis, (before, after): ceil(size / stride) outputs, the
+    odd pixel of an uneven total after."""
+    total = max((-(-size // stride) - 1) * stride + kernel_size - size, 0)
+    return total // 2, total - total // 2
+
+
+def dw_padding_sides(padding: DwPadding, height: int, width: int, kernel_size: int,
+                     stride: int) -> Tuple[int, int, int, int]:
+    """``padding`` as (left, right, top, bottom) zeros for a height x width input."""
+    if padding is None:
+        return (kernel_size // 2,) * 4
+    if isinstance(padding, str):
+        if padding != "same":
+            raise ValueError(f"dw_padding must be None, 'same' or (left, right, top, bottom), "
+                             f"got {padding!r}")
+        return (*same_padding(width, kernel_size, stride),
+                *same_padding(height, kernel_size, stride))
+    sides = tuple(padding)
+    if len(sides) != 4 or not all(isinstance(p, int) and 0 <= p < kernel_size for p in sides):
+        raise ValueError(f"dw_padding (left, right, top, bottom) must be 4 ints in [0, "
+                         f"{kernel_size - 1}] for a {kernel_size}x{kernel_size} kernel, got "
+                         f"{padding!r}")
+    return sides
+
+
+def padded_dw_weight(weight: Tensor, padding: DwPadding, height: int, width: int, stride: int
+                     ) -> Optional[Tensor]:
+    """The depthwise weight the kernels run for ``padding`` on a height x width input: the
+    weight itself for k//2 on every side, else the k x k taps placed, with zero taps around
+    them, in the smallest odd kernel whose symmetric padding reads the same input pixels.
+    Exact (the extra taps add zeros), at (k + 2m)^2 / k^2 the depthwise multiply-adds, m the
+    largest offset of a side from k//2. None where the padding gives another output size than
+    the kernels' ceil(size / stride): that input runs eager."""
+    k = weight.shape[-1]
+    left, right, top, bottom = dw_padding_sides(padding, height, width, k, stride)
+    if (left, right, top, bottom) == (k // 2,) * 4:
+        return weight
+    for size, before, after in ((height, top, bottom), (width, left, right)):
+        if (size + before + after - k) // stride + 1 != conv_output_size(size, k, stride):
+            return None
+    m = max(abs(top - k // 2), abs(left - k // 2))
+    # tap (i, j) of the k x k kernel reads input row out * stride - top + i; in the
+    # (k + 2m) kernel with padding k//2 + m that is tap i + (k//2 + m - top)
+    row, col = k // 2 + m - top, k // 2 + m - left
+    return F.pad(weight, (col, 2 * m - col, row, 2 * m - row))
+
+
 # What fused_mbconv::mbconv keeps for backward at each ``recompute`` level, as its
 # (keep_expand_output, keep_dwconv_output) flags; backward recomputes what is not kept.
 RECOMPUTE_LEVELS = {False: (True, True), "dwconv": (True, False), True: (False, False)}
@@ -337,11 +392,13 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
            se_gate: str = "sigmoid", recompute: Union[bool, str, None] = None,
            sync: Optional[BatchStatsSync] = None,
            drop_path_training: Optional[bool] = None,
-           recompute_dwconv: Optional[bool] = None) -> Tensor:
+           recompute_dwconv: Optional[bool] = None, dw_padding: DwPadding = None) -> Tensor:
     """The MBConv block (``fused_mbconv.MBConv``'s forward) as one fused op.
 
     expand 1x1 conv (``expand_weight`` (Ce, Cin, 1, 1)) + ``bn1`` + act, absent when None;
-    depthwise conv (``dw_weight`` (Ce, 1, k, k), padding k//2, ``stride``) + ``bn2`` + act;
+    depthwise conv (``dw_weight`` (Ce, 1, k, k), ``stride``, zero padding ``dw_padding``:
+    None, k//2 on every side; "same", TensorFlow's SAME; or (left, right, top, bottom), see
+    ``padded_dw_weight``) + ``bn2`` + act;
     squeeze-excite from ``se_weights`` = (fc1 weight (S, Ce, 1, 1), fc1 bias (S,), fc2 weight
     (Ce, S, 1, 1), fc2 bias (Ce,)), absent when None; projection 1x1 conv (``project_weight``
     (Cout, Ce, 1, 1)) + ``bn3``; with ``residual``, + input, the branch scaled per sample by
@@ -378,6 +435,16 @@ def mbconv(input: Tensor, dw_weight: Tensor, bn2: BatchNormParams, project_weigh
     check_mbconv_args(input, expand_weight, bn1, dw_weight, bn2, se_weights, project_weight,
                       bn3, stride, training, residual, drop_path, activation, se_activation,
                       se_gate)
+    if dw_padding is not None:
+        height, width = input.shape[2:]
+        run_weight = padded_dw_weight(dw_weight, dw_padding, height, width, stride)
+        if run_weight is None:
+            k = dw_weight.shape[-1]
+            raise ValueError(f"dw_padding {dw_padding!r} on a {height}x{width} input gives "
+                             f"another output size than the fused kernels' "
+                             f"ceil(size / stride) = {conv_output_size(height, k, stride)}x"
+                             f"{conv_output_size(width, k, stride)}")
+        dw_weight = run_weight
     x = input if input.is_contiguous(memory_format=torch.channels_last) else input.contiguous()
     scale = None
     if drop_path_training is None:

@@ -255,6 +255,11 @@ class FusedMBConv(MBConv):
         if torch.onnx.is_in_onnx_export() or x.numel() == 0 or self.eager_reason() is not None:
             return self.eager_block().forward(x)
         spec = self.spec()
+        if spec.dw_pad is not None and x.dim() == 4 and functional.padded_dw_weight(
+                spec.dw_conv.weight, spec.dw_pad, x.shape[2], x.shape[3], spec.stride) is None:
+            # e.g. a fixed TF-style pad layer on an odd-sized map: its output size is not the
+            # kernels' ceil(size / stride)
+            return self.eager_block().forward(x)
         se = None
         if spec.se_fc1 is not None:
             se = (spec.se_fc1.weight, spec.se_fc1.bias, spec.se_fc2.weight, spec.se_fc2.bias)
@@ -273,7 +278,7 @@ class FusedMBConv(MBConv):
             residual=spec.residual and not dropping,
             drop_path=spec.drop_path, activation=spec.activation,
             se_activation=spec.se_activation, se_gate=spec.se_gate,
-            recompute=self.recompute,
+            recompute=self.recompute, dw_padding=spec.dw_pad,
             sync=self.stats_sync() if training else None,
             drop_path_training=(drop_module if drop_module is not None else self).training)
         return x + F.dropout(out, dropout.p, training=True) if dropping else out

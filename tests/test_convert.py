@@ -3,6 +3,7 @@ parity with the originals (train and eval, state_dict, pickling, torch.compile, 
 export). Random weights only; nothing is downloaded."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -41,14 +42,14 @@ MODELS = {
                                    {"not an inverted-residual block": 1}),
     "timm:mnasnet_100": (lambda: timm_model("mnasnet_100"), 17, {}),
     "timm:mixnet_s": (lambda: timm_model("mixnet_s"), 1, {"MixedConv2d": 15}),
-    "timm:tf_efficientnet_b0": (lambda: timm_model("tf_efficientnet_b0"), 12,
-                                {"'same' padding": 4}),
+    "timm:tf_efficientnet_b0": (lambda: timm_model("tf_efficientnet_b0"), 16, {}),
+    "timm:tf_efficientnet_lite0": (lambda: timm_model("tf_efficientnet_lite0"), 16, {}),
     "fm:efficientnet_b0": (lambda: fm.efficientnet_b0(), 16, {}),
     "tv:mobilenet_v2": (lambda: tv_model("mobilenet_v2"), 17, {}),
     "tv:mobilenet_v3_large": (lambda: tv_model("mobilenet_v3_large"), 15, {}),
     "tv:mnasnet1_0": (lambda: tv_model("mnasnet1_0"), 16, {}),
-    "timm:tf_mobilenetv3_large_100": (lambda: timm_model("tf_mobilenetv3_large_100"), 11,
-                                      {"'same' padding": 4, "not an inverted-residual block": 1}),
+    "timm:tf_mobilenetv3_large_100": (lambda: timm_model("tf_mobilenetv3_large_100"), 15,
+                                      {"not an inverted-residual block": 1}),
     # MobileNetV4: its inverted-bottleneck UniversalInvertedResidual blocks fuse
     "timm:mobilenetv4_conv_small": (lambda: timm_model("mobilenetv4_conv_small",
                                                        drop_path_rate=0.2), 8,
@@ -70,8 +71,15 @@ def spec_forward(spec: fm.MBConvSpec, x: torch.Tensor, training: bool) -> torch.
     h = x
     if spec.expand_conv is not None:
         h = act(bn(F.conv2d(h, spec.expand_conv.weight), spec.expand_bn))
-    k = spec.kernel_size
-    h = act(bn(F.conv2d(h, spec.dw_conv.weight, None, spec.stride, k // 2, 1, h.shape[1]),
+    k, stride = spec.kernel_size, spec.stride
+    if spec.dw_pad is None:
+        pad = (k // 2,) * 4
+    elif spec.dw_pad == "same":  # TensorFlow: ceil(size / stride) outputs, odd pixel after
+        totals = [max((math.ceil(n / stride) - 1) * stride + k - n, 0) for n in h.shape[:1:-1]]
+        pad = tuple(p for total in totals for p in (total // 2, total - total // 2))
+    else:
+        pad = spec.dw_pad
+    h = act(bn(F.conv2d(F.pad(h, pad), spec.dw_conv.weight, None, stride, 0, 1, h.shape[1]),
                spec.dw_bn))
     if spec.se_fc1 is not None:
         s = h.mean((2, 3), keepdim=True)
@@ -290,7 +298,7 @@ def test_report_lists_unconverted_blocks_and_why():
 
 
 @pytest.mark.parametrize("name, unconverted, reason", [
-    ("timm:tf_efficientnet_b0", 4, "TF 'same' padding"),
+    ("timm:tf_mobilenetv3_large_100", 1, "not an inverted-residual block"),
     ("tv:efficientnet_v2_s", 10, "dense kxk expansion conv"),
     ("timm:mixnet_s", 15, "MixedConv2d"),
 ])

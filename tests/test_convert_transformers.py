@@ -36,10 +36,10 @@ B0_STRIDE2_BLOCKS = [1, 3, 5, 11]
 
 # (constructor, blocks that must be fusable, unfusable blocks' reasons must contain)
 MODELS = {
-    "hf:efficientnet_b0": (lambda: build_hf_model("efficientnet_b0"), 12, {"asymmetric": 4}),
+    "hf:efficientnet_b0": (lambda: build_hf_model("efficientnet_b0"), 16, {}),
     "hf:efficientnet_b0_symmetric": (
         lambda: build_hf_model("efficientnet_b0", depthwise_padding=B0_STRIDE2_BLOCKS), 16, {}),
-    "hf:mobilenet_v2": (lambda: build_hf_model("mobilenet_v2"), 12, {"tf_padding": 4}),
+    "hf:mobilenet_v2": (lambda: build_hf_model("mobilenet_v2"), 16, {}),
     "hf:mobilenet_v2_no_tf_padding": (
         lambda: build_hf_model("mobilenet_v2", tf_padding=False), 16, {}),
     "hf:mobilevit_s": (lambda: build_hf_model("mobilevit_s"), 7, {}),
@@ -62,17 +62,29 @@ def test_recognizers_count_fusable_and_unfusable_blocks(name):
         assert sum(needle in r for r in reasons) == count, (needle, reasons)
 
 
-def test_unfusable_reasons_name_the_padding():
-    report = fm.convert_report(efficientnet_b0())
-    reason = report.unconverted[0].reason
-    assert "(0, 1, 0, 1)" in reason and "TF 'SAME'" in reason, reason
+def test_tf_padded_stride2_blocks_fuse_and_run_eager_on_odd_maps():
+    """HF's stride-2 blocks pad (0, 1, 0, 1) (k=3) or (1, 2, 1, 2) (k=5) before a "valid"
+    conv: on even maps that is the kernels' output size, on odd ones one row and column less,
+    where the converted block runs its eager forward."""
+    model = efficientnet_b0()
+    converted = fm.convert(copy.deepcopy(model))
+    pads = [(path, block.spec().dw_pad) for path, block in iter_blocks(converted)
+            if isinstance(block, fm.FusedMBConv) and block.spec().dw_pad is not None]
+    assert sorted({pad for _, pad in pads}) == [(0, 1, 0, 1), (1, 2, 1, 2)], pads
+    path = pads[0][0]
+    fused, eager = converted.get_submodule(path), model.get_submodule(path)
+    calls = []
+    fused.eager_block = lambda: calls.append(1) or eager
+    for size, eager_calls in ((8, 0), (9, 1)):
+        x = torch.randn(2, fused.in_channels, size, size)
+        with torch.no_grad():
+            assert fused.eval()(x).shape == eager.eval()(x).shape
+        assert len(calls) == eager_calls, size
 
 
-# Two SGD steps against a float64 copy. EfficientNet in the variant where every block fuses
-# (the default one differs only in running its 4 TF-padded blocks eager), with HF's branch
-# dropout drawn in every residual block.
-@pytest.mark.parametrize("name", ["hf:efficientnet_b0_symmetric", "hf:mobilenet_v2",
-                                  "hf:mobilevit_s"])
+# Two SGD steps against a float64 copy, HF's branch dropout drawn in every residual block;
+# EfficientNet's and MobileNetV2's stride-2 blocks pad TF-style.
+@pytest.mark.parametrize("name", ["hf:efficientnet_b0", "hf:mobilenet_v2", "hf:mobilevit_s"])
 def test_converted_model_trains_like_the_original(name):
     check_converted_training(name, case=MODELS[name])
 
@@ -118,7 +130,6 @@ def test_branch_dropout_matches_eager_with_the_same_random_stream():
     assert_close_by_rule(f_grad, e_grad, r_grad, torch.float32, f"{path} input grad")
 
 
-def test_default_config_b7_fuses_all_but_its_tf_padded_blocks():
+def test_default_config_b7_fuses_every_block():
     report = fm.convert_report(build_hf_model("efficientnet_b7"))
-    assert (len(report.convertible), len(report.blocks)) == (51, 55), str(report)
-    assert all("asymmetric" in b.reason for b in report.unconverted)
+    assert (len(report.convertible), len(report.blocks)) == (55, 55), str(report)
