@@ -44,6 +44,23 @@ _ROLES = ("expand_conv", "expand_bn", "dw_conv", "dw_bn", "se_fc1", "se_fc2", "p
           "project_bn", "drop_path_module", "branch_dropout")
 
 
+def own_attributes(module: nn.Module) -> dict:
+    """``module``'s attributes beyond nn.Module's own state: what its class adds (flags,
+    hyperparameters), kept to rebuild the eager module."""
+    return {k: v for k, v in vars(module).items() if k not in _MODULE_STATE and k != "training"}
+
+
+def adopt_state(target: nn.Module, source: nn.Module) -> None:
+    """``target`` (new, uninitialized) takes ``source``'s children, parameters and buffers
+    under their names, and its training mode."""
+    nn.Module.__init__(target)
+    target.training = source.training
+    target._modules.update(source._modules)
+    target._parameters.update(source._parameters)
+    target._buffers.update(source._buffers)
+    target._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+
+
 def register_block_type(block_type: type, recognize: Callable[[nn.Module], MBConvSpec]) -> None:
     """Teach ``FusedMBConv.from_module`` a block type (the conversion layer's extension point)."""
     _RECOGNIZERS[block_type] = recognize
@@ -103,7 +120,7 @@ class FusedMBConv(MBConv):
     def __init__(self, *args, recompute: Union[bool, str, None] = None,
                  recompute_dwconv: Optional[bool] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._eager_attrs = self._own_attributes(self)
+        self._eager_attrs = own_attributes(self)
         self.recompute = functional.resolve_recompute(recompute, recompute_dwconv)
 
     @property
@@ -127,11 +144,6 @@ class FusedMBConv(MBConv):
                       "which recomputes the expand output as well)", DeprecationWarning,
                       stacklevel=2)
         self.recompute = "dwconv" if value else False
-
-    @staticmethod
-    def _own_attributes(module: nn.Module) -> dict:
-        return {k: v for k, v in vars(module).items()
-                if k not in _MODULE_STATE and k != "training"}
 
     @classmethod
     def from_module(cls, block: nn.Module) -> "FusedMBConv":
@@ -166,17 +178,12 @@ class FusedMBConv(MBConv):
     @classmethod
     def _adopt(cls, source: nn.Module) -> "FusedMBConv":
         fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.training = source.training
-        fused._modules.update(source._modules)
-        fused._parameters.update(source._parameters)
-        fused._buffers.update(source._buffers)
-        fused._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+        adopt_state(fused, source)
         if isinstance(source, FusedMBConv):  # re-fusing (e.g. as SyncFusedMBConv)
             fused._eager_type, fused._eager_attrs = source._eager_type, dict(source._eager_attrs)
             fused.recompute = source.recompute
         else:
-            fused._eager_type, fused._eager_attrs = type(source), cls._own_attributes(source)
+            fused._eager_type, fused._eager_attrs = type(source), own_attributes(source)
         return fused
 
     def _set_spec(self, spec: MBConvSpec) -> None:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from . import functional
 from .activations import ACTIVATIONS
-from .fused_block import _MODULE_STATE, _bn_params, _uses_batch_stats
+from .fused_block import (_MODULE_STATE, _bn_params, _uses_batch_stats, adopt_state,
+                          own_attributes)
 
 # BatchNorm classes the ops run, by qualified name (timm's applies an activation after).
 BATCH_NORMS = ("torch.nn.modules.batchnorm.BatchNorm2d", "timm.layers.norm_act.BatchNormAct2d")
@@ -45,18 +46,11 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _own_attributes(module: nn.Module) -> dict:
-    return {k: v for k, v in vars(module).items() if k not in _MODULE_STATE and k != "training"}
-
-
-def _adopt(target: nn.Module, source: nn.Module) -> None:
-    """``target`` takes ``source``'s children, parameters and buffers under their names."""
-    nn.Module.__init__(target)
-    target.training = source.training
-    target._modules.update(source._modules)
-    target._parameters.update(source._parameters)
-    target._buffers.update(source._buffers)
-    target._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+def _stand_in_for(fused: nn.Module, source: nn.Module) -> None:
+    """``fused`` (new) takes ``source``'s state and remembers its class and attributes, to
+    rebuild it with ``_rebuild``."""
+    adopt_state(fused, source)
+    fused._eager_type, fused._eager_attrs = type(source), own_attributes(source)
 
 
 def _rebuild(eager_type: type, attrs: dict, holder: nn.Module) -> nn.Module:
@@ -151,8 +145,7 @@ class FusedConvBNAct(nn.Sequential):
         """The fused form of ``source`` (children "0" conv, "1" BN, "2" the ``activation``
         module), sharing its children."""
         fused = cls.__new__(cls)
-        _adopt(fused, source)
-        fused._eager_type, fused._eager_attrs = type(source), _own_attributes(source)
+        _stand_in_for(fused, source)
         fused.activation = activation
         reason = fused.eager_reason()
         if reason is not None:
@@ -227,8 +220,7 @@ class FoldedBatchNorm(nn.Module):
     def from_module(cls, bn: nn.Module, parent: nn.Module, conv_name: str
                     ) -> "FoldedBatchNorm":
         folded = _new_folded(type(bn))
-        _adopt(folded, bn)
-        folded._eager_type, folded._eager_attrs = type(bn), _own_attributes(bn)
+        _stand_in_for(folded, bn)
         folded.__dict__.update(folded._eager_attrs)  # eps, momentum, ... as the BN has them
         folded._place = (parent, conv_name)
         return folded
@@ -292,8 +284,7 @@ class FusedPairConv(nn.Conv2d):
         gets a FoldedBatchNorm); returns the fused conv, set at ``conv_name``."""
         conv = parent._modules[conv_name]
         fused = cls.__new__(cls)
-        _adopt(fused, conv)
-        fused._eager_type, fused._eager_attrs = type(conv), _own_attributes(conv)
+        _stand_in_for(fused, conv)
         fused.__dict__.update(fused._eager_attrs)  # stride, padding, ... as the conv has them
         fused.activation = activation
         fused._place = (parent, norm_name)

@@ -13,16 +13,21 @@ from fused_mbconv.convert import iter_blocks
 from tolerances import assert_close_by_rule
 
 
-def randomize_bn_state(model, mean=0.5, var=(0.5, 1.5)):
+def randomize_bn_state(model, mean=0.5, var=(0.5, 1.5), batches_tracked=None):
     """Non-trivial BN affine parameters and running statistics (running mean in [-mean, mean],
-    running variance in ``var``), so roles can't be confused."""
+    running variance in ``var``; num_batches_tracked set to ``batches_tracked`` if given), so
+    roles and states can't be confused."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-mean, mean)
-                m.running_var.uniform_(*var)
+                if m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+                if m.track_running_stats:
+                    m.running_mean.uniform_(-mean, mean)
+                    m.running_var.uniform_(*var)
+                    if batches_tracked is not None:
+                        m.num_batches_tracked.fill_(batches_tracked)
 
 
 def fuse(model):

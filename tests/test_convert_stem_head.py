@@ -56,25 +56,12 @@ FAMILIES = {
 }
 
 
-def randomize_bns(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.5, 0.5)
-                if m.track_running_stats:
-                    m.running_mean.uniform_(-0.5, 0.5)
-                    m.running_var.uniform_(0.5, 1.5)
-                    m.num_batches_tracked.fill_(3)
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_each_family_fuses_its_stem_and_head_or_says_why(name):
     build, expected = FAMILIES[name]
     torch.manual_seed(0)
     model = build().eval()
-    randomize_bns(model)
+    randomize_bn_state(model, batches_tracked=3)
     converted = fm.convert(model)
     layers = {b.path: b for b in fm.convert_report(converted).layers}
     assert layers.keys() == expected.keys(), str(fm.convert_report(converted))
@@ -206,7 +193,7 @@ BN_KINDS = {"default": {}, "no-running-stats": dict(track_running_stats=False),
 def make(style, **bn_kwargs):
     torch.manual_seed(0)
     model = STYLES[style](**bn_kwargs)
-    randomize_bns(model)
+    randomize_bn_state(model, batches_tracked=3)
     return model
 
 
@@ -350,7 +337,7 @@ def test_timm_freeze_helper_swaps_the_folded_batchnorm_and_the_pair_runs_eager()
     from timm.layers import freeze_batch_norm_2d
     torch.manual_seed(0)
     original = timm_model("efficientnet_b0")
-    randomize_bns(original)
+    randomize_bn_state(original, batches_tracked=3)
     converted = fm.convert(original)
     assert isinstance(converted.bn1, BatchNormAct2d)
     eager, fused = freeze_batch_norm_2d(original).train(), freeze_batch_norm_2d(converted).train()

@@ -10,7 +10,7 @@ import torch
 
 import fused_mbconv as fm
 from fused_mbconv.convert import NotFusable, iter_blocks, recognize
-from fused_mbconv.verification import HF_MODELS, build_hf_model
+from fused_mbconv.verification import build_hf_model
 from parity import randomize_bn_state
 from test_convert import check_converted_training
 from tolerances import assert_close_by_rule

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 import fused_mbconv as fm
 from fused_mbconv.backends import TABLE, backend_status, implements
 from fused_mbconv.ops.mbconv import KERNELS
-from parity import check, fuse
+from parity import check, fuse, randomize_bn_state
 from tolerances import NETWORK_GRADIENT_ROUNDS
 
 # Every backend that runs CPU tensors ("triton" under TRITON_INTERPRET=1, when chosen).
@@ -45,28 +45,13 @@ def block_name(request):
     return request.param
 
 
-def randomize_bns(model):
-    """Random affine parameters, running statistics and batch counts: a BN that reads or
-    updates the wrong state, or the default one, shows."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                if m.affine:
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.5, 0.5)
-                if m.track_running_stats:
-                    m.running_mean.uniform_(-0.5, 0.5)
-                    m.running_var.uniform_(0.5, 1.5)
-                    m.num_batches_tracked.fill_(3)
-
-
 def make_block(name, **bn_kwargs):
     """fm.MBConv whose BatchNorms are nn.BatchNorm2d(c, **bn_kwargs)."""
     block = fm.MBConv(*BLOCKS[name], drop_path=0.2)
     for child, m in list(block.named_children()):
         if isinstance(m, nn.BatchNorm2d):
             setattr(block, child, nn.BatchNorm2d(m.num_features, **bn_kwargs))
-    randomize_bns(block)
+    randomize_bn_state(block, batches_tracked=3)
     return block
 
 
@@ -199,7 +184,7 @@ NETWORK_STATES = {
 def test_converted_timm_network(network, state, backend):
     build, size = NETWORKS[network]
     model = build()
-    randomize_bns(model)
+    randomize_bn_state(model, batches_tracked=3)
     check(model, [torch.randn(2, 3, size, size)], f"timm {network} {state}", backend,
           NETWORK_STATES[state], grad_rounds=NETWORK_GRADIENT_ROUNDS,
           stat_rounds=2 if state == "grad-checkpointing" else 1)
