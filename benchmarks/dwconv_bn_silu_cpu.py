@@ -9,15 +9,13 @@ largest depthwise layers at batch 8.
 """
 
 import argparse
-import csv
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
 
 import fused_mbconv as fm
+from cpu_timing import time_ms, write_csv
 
 SHAPES = {  # name: (N, C, H, W, k, stride)
     "b0-112x112-c96-k3-s2": (8, 96, 112, 112, 3, 2),
@@ -42,19 +40,6 @@ def fused(module, backend):
                 x, module.conv.weight, module.bn.running_mean, module.bn.running_var,
                 module.bn.weight, module.bn.bias, stride=module.conv.stride[0], training=True)
     return run
-
-
-def time_ms(providers, x, grad, reps, warmup=3):
-    """Round-robin over providers, so load changes on a shared machine hit all of them alike."""
-    samples = {name: [] for name in providers}
-    for i in range(warmup + reps):
-        for name, fn in providers.items():
-            xi = x.detach().requires_grad_()
-            start = time.perf_counter()
-            fn(xi).backward(grad)
-            if i >= warmup:
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
 def main(argv=None):
@@ -86,10 +71,7 @@ def main(argv=None):
                   f"x{results['eager'][0] / median:.2f} vs eager")
         sys.stdout.flush()
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,12 @@ channels_last (``--layout nchw`` for NCHW).
 
 import argparse
 import copy
-import csv
-import statistics
 import sys
-import time
 
 import torch
 
 import fused_mbconv as fm
+from cpu_timing import time_ms, write_csv
 
 SHAPES = {  # name: (in, out, kernel, stride, expand, input H = W)
     "stage2.0 16->24 k3 s2 112x112": (16, 24, 3, 2, 6, 112),
@@ -26,19 +24,6 @@ SHAPES = {  # name: (in, out, kernel, stride, expand, input H = W)
     "stage3.0 24->40 k5 s2 56x56": (24, 40, 5, 2, 6, 56),
     "stage3.1 40->40 k5 s1 28x28": (40, 40, 5, 1, 6, 28),
 }
-
-
-def time_ms(providers, x, grad, reps, warmup=3):
-    """Round-robin over providers, so load changes on a shared machine hit all of them alike."""
-    samples = {name: [] for name in providers}
-    for i in range(warmup + reps):
-        for name, fn in providers.items():
-            xi = x.detach().requires_grad_()
-            start = time.perf_counter()
-            fn(xi).backward(grad)
-            if i >= warmup:
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
 def fused_on(block, backend):
@@ -90,10 +75,7 @@ def main(argv=None):
                   + (f"  x{speedup:.2f} vs eager" if speedup else ""))
         sys.stdout.flush()
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":
