@@ -32,6 +32,21 @@ SCHEMAS = {
     "Tensor x, Tensor weight, Tensor conv_out, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, "
     "Tensor var, SymInt stride, bool training, float eps, bool[] output_mask) -> "
     "(Tensor, Tensor, Tensor, Tensor)",
+    # the stem and head ops
+    "conv_bn_act": "fused_mbconv::conv_bn_act(Tensor x, Tensor weight, Tensor? bn_weight, "
+    "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, SymInt stride, bool training, "
+    "float eps, str activation) -> (Tensor, Tensor, Tensor)",
+    "conv_bn_act_backward": "fused_mbconv::conv_bn_act_backward(Tensor grad_out, Tensor x, "
+    "Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor var, SymInt stride, "
+    "bool training, float eps, str activation, bool[] output_mask) -> "
+    "(Tensor, Tensor, Tensor, Tensor)",
+    "pointwise_bn_act_pool": "fused_mbconv::pointwise_bn_act_pool(Tensor x, Tensor weight, "
+    "Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, "
+    "bool training, float eps, str activation) -> (Tensor, Tensor, Tensor)",
+    "pointwise_bn_act_pool_backward": "fused_mbconv::pointwise_bn_act_pool_backward("
+    "Tensor grad_out, Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, "
+    "Tensor var, bool training, float eps, str activation, bool[] output_mask) -> "
+    "(Tensor, Tensor, Tensor, Tensor)",
 }
 
 

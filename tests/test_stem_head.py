@@ -271,27 +271,3 @@ def test_pooled_head_refuses_a_dense_kernel():
     with pytest.raises(ValueError, match=r"1x1 conv"):
         fm.functional.pointwise_bn_act_pool(torch.randn(2, 3, 4, 4), torch.randn(6, 3, 3, 3),
                                             bn, training=True)
-
-
-SCHEMAS = {
-    "conv_bn_act": "fused_mbconv::conv_bn_act(Tensor x, Tensor weight, Tensor? bn_weight, "
-    "Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, SymInt stride, bool training, "
-    "float eps, str activation) -> (Tensor, Tensor, Tensor)",
-    "conv_bn_act_backward": "fused_mbconv::conv_bn_act_backward(Tensor grad_out, Tensor x, "
-    "Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor var, SymInt stride, "
-    "bool training, float eps, str activation, bool[] output_mask) -> "
-    "(Tensor, Tensor, Tensor, Tensor)",
-    "pointwise_bn_act_pool": "fused_mbconv::pointwise_bn_act_pool(Tensor x, Tensor weight, "
-    "Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, "
-    "bool training, float eps, str activation) -> (Tensor, Tensor, Tensor)",
-    "pointwise_bn_act_pool_backward": "fused_mbconv::pointwise_bn_act_pool_backward("
-    "Tensor grad_out, Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, "
-    "Tensor var, bool training, float eps, str activation, bool[] output_mask) -> "
-    "(Tensor, Tensor, Tensor, Tensor)",
-}
-
-
-@pytest.mark.parametrize("name", sorted(SCHEMAS))
-def test_schema_is_unchanged(name):
-    """A contract, as tests/test_op_schemas.py's for the block's ops."""
-    assert str(getattr(torch.ops.fused_mbconv, name).default._schema) == SCHEMAS[name]
