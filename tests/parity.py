@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import fused_mbconv as fm
 from fused_mbconv.convert import iter_blocks
-from tolerances import assert_close_by_rule
+from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule
 
 
 def randomize_bn_state(model, mean=0.5, var=(0.5, 1.5), batches_tracked=None):
@@ -97,3 +97,22 @@ def check(eager, inputs, what, backend, state, forward=None, grad_rounds=1, stat
         else:
             assert_close_by_rule(fused_b, eager_b, value, torch.float32, f"{what} {name}",
                                  stat_rounds)
+
+
+def assert_same_grads_and_buffers(model, other):
+    """``model``'s parameter gradients and buffers equal ``other``'s, in order (a compiled or
+    traced copy against the module it came from)."""
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(model.named_buffers(), other.buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+
+
+def assert_autocast_grads_by_rule(fused, eager, reference, dtype):
+    """After a backward under autocast to ``dtype``: float32 parameter gradients, the fused
+    model's against eager's by the rule, through a whole network."""
+    for (name, p), q, r in zip(fused.named_parameters(), eager.parameters(),
+                               reference.parameters()):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, name
+        assert_close_by_rule(p.grad, q.grad, r.grad, dtype, f"grad {name}",
+                             rounds=NETWORK_GRADIENT_ROUNDS)

@@ -15,7 +15,8 @@ import torchvision
 import fused_mbconv as fm
 from fused_mbconv.convert import NotFusable, is_block, iter_blocks, recognize
 from fused_mbconv.activations import make_activation, make_gate
-from parity import randomize_bn_state
+from parity import (assert_autocast_grads_by_rule, assert_same_grads_and_buffers,
+                    randomize_bn_state)
 from targets import gpu_backends
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule
 
@@ -510,10 +511,7 @@ def test_compile_fullgraph_without_graph_breaks(zoo_pair, training):
     if training:
         out.square().sum().backward()
         expected.square().sum().backward()
-        for (n, p), q in zip(model.named_parameters(), eager.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, msg=n)
-        for (n, b), c in zip(model.named_buffers(), eager.buffers()):
-            torch.testing.assert_close(b, c, msg=n)
+        assert_same_grads_and_buffers(model, eager)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -533,11 +531,7 @@ def test_autocast_bfloat16_matches_eager_autocast(zoo_pair, training):
     ref.square().sum().backward()
     assert outs[0].dtype == outs[1].dtype
     assert_close_by_rule(outs[0].float(), outs[1].float(), ref, torch.bfloat16, "output")
-    for (name, p), q, r in zip(converted.named_parameters(), original.parameters(),
-                               reference.parameters()):
-        assert p.grad.dtype == q.grad.dtype == torch.float32
-        assert_close_by_rule(p.grad, q.grad, r.grad, torch.bfloat16, f"grad {name}",
-                             rounds=NETWORK_GRADIENT_ROUNDS)
+    assert_autocast_grads_by_rule(converted, original, reference, torch.bfloat16)
 
 
 def test_export_eval(zoo_pair):

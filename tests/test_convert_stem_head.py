@@ -18,7 +18,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import fused_mbconv as fm
 from fused_mbconv import profiling
 from fused_mbconv.convert_stem_head import unfuse
-from parity import check, randomize_bn_state
+from parity import (assert_autocast_grads_by_rule, assert_same_grads_and_buffers, check,
+                    randomize_bn_state)
 from test_convert import assert_state_close, train_steps
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule
 
@@ -392,10 +393,7 @@ def test_compile_fullgraph_without_graph_breaks(style, training):
     torch.testing.assert_close(out, expected)
     out.square().sum().backward()
     expected.square().sum().backward()
-    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
-    for (name, b), c in zip(model.named_buffers(), eager.buffers()):
-        torch.testing.assert_close(b, c, msg=name)
+    assert_same_grads_and_buffers(model, eager)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -414,11 +412,7 @@ def test_autocast_bfloat16_matches_eager_autocast(style, training):
     ref.square().sum().backward()
     assert outs[0].dtype == outs[1].dtype
     assert_close_by_rule(outs[0].float(), outs[1].float(), ref, torch.bfloat16, "output")
-    for (name, p), q, r in zip(fused.named_parameters(), original.parameters(),
-                               reference.parameters()):
-        assert p.grad.dtype == q.grad.dtype == torch.float32
-        assert_close_by_rule(p.grad, q.grad, r.grad, torch.bfloat16, f"grad {name}",
-                             rounds=NETWORK_GRADIENT_ROUNDS)
+    assert_autocast_grads_by_rule(fused, original, reference, torch.bfloat16)
 
 
 @pytest.mark.parametrize("style", STYLES)

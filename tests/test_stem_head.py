@@ -15,7 +15,7 @@ import fused_mbconv as fm
 from fused_mbconv import profiling
 from fused_mbconv.functional import BatchNormParams
 from fused_mbconv.ops.stem_head import HEAD_KERNELS, STEM_KERNELS, kernel_sources
-from parity import check
+from parity import assert_same_grads_and_buffers, check
 
 BACKENDS = fm.available_backends("cpu")
 # (N, Cin, Cout, H, W, kernel, stride): the stem's 3x3 stride 2 on odd sizes, a 1x1 head,
@@ -194,10 +194,7 @@ def test_compile_fullgraph(training):
     torch.testing.assert_close(out, expected)
     out.square().sum().backward()
     expected.square().sum().backward()
-    for (name, p), q in zip(fused.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
-    for (name, b), c in zip(fused.named_buffers(), eager.buffers()):
-        torch.testing.assert_close(b, c, msg=name)
+    assert_same_grads_and_buffers(fused, eager)
 
 
 def _saved_bytes(module, x):
