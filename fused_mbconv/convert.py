@@ -652,21 +652,11 @@ class ConversionReport:
     def _with(self, status: str) -> List[BlockReport]:
         return [b for b in self.blocks if b.status == status]
 
-    @property
-    def converted(self) -> List[BlockReport]:
-        return self._with("converted")
-
-    @property
-    def eager(self) -> List[BlockReport]:
-        return self._with("eager")
-
-    @property
-    def convertible(self) -> List[BlockReport]:
-        return self._with("convertible")
-
-    @property
-    def unconverted(self) -> List[BlockReport]:
-        return self._with("unconverted")
+    # the blocks in each status
+    converted = property(lambda self: self._with("converted"))
+    eager = property(lambda self: self._with("eager"))
+    convertible = property(lambda self: self._with("convertible"))
+    unconverted = property(lambda self: self._with("unconverted"))
 
     def __str__(self) -> str:
         eager = f"{len(self.eager)} converted but running eager, " if self.eager else ""

@@ -116,3 +116,16 @@ def assert_autocast_grads_by_rule(fused, eager, reference, dtype):
         assert p.grad.dtype == q.grad.dtype == torch.float32, name
         assert_close_by_rule(p.grad, q.grad, r.grad, dtype, f"grad {name}",
                              rounds=NETWORK_GRADIENT_ROUNDS)
+
+
+def assert_compiles_fullgraph_like_eager(model, x):
+    """``model`` under torch.compile(fullgraph=True) (aot_eager: the ops' fake and autograd
+    registrations, no codegen) gives an eager copy's output, gradients and buffers."""
+    torch._dynamo.reset()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out, expected = compiled(x), eager(x)
+    torch.testing.assert_close(out, expected)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert_same_grads_and_buffers(model, eager)

@@ -18,7 +18,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import fused_mbconv as fm
 from fused_mbconv import profiling
 from fused_mbconv.convert_stem_head import unfuse
-from parity import (assert_autocast_grads_by_rule, assert_same_grads_and_buffers, check,
+from parity import (assert_autocast_grads_by_rule, assert_compiles_fullgraph_like_eager, check,
                     randomize_bn_state)
 from test_convert import assert_state_close, train_steps
 from tolerances import NETWORK_GRADIENT_ROUNDS, assert_close_by_rule
@@ -384,16 +384,8 @@ def test_state_dicts_load_both_ways_and_pickle(style):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("style", STYLES)
 def test_compile_fullgraph_without_graph_breaks(style, training):
-    torch._dynamo.reset()
-    model = fuse_layers(make(style)).train(training)
-    eager = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 9, 11, requires_grad=True)
-    out, expected = compiled(x), eager(x)
-    torch.testing.assert_close(out, expected)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    assert_same_grads_and_buffers(model, eager)
+    assert_compiles_fullgraph_like_eager(fuse_layers(make(style)).train(training),
+                                         torch.randn(2, 3, 9, 11, requires_grad=True))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

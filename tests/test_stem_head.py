@@ -15,7 +15,7 @@ import fused_mbconv as fm
 from fused_mbconv import profiling
 from fused_mbconv.functional import BatchNormParams
 from fused_mbconv.ops.stem_head import HEAD_KERNELS, STEM_KERNELS, kernel_sources
-from parity import assert_same_grads_and_buffers, check
+from parity import assert_compiles_fullgraph_like_eager, check
 
 BACKENDS = fm.available_backends("cpu")
 # (N, Cin, Cout, H, W, kernel, stride): the stem's 3x3 stride 2 on odd sizes, a 1x1 head,
@@ -181,20 +181,11 @@ def test_opcheck(backend, training):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compile_fullgraph(training):
-    torch._dynamo.reset()
-    model = nn.Sequential(conv_bn_act(3, 8, 3, 2, "silu"), PooledHead(8, 16, "silu"))
-    fused = copy.deepcopy(model)
+    fused = nn.Sequential(conv_bn_act(3, 8, 3, 2, "silu"), PooledHead(8, 16, "silu"))
     fused[0] = fm.FusedConvBNAct.from_sequential(fused[0], "silu")
     fused[1].head = fm.FusedHead.from_sequential(fused[1].head, "silu")
-    fused.train(training)
-    eager = copy.deepcopy(fused)
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 9, 9, requires_grad=True)
-    out, expected = compiled(x), eager(x)
-    torch.testing.assert_close(out, expected)
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    assert_same_grads_and_buffers(fused, eager)
+    assert_compiles_fullgraph_like_eager(fused.train(training),
+                                         torch.randn(2, 3, 9, 9, requires_grad=True))
 
 
 def _saved_bytes(module, x):
