@@ -509,7 +509,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    p.add_argument("--lr", type=float, default=4e-4, help="peak AdamW learning rate")
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PATH", help="write both loss curves as a PNG")
