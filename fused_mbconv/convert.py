@@ -20,7 +20,7 @@ import torch.nn as nn
 from .activations import ACTIVATIONS, GATES
 from .blocks import MBConv, MBConvSpec, SqueezeExcite, StochasticDepth
 from .distributed import ProcessGroupStatsSync, SyncBatchNorm, sync_enabled
-from .functional import DwPadding, padded_dw_weight
+from .functional import DwPadding, dw_padding_fits
 from .fused_block import (DEFAULT_RECOMPUTE, FusedMBConv, check_recompute,
                           register_block_type)
 
@@ -210,10 +210,10 @@ def _check_dw_padding(conv: nn.Conv2d, role: str, pad: DwPadding) -> None:
         return
     for size in (16, 32):
         try:
-            ok = padded_dw_weight(conv.weight, pad, size, size, stride) is not None
+            fits = dw_padding_fits(pad, size, size, k, stride)
         except ValueError as exc:
             raise NotFusable(f"{role}: pad layer: {exc}")
-        if not ok:
+        if not fits:
             raise NotFusable(f"{role}: pad layer (left, right, top, bottom) = {tuple(pad)} "
                              f"gives another output size than ceil(size / stride) on a "
                              f"{size}x{size} map")

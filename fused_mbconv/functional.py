@@ -317,6 +317,21 @@ def dw_padding_sides(padding: DwPadding, height: int, width: int, kernel_size: i
     return sides
 
 
+def dw_padding_fits(padding: DwPadding, height: int, width: int, kernel_size: int,
+                    stride: int) -> bool:
+    """Whether ``padding`` on a height x width input gives the kernels' output size,
+    ceil(size / stride) (ValueError for a malformed ``padding``)."""
+    return _sides_fit(dw_padding_sides(padding, height, width, kernel_size, stride), height,
+                      width, kernel_size, stride)
+
+
+def _sides_fit(sides: Tuple[int, int, int, int], height: int, width: int, k: int,
+               stride: int) -> bool:
+    left, right, top, bottom = sides
+    return all((size + before + after - k) // stride + 1 == conv_output_size(size, k, stride)
+               for size, before, after in ((height, top, bottom), (width, left, right)))
+
+
 def padded_dw_weight(weight: Tensor, padding: DwPadding, height: int, width: int, stride: int
                      ) -> Optional[Tensor]:
     """The depthwise weight the kernels run for ``padding`` on a height x width input: the
@@ -326,12 +341,12 @@ def padded_dw_weight(weight: Tensor, padding: DwPadding, height: int, width: int
     largest offset of a side from k//2. None where the padding gives another output size than
     the kernels' ceil(size / stride): that input runs eager."""
     k = weight.shape[-1]
-    left, right, top, bottom = dw_padding_sides(padding, height, width, k, stride)
-    if (left, right, top, bottom) == (k // 2,) * 4:
+    sides = dw_padding_sides(padding, height, width, k, stride)
+    if sides == (k // 2,) * 4:
         return weight
-    for size, before, after in ((height, top, bottom), (width, left, right)):
-        if (size + before + after - k) // stride + 1 != conv_output_size(size, k, stride):
-            return None
+    if not _sides_fit(sides, height, width, k, stride):
+        return None
+    left, _, top, _ = sides
     m = max(abs(top - k // 2), abs(left - k // 2))
     # tap (i, j) of the k x k kernel reads input row out * stride - top + i; in the
     # (k + 2m) kernel with padding k//2 + m that is tap i + (k//2 + m - top)

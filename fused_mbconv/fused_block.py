@@ -262,8 +262,8 @@ class FusedMBConv(MBConv):
         if torch.onnx.is_in_onnx_export() or x.numel() == 0 or self.eager_reason() is not None:
             return self.eager_block().forward(x)
         spec = self.spec()
-        if spec.dw_pad is not None and x.dim() == 4 and functional.padded_dw_weight(
-                spec.dw_conv.weight, spec.dw_pad, x.shape[2], x.shape[3], spec.stride) is None:
+        if spec.dw_pad is not None and x.dim() == 4 and not functional.dw_padding_fits(
+                spec.dw_pad, x.shape[2], x.shape[3], spec.kernel_size, spec.stride):
             # e.g. a fixed TF-style pad layer on an odd-sized map: its output size is not the
             # kernels' ceil(size / stride)
             return self.eager_block().forward(x)
