@@ -4,7 +4,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent  # pip < 24 runs setup.py with a bare relative __file__
 
 
 def _load_build_config():
