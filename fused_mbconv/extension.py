@@ -31,7 +31,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from . import reference
 from .accounting import dry_run, multiprocessors, note_launch, recording
+from .interface import specified_by
 from .tensors import NormArgs, accumulate_dtype
 
 Tensor = torch.Tensor
@@ -248,11 +250,9 @@ def _noted(kernel: str, backend: str, read: int, written: int,
     note_launch(kernel, backend, read, written, programs, grids or ())
 
 
-def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor],
-                           bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
-                           running_var: Optional[Tensor], stride: int, training: bool,
-                           eps: float, need_conv_out: bool
-                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+@specified_by(reference.dwconv_bn_silu_forward)
+def dwconv_bn_silu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                           training, eps, need_conv_out):
     with _device_grids(x) as grids:
         out, conv_out, mean, var = torch.ops.fused_mbconv_ext.dwconv_bn_silu_forward(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride, training, eps,
@@ -272,12 +272,9 @@ def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor
     return out, conv_out, mean, var
 
 
-def dwconv_bn_silu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, conv_out: Tensor,
-                            bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                            mean: Tensor, var: Tensor, stride: int, training: bool, eps: float,
-                            output_mask: List[bool]
-                            ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor],
-                                       Optional[Tensor]]:
+@specified_by(reference.dwconv_bn_silu_backward)
+def dwconv_bn_silu_backward(grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride,
+                            training, eps, output_mask):
     with _device_grids(x) as grids:
         grads = torch.ops.fused_mbconv_ext.dwconv_bn_silu_backward(
             grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride, training, eps,
@@ -325,16 +322,16 @@ def _dgrad_wgrad(grids: Optional[Grids], output_mask: List[bool]):
     return rest, wgrad
 
 
-def mbconv_expand_forward(x: Tensor, weight: Tensor, need_stats: bool
-                          ) -> Tuple[Tensor, Tensor, Tensor]:
+@specified_by(reference.mbconv_expand_forward)
+def mbconv_expand_forward(x, weight, need_stats):
     with _device_grids(x) as grids:
         e, mean, var = torch.ops.fused_mbconv_ext.mbconv_expand_forward(x, weight, need_stats)
     _note("mbconv_expand", x, _nbytes(x, weight), _nbytes(e, mean, var), grids)
     return e, mean, var
 
 
-def mbconv_dwconv_forward(h: Tensor, weight: Tensor, stride: int, in_bn: Optional[NormArgs],
-                          activation: str, need_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+@specified_by(reference.mbconv_dwconv_forward)
+def mbconv_dwconv_forward(h, weight, stride, in_bn, activation, need_stats):
     with _device_grids(h) as grids:
         d, mean, var = torch.ops.fused_mbconv_ext.mbconv_dwconv_forward(
             h, weight, stride, *_bn(in_bn), activation, need_stats)
@@ -343,16 +340,16 @@ def mbconv_dwconv_forward(h: Tensor, weight: Tensor, stride: int, in_bn: Optiona
     return d, mean, var
 
 
-def mbconv_squeeze_forward(d: Tensor, bn2: NormArgs, activation: str) -> Tensor:
+@specified_by(reference.mbconv_squeeze_forward)
+def mbconv_squeeze_forward(d, bn2, activation):
     with _device_grids(d) as grids:
         pooled = torch.ops.fused_mbconv_ext.mbconv_squeeze_forward(d, *_bn(bn2), activation)
     _note("mbconv_squeeze", d, _nbytes(d, *_bn(bn2)[:4]), _nbytes(pooled), grids)
     return pooled
 
 
-def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
-                          fc2_weight: Tensor, fc2_bias: Tensor, se_activation: str, gate: str
-                          ) -> Tensor:
+@specified_by(reference.mbconv_excite_forward)
+def mbconv_excite_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate):
     with _device_grids(pooled) as grids:
         g = torch.ops.fused_mbconv_ext.mbconv_excite_forward(
             pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate)
@@ -361,9 +358,8 @@ def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
     return g
 
 
-def mbconv_project_forward(d: Tensor, gate_values: Optional[Tensor], weight: Tensor,
-                           bn2: NormArgs, activation: str, need_stats: bool
-                           ) -> Tuple[Tensor, Tensor, Tensor]:
+@specified_by(reference.mbconv_project_forward)
+def mbconv_project_forward(d, gate_values, weight, bn2, activation, need_stats):
     with _device_grids(d) as grids:
         q, mean, var = torch.ops.fused_mbconv_ext.mbconv_project_forward(
             d, gate_values, weight, *_bn(bn2), activation, need_stats)
@@ -372,8 +368,8 @@ def mbconv_project_forward(d: Tensor, gate_values: Optional[Tensor], weight: Ten
     return q, mean, var
 
 
-def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tensor],
-                          residual: Optional[Tensor]) -> Tensor:
+@specified_by(reference.mbconv_output_forward)
+def mbconv_output_forward(q, bn3, sample_scale, residual):
     with _device_grids(q) as grids:
         out = torch.ops.fused_mbconv_ext.mbconv_output_forward(q, *_bn(bn3), sample_scale,
                                                                residual)
@@ -382,8 +378,8 @@ def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tenso
     return out
 
 
-def mbconv_output_backward_stats(grad_out: Tensor, q: Tensor, bn3: NormArgs,
-                                 sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+@specified_by(reference.mbconv_output_backward_stats)
+def mbconv_output_backward_stats(grad_out, q, bn3, sample_scale):
     with _device_grids(q) as grids:
         sums = torch.ops.fused_mbconv_ext.mbconv_output_backward_stats(
             grad_out, q, *_bn(bn3), sample_scale)
@@ -392,12 +388,9 @@ def mbconv_output_backward_stats(grad_out: Tensor, q: Tensor, bn3: NormArgs,
     return sums
 
 
-def mbconv_project_backward(grad_out: Tensor, q: Tensor, d: Tensor,
-                            gate_values: Optional[Tensor], weight: Tensor, bn2: NormArgs,
-                            activation: str, bn3: NormArgs, sum_dy3: Tensor,
-                            sum_dy3_xhat3: Tensor, sample_scale: Optional[Tensor],
-                            training: bool, output_mask: List[bool]
-                            ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+@specified_by(reference.mbconv_project_backward)
+def mbconv_project_backward(grad_out, q, d, gate_values, weight, bn2, activation, bn3, sum_dy3,
+                            sum_dy3_xhat3, sample_scale, training, output_mask):
     with _device_grids(d) as grids:
         grad_a2, grad_gate, grad_weight = torch.ops.fused_mbconv_ext.mbconv_project_backward(
             grad_out, q, d, gate_values, weight, *_bn(bn2), activation, *_bn(bn3), sum_dy3,
@@ -414,10 +407,9 @@ def mbconv_project_backward(grad_out: Tensor, q: Tensor, d: Tensor,
             _empty_none(grad_weight, output_mask[1]))
 
 
-def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor,
-                           fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
-                           se_activation: str, gate: str
-                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@specified_by(reference.mbconv_excite_backward)
+def mbconv_excite_backward(grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                           se_activation, gate):
     with _device_grids(pooled) as grids:
         grads = torch.ops.fused_mbconv_ext.mbconv_excite_backward(
             grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate)
@@ -427,8 +419,8 @@ def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor
     return grads
 
 
-def mbconv_dwconv_backward_stats(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
-                                 bn2: NormArgs, activation: str) -> Tuple[Tensor, Tensor]:
+@specified_by(reference.mbconv_dwconv_backward_stats)
+def mbconv_dwconv_backward_stats(grad_a2, grad_pooled, d, bn2, activation):
     with _device_grids(d) as grids:
         sums = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward_stats(
             grad_a2, grad_pooled, d, *_bn(bn2), activation)
@@ -437,11 +429,9 @@ def mbconv_dwconv_backward_stats(grad_a2: Tensor, grad_pooled: Optional[Tensor],
     return sums
 
 
-def mbconv_dwconv_backward(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
-                           h: Tensor, weight: Tensor, stride: int, bn2: NormArgs,
-                           activation: str, sum_dy2: Tensor, sum_dy2_xhat2: Tensor,
-                           in_bn: Optional[NormArgs], training: bool, output_mask: List[bool]
-                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
+@specified_by(reference.mbconv_dwconv_backward)
+def mbconv_dwconv_backward(grad_a2, grad_pooled, d, h, weight, stride, bn2, activation, sum_dy2,
+                           sum_dy2_xhat2, in_bn, training, output_mask):
     with _device_grids(h) as grids:
         grads = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward(
             grad_a2, grad_pooled, d, h, weight, stride, *_bn(bn2), activation, sum_dy2,
@@ -459,10 +449,9 @@ def mbconv_dwconv_backward(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Te
             sum_dy1, sum_dy1_xhat1)
 
 
-def mbconv_expand_backward(grad_y1: Tensor, e: Tensor, x: Tensor, weight: Tensor,
-                           bn1: NormArgs, sum_dy1: Tensor, sum_dy1_xhat1: Tensor,
-                           training: bool, grad_residual: Optional[Tensor],
-                           output_mask: List[bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+@specified_by(reference.mbconv_expand_backward)
+def mbconv_expand_backward(grad_y1, e, x, weight, bn1, sum_dy1, sum_dy1_xhat1, training,
+                           grad_residual, output_mask):
     with _device_grids(x) as grids:
         grad_x, grad_weight = torch.ops.fused_mbconv_ext.mbconv_expand_backward(
             grad_y1, e, x, weight, *_bn(bn1), sum_dy1, sum_dy1_xhat1, training, grad_residual,

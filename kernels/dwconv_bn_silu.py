@@ -18,13 +18,15 @@ per-tile partials summed in a fixed order: deterministic, no atomics.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from fused_mbconv import reference
 from fused_mbconv.activations import kernel_kind
+from fused_mbconv.interface import specified_by
 from fused_mbconv.tensors import NormArgs
 
 from .common import (COMPILE_OPTIONS, NUM_WARPS, Problem, bn_args, bn_bytes, finalize_stats,
@@ -396,12 +398,9 @@ def conv_backward(pr: Problem, go: Tensor, d: Tensor, x: Tensor, weight: Tensor,
 
 # ----------------------------------------------------------------------------- interface
 
-def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor],
-                           bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
-                           running_var: Optional[Tensor], stride: int, training: bool,
-                           eps: float, need_conv_out: bool
-                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Same contract as ``fused_mbconv.reference.dwconv_bn_silu_forward``."""
+@specified_by(reference.dwconv_bn_silu_forward)
+def dwconv_bn_silu_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                           training, eps, need_conv_out):
     pr = Problem(x, weight, stride)
     x, weight = pr.layout(x), weight.contiguous()
     out = pr.empty_out(x)
@@ -424,13 +423,9 @@ def dwconv_bn_silu_forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor
     return out, conv_out, mean, var
 
 
-def dwconv_bn_silu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, conv_out: Tensor,
-                            bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                            mean: Tensor, var: Tensor, stride: int, training: bool, eps: float,
-                            output_mask: List[bool]
-                            ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor],
-                                       Optional[Tensor]]:
-    """Same contract as ``fused_mbconv.reference.dwconv_bn_silu_backward``."""
+@specified_by(reference.dwconv_bn_silu_backward)
+def dwconv_bn_silu_backward(grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride,
+                            training, eps, output_mask):
     pr = Problem(x, weight, stride)
     x, weight = pr.layout(x), weight.contiguous()
     go, d = pr.layout(grad_out), pr.layout(conv_out)

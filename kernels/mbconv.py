@@ -29,14 +29,16 @@ accumulation (fp32 operands with IEEE, not TF32, products).
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from fused_mbconv import reference
 from fused_mbconv.accounting import MIN_PROGRAMS
 from fused_mbconv.activations import kernel_kind
+from fused_mbconv.interface import specified_by
 from fused_mbconv.tensors import NormArgs, accumulate_dtype
 
 from .common import (COMPILE_OPTIONS, NUM_WARPS, TILE_ELEMENTS, Problem, acc_type, bn_args,
@@ -595,16 +597,14 @@ def _gemm_forward(a: Tensor, weight: Tensor, need_stats: bool, **prologue
 
 # ----------------------------------------------------------------------------- interface
 
-def mbconv_expand_forward(x: Tensor, weight: Tensor, need_stats: bool
-                          ) -> Tuple[Tensor, Tensor, Tensor]:
-    """K1; contract of ``fused_mbconv.reference.mbconv_expand_forward``."""
+@specified_by(reference.mbconv_expand_forward)
+def mbconv_expand_forward(x, weight, need_stats):
     _check_matrix(weight, x, (weight.shape[0], x.shape[1]), "expand weight")
     return _gemm_forward(x, weight, need_stats)
 
 
-def mbconv_dwconv_forward(h: Tensor, weight: Tensor, stride: int, in_bn: Optional[NormArgs],
-                          activation: str, need_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """K2; contract of ``fused_mbconv.reference.mbconv_dwconv_forward``."""
+@specified_by(reference.mbconv_dwconv_forward)
+def mbconv_dwconv_forward(h, weight, stride, in_bn, activation, need_stats):
     pr = Problem(h, weight, stride, op="mbconv")
     h, weight = pr.layout(h), weight.contiguous()
     d = pr.empty_out(h)
@@ -613,8 +613,8 @@ def mbconv_dwconv_forward(h: Tensor, weight: Tensor, stride: int, in_bn: Optiona
     return (d, mean, var) if need_stats else (d, *_empty_stats(h))
 
 
-def mbconv_squeeze_forward(d: Tensor, bn2: NormArgs, activation: str) -> Tensor:
-    """K3; contract of ``fused_mbconv.reference.mbconv_squeeze_forward``."""
+@specified_by(reference.mbconv_squeeze_forward)
+def mbconv_squeeze_forward(d, bn2, activation):
     pr = Problem(d, op="mbconv")
     d = pr.layout(d)
     pooled = torch.empty((pr.n, pr.c), dtype=pr.acc_dtype, device=d.device)
@@ -668,10 +668,8 @@ def excite_weight_blocks(channels: int, hidden: int) -> Tuple[int, int]:
     return block_s, block_c
 
 
-def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
-                          fc2_weight: Tensor, fc2_bias: Tensor, se_activation: str, gate: str
-                          ) -> Tensor:
-    """K4; contract of ``fused_mbconv.reference.mbconv_excite_forward``."""
+@specified_by(reference.mbconv_excite_forward)
+def mbconv_excite_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate):
     n, c = pooled.shape
     s = fc1_weight.shape[0]
     block_s, block_c = excite_blocks(c, s, n)
@@ -686,18 +684,15 @@ def mbconv_excite_forward(pooled: Tensor, fc1_weight: Tensor, fc1_bias: Tensor,
     return out
 
 
-def mbconv_project_forward(d: Tensor, gate_values: Optional[Tensor], weight: Tensor,
-                           bn2: NormArgs, activation: str, need_stats: bool
-                           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """K5; contract of ``fused_mbconv.reference.mbconv_project_forward``."""
+@specified_by(reference.mbconv_project_forward)
+def mbconv_project_forward(d, gate_values, weight, bn2, activation, need_stats):
     _check_matrix(weight, d, (weight.shape[0], d.shape[1]), "project weight")
     return _gemm_forward(d, weight, need_stats, kind=ACT_BN, a_bn=bn2,
                          gate=_vector(gate_values), activation=activation)
 
 
-def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tensor],
-                          residual: Optional[Tensor]) -> Tensor:
-    """K6; contract of ``fused_mbconv.reference.mbconv_output_forward``."""
+@specified_by(reference.mbconv_output_forward)
+def mbconv_output_forward(q, bn3, sample_scale, residual):
     pr = Problem(q, op="mbconv")
     q = pr.layout(q)
     residual = pr.layout(residual) if residual is not None else None
@@ -714,21 +709,16 @@ def mbconv_output_forward(q: Tensor, bn3: NormArgs, sample_scale: Optional[Tenso
     return out
 
 
-def mbconv_output_backward_stats(grad_out: Tensor, q: Tensor, bn3: NormArgs,
-                                 sample_scale: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """B6; contract of ``fused_mbconv.reference.mbconv_output_backward_stats``."""
+@specified_by(reference.mbconv_output_backward_stats)
+def mbconv_output_backward_stats(grad_out, q, bn3, sample_scale):
     pr = Problem(q, op="mbconv")
     return bn_grad_sums(pr, pr.layout(grad_out), pr.layout(q), bn3, "identity",
                         scale=_vector(sample_scale))
 
 
-def mbconv_project_backward(grad_out: Tensor, q: Tensor, d: Tensor,
-                            gate_values: Optional[Tensor], weight: Tensor, bn2: NormArgs,
-                            activation: str, bn3: NormArgs, sum_dy3: Tensor,
-                            sum_dy3_xhat3: Tensor, sample_scale: Optional[Tensor],
-                            training: bool, output_mask: List[bool]
-                            ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """B5; contract of ``fused_mbconv.reference.mbconv_project_backward``."""
+@specified_by(reference.mbconv_project_backward)
+def mbconv_project_backward(grad_out, q, d, gate_values, weight, bn2, activation, bn3, sum_dy3,
+                            sum_dy3_xhat3, sample_scale, training, output_mask):
     pr = Problem(d, op="mbconv")
     go, q, d = pr.layout(grad_out), pr.layout(q), pr.layout(d)
     gate_values, sample_scale = _vector(gate_values), _vector(sample_scale)
@@ -753,12 +743,10 @@ def mbconv_project_backward(grad_out: Tensor, q: Tensor, d: Tensor,
     return grad_a2, grad_gate, grad_weight
 
 
-def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor,
-                           fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
-                           se_activation: str, gate: str
-                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """B4; contract of ``fused_mbconv.reference.mbconv_excite_backward`` (two launches: per
-    image, then the weight gradients summed over images per channel block)."""
+@specified_by(reference.mbconv_excite_backward)
+def mbconv_excite_backward(grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                           se_activation, gate):
+    """Two launches: per image, then the weight gradients summed over images per tile."""
     n, c = pooled.shape
     s = fc1_weight.shape[0]
     acc, dev = pooled.dtype, pooled.device
@@ -789,20 +777,16 @@ def mbconv_excite_backward(grad_gate: Tensor, pooled: Tensor, fc1_weight: Tensor
     return grad_pooled, gw1, gb1, gw2, gb2
 
 
-def mbconv_dwconv_backward_stats(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
-                                 bn2: NormArgs, activation: str) -> Tuple[Tensor, Tensor]:
-    """B3; contract of ``fused_mbconv.reference.mbconv_dwconv_backward_stats``."""
+@specified_by(reference.mbconv_dwconv_backward_stats)
+def mbconv_dwconv_backward_stats(grad_a2, grad_pooled, d, bn2, activation):
     pr = Problem(d, op="mbconv")
     return bn_grad_sums(pr, pr.layout(grad_a2), pr.layout(d), bn2, activation,
                         pooled=_vector(grad_pooled))
 
 
-def mbconv_dwconv_backward(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Tensor,
-                           h: Tensor, weight: Tensor, stride: int, bn2: NormArgs,
-                           activation: str, sum_dy2: Tensor, sum_dy2_xhat2: Tensor,
-                           in_bn: Optional[NormArgs], training: bool, output_mask: List[bool]
-                           ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
-    """B2; contract of ``fused_mbconv.reference.mbconv_dwconv_backward``."""
+@specified_by(reference.mbconv_dwconv_backward)
+def mbconv_dwconv_backward(grad_a2, grad_pooled, d, h, weight, stride, bn2, activation, sum_dy2,
+                           sum_dy2_xhat2, in_bn, training, output_mask):
     pr = Problem(h, weight, stride, op="mbconv")
     h, weight = pr.layout(h), weight.contiguous()
     need_gx, need_gw = bool(output_mask[0]), bool(output_mask[1])
@@ -815,11 +799,9 @@ def mbconv_dwconv_backward(grad_a2: Tensor, grad_pooled: Optional[Tensor], d: Te
     return (grad_h, grad_w, *(in_sums if in_sums is not None else _empty_stats(h)))
 
 
-def mbconv_expand_backward(grad_y1: Tensor, e: Tensor, x: Tensor, weight: Tensor,
-                           bn1: NormArgs, sum_dy1: Tensor, sum_dy1_xhat1: Tensor,
-                           training: bool, grad_residual: Optional[Tensor],
-                           output_mask: List[bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """B1; contract of ``fused_mbconv.reference.mbconv_expand_backward``."""
+@specified_by(reference.mbconv_expand_backward)
+def mbconv_expand_backward(grad_y1, e, x, weight, bn1, sum_dy1, sum_dy1_xhat1, training,
+                           grad_residual, output_mask):
     pr = Problem(x, op="mbconv")
     x, gy, e = pr.layout(x), pr.layout(grad_y1), pr.layout(e)
     weight = weight.contiguous()

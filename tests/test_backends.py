@@ -2,12 +2,14 @@
 per-device defaults, device checks, and the errors for unknown names."""
 
 import dataclasses
+import importlib
+import inspect
 
 import pytest
 import torch
 
 import fused_mbconv as fm
-from fused_mbconv import backends
+from fused_mbconv import backends, interface, reference
 
 
 def test_names_follow_the_table():
@@ -82,3 +84,32 @@ def test_unknown_names_raise_naming_the_choices(call):
                                          r"'cuda', 'cpu', 'torch'\]"):
         call()
     assert backends.get_backend() is None  # a failing call changes no state
+
+
+def _interface_functions(module):
+    return {name: fn for name, fn in vars(module).items()
+            if inspect.isfunction(fn) and hasattr(reference, name) and not name.startswith("_")}
+
+
+@pytest.mark.parametrize("name", [b.name for b in backends.TABLE if b.name != "torch"])
+def test_backend_functions_take_the_specification_signature(name):
+    """Each backend's kernel-interface functions carry fused_mbconv.reference's parameters
+    and annotations (fused_mbconv.interface.specified_by)."""
+    module = importlib.import_module(backends.record(name).module)
+    functions = _interface_functions(module)
+    assert len(functions) >= 14, sorted(functions)  # dwconv_bn_silu's two and the block's 12
+    for fn_name, fn in functions.items():
+        spec = getattr(reference, fn_name)
+        assert interface.parameter_names(fn) == interface.parameter_names(spec), fn_name
+        assert fn.__annotations__ == spec.__annotations__, fn_name
+        assert (fn.__doc__ or "").startswith(spec.__doc__ or ""), fn_name
+
+
+def test_an_implementation_with_other_parameters_is_refused_at_import():
+    with pytest.raises(TypeError, match=r"mbconv_squeeze_forward\(d, bn, activation\) does not "
+                       r"match the kernel interface's mbconv_squeeze_forward\(d, bn2, activation\)"):
+        @interface.specified_by(reference.mbconv_squeeze_forward)
+        def mbconv_squeeze_forward(d, bn, activation):
+            return d
+    with pytest.raises(TypeError, match="mbconv_expand_forward"):
+        interface.specified_by(reference.mbconv_expand_forward)(reference.mbconv_squeeze_forward)
