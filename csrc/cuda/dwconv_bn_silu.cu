@@ -318,26 +318,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   return {out, conv_out, mean, var};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
-    const Tensor& grad_out, const Tensor& x, const Tensor& weight, const Tensor& conv_out,
-    const c10::optional<Tensor>& bn_weight, const c10::optional<Tensor>& bn_bias,
-    const Tensor& mean, const Tensor& var, int64_t stride, bool training, double eps,
-    std::array<bool, 4> output_mask) {
-  check_backward(grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var, stride, eps,
-                 kDeviceType);
-  const DeviceGuard guard(x.device());
-  const Geometry g = geometry_of(x, weight.size(2), stride);
-  const auto acc = accumulate_type(x.scalar_type());
-  const Tensor gamma = channel_param(bn_weight, x, 1.0), beta = channel_param(bn_bias, x, 0.0);
-  const Tensor mean_c = mean.to(acc).contiguous(), invstd = (var.to(acc) + eps).rsqrt();
-  Tensor ggamma = at::empty({g.C}, x.options().dtype(acc));
-  Tensor gbeta = at::empty({g.C}, x.options().dtype(acc));
-  Tensor gx = output_mask[0] ? at::empty_like(x) : x.new_empty({0});
-  Tensor gw_acc = output_mask[1] ? at::empty({g.C * g.k * g.k}, x.options().dtype(acc)) : Tensor();
+BackwardResult backward_cuda(const DwconvBnSiluBackwardArgs& a) {
+  const DeviceGuard guard(a.x.device());
+  const Geometry g = geometry_of(a.x, a.weight.size(2), a.stride);
+  const auto acc = accumulate_type(a.x.scalar_type());
+  const Tensor gamma = channel_param(a.bn_weight, a.x, 1.0);
+  const Tensor beta = channel_param(a.bn_bias, a.x, 0.0);
+  const Tensor mean_c = a.mean.to(acc).contiguous(), invstd = (a.var.to(acc) + a.eps).rsqrt();
+  Tensor ggamma = at::empty({g.C}, a.x.options().dtype(acc));
+  Tensor gbeta = at::empty({g.C}, a.x.options().dtype(acc));
+  Tensor gx = a.output_mask[0] ? at::empty_like(a.x) : a.x.new_empty({0});
+  Tensor gw_acc =
+      a.output_mask[1] ? at::empty({g.C * g.k * g.k}, a.x.options().dtype(acc)) : Tensor();
   const int slices = slices_for(g);
   const dim3 channel_blocks(blocks_covering(g.C)), block(kThreads);
   const int kk = g.k * g.k;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_silu_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "dwconv_bn_silu_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // Per-channel constants, laid out as BnSiluGrad structs: mean, invstd, gamma, beta, 0, 0.
     static_assert(sizeof(BnSiluGrad<acc_t>) == 6 * sizeof(acc_t), "BnSiluGrad layout");
@@ -345,27 +341,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
                              at::zeros_like(gamma)}, 1).contiguous();
     auto* cf = reinterpret_cast<BnSiluGrad<acc_t>*>(coef.mutable_data_ptr<acc_t>());
     const dim3 grid(static_cast<unsigned>(g.C), slices);
-    const scalar_t* gop = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* dp = conv_out.const_data_ptr<scalar_t>();
-    Tensor partial = bytes(g.C * slices * int64_t(sizeof(Sums<acc_t, kTapGroup>)), x);
+    const scalar_t* gop = a.grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* dp = a.conv_out.const_data_ptr<scalar_t>();
+    Tensor partial = bytes(g.C * slices * int64_t(sizeof(Sums<acc_t, kTapGroup>)), a.x);
     auto* sums2 = reinterpret_cast<Sums<acc_t, 2>*>(partial.mutable_data_ptr());
     launch("bn_silu_grad_reduce", &grad_reduce_kernel<scalar_t>, grid, block, 0, gop, dp,
            static_cast<const BnSiluGrad<acc_t>*>(cf), sums2, g);
     launch("bn_silu_grad_finalize", &finalize_grad_kernel<acc_t>, channel_blocks, block, 0,
            static_cast<const Sums<acc_t, 2>*>(sums2), slices, cf,
            ggamma.mutable_data_ptr<acc_t>(), gbeta.mutable_data_ptr<acc_t>(),
-           static_cast<acc_t>(g.N * g.Ho * g.Wo), training, g.C);
-    if (output_mask[0]) {
-      launch("dwconv_input_grad", &input_grad_kernel<scalar_t>, dim3(blocks_for(x.numel())),
-             block, 0, gop, dp, weight.const_data_ptr<scalar_t>(),
+           static_cast<acc_t>(g.N * g.Ho * g.Wo), a.training, g.C);
+    if (a.output_mask[0]) {
+      launch("dwconv_input_grad", &input_grad_kernel<scalar_t>, dim3(blocks_for(a.x.numel())),
+             block, 0, gop, dp, a.weight.const_data_ptr<scalar_t>(),
              static_cast<const BnSiluGrad<acc_t>*>(cf), gx.mutable_data_ptr<scalar_t>(),
-             is_channels_last(x), g);
+             is_channels_last(a.x), g);
     }
-    if (output_mask[1]) {
+    if (a.output_mask[1]) {
       auto* sums = reinterpret_cast<Sums<acc_t, kTapGroup>*>(partial.mutable_data_ptr());
       for (int tap0 = 0; tap0 < kk; tap0 += kTapGroup) {
         launch("dwconv_weight_grad", &weight_grad_kernel<scalar_t>, grid, block, 0, gop, dp,
-               x.const_data_ptr<scalar_t>(), static_cast<const BnSiluGrad<acc_t>*>(cf), sums,
+               a.x.const_data_ptr<scalar_t>(), static_cast<const BnSiluGrad<acc_t>*>(cf), sums,
                tap0, g);
         launch("dwconv_weight_grad_finalize", &finalize_weight_grad_kernel<acc_t>,
                dim3(blocks_covering(g.C * kTapGroup)), block, 0,
@@ -374,9 +370,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
       }
     }
   });
-  const Tensor empty_acc = x.new_empty({0}, x.options().dtype(acc));
-  return {gx, output_mask[1] ? gw_acc.view(weight.sizes()).to(x.scalar_type()) : x.new_empty({0}),
-          output_mask[2] ? ggamma : empty_acc, output_mask[3] ? gbeta : empty_acc.clone()};
+  const Tensor empty_acc = a.x.new_empty({0}, a.x.options().dtype(acc));
+  const Tensor gw = a.output_mask[1] ? gw_acc.view(a.weight.sizes()).to(a.x.scalar_type())
+                                     : a.x.new_empty({0});
+  return {gx, gw, a.output_mask[2] ? ggamma : empty_acc,
+          a.output_mask[3] ? gbeta : empty_acc.clone()};
 }
 
 }  // namespace
@@ -385,7 +383,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cuda(
 
 TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
   m.impl("dwconv_bn_silu_forward", &fused_mbconv::cuda::forward_cuda);
-  m.impl("dwconv_bn_silu_backward", &fused_mbconv::cuda::backward_cuda);
+  using fused_mbconv::cuda::kDeviceType;
+  m.impl("dwconv_bn_silu_backward",
+         &fused_mbconv::backward_entry<kDeviceType, fused_mbconv::cuda::backward_cuda>);
 }
 
 // The launch record of runtime.cuh, for every kernel of this library (the CUDA kernels, or

@@ -700,53 +700,47 @@ struct GateGrad {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> project_backward(
-    const Tensor& grad_out, const Tensor& q, const Tensor& d, const OptTensor& gate,
-    const Tensor& weight, const Tensor& mean2, const Tensor& var2, const OptTensor& w2,
-    const OptTensor& b2, double eps2, c10::string_view activation, const Tensor& mean3,
-    const Tensor& var3, const OptTensor& w3, const OptTensor& b3, double eps3,
-    const Tensor& sum_dy3, const Tensor& sum_dy3_xhat3, const OptTensor& sample_scale,
-    bool training, std::array<bool, 2> output_mask) {
-  const Act act = check_project_backward(grad_out, q, d, gate, weight, mean2, var2, w2, b2, eps2,
-                                         activation, mean3, var3, w3, b3, eps3, sum_dy3,
-                                         sum_dy3_xhat3, sample_scale, kDeviceType);
-  const DeviceGuard guard(d.device());
-  const auto format = memory_format_of(d);
-  const Plane dp = plane_of(d);
-  const Tensor ss = acc_vector(sample_scale, d), g = acc_vector(gate, d);
-  Tensor gq = at::empty_like(q);
-  Tensor grad_a2 = d.new_empty({0}), grad_gate = acc_empty(d), grad_weight = d.new_empty({0});
+ProjectBackwardResult project_backward(const ProjectBackwardArgs& a, const Act act) {
+  const DeviceGuard guard(a.d.device());
+  const auto format = memory_format_of(a.d);
+  const Plane dp = plane_of(a.d);
+  const Tensor ss = acc_vector(a.sample_scale, a.d), g = acc_vector(a.gate, a.d);
+  Tensor gq = at::empty_like(a.q);
+  Tensor grad_a2 = a.d.new_empty({0}), grad_gate = acc_empty(a.d), grad_weight = a.d.new_empty({0});
   Tensor operand;  // a3, when the gate-gradient pass writes it
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_project_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.d.scalar_type(), "mbconv_project_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto bn3 = norm_of<acc_t>(q, mean3, var3, w3, b3, eps3, training ? &sum_dy3 : nullptr,
-                                    training ? &sum_dy3_xhat3 : nullptr, dp.N * dp.P);
-    map("mbconv_project_grad_out", plane_of(q),
-        ProjectGradOut<scalar_t>{grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                                 bn3.view(), maybe_ptr<acc_t>(ss),
+    const auto bn3 = norm_of<acc_t>(a.q, a.mean3, a.var3, a.w3, a.b3, a.eps3,
+                                    a.training ? &a.sum_dy3 : nullptr,
+                                    a.training ? &a.sum_dy3_xhat3 : nullptr, dp.N * dp.P);
+    map("mbconv_project_grad_out", plane_of(a.q),
+        ProjectGradOut<scalar_t>{a.grad_out.const_data_ptr<scalar_t>(),
+                                 a.q.const_data_ptr<scalar_t>(), bn3.view(), maybe_ptr<acc_t>(ss),
                                  gq.mutable_data_ptr<scalar_t>()});
-    if (!output_mask[0]) return;
-    const Tensor grad_a3 = pointwise_conv(gq, weight.t(), format);
+    if (!a.output_mask[0]) return;
+    const Tensor grad_a3 = pointwise_conv(gq, a.weight.t(), format);
     if (!g.defined()) {
       grad_a2 = grad_a3;
       return;
     }
-    grad_a2 = at::empty_like(d);
-    grad_gate = acc_empty(d, {dp.N, dp.C});
-    if (output_mask[1]) operand = at::empty_like(d);
-    const auto bn2 = norm_of<acc_t>(d, mean2, var2, w2, b2, eps2);
+    grad_a2 = at::empty_like(a.d);
+    grad_gate = acc_empty(a.d, {dp.N, dp.C});
+    if (a.output_mask[1]) operand = at::empty_like(a.d);
+    const auto bn2 = norm_of<acc_t>(a.d, a.mean2, a.var2, a.w2, a.b2, a.eps2);
     dispatch_activation(act, [&](auto A) {
       reduce_channels<Sums<acc_t, 1>>(
           "mbconv_project_gate_grad", tiling_of(dp),
           GateGrad<decltype(A)::value, scalar_t>{
-              grad_a3.const_data_ptr<scalar_t>(), d.const_data_ptr<scalar_t>(), dp, bn2.view(),
+              grad_a3.const_data_ptr<scalar_t>(), a.d.const_data_ptr<scalar_t>(), dp, bn2.view(),
               g.const_data_ptr<acc_t>(), grad_a2.mutable_data_ptr<scalar_t>(),
               operand.defined() ? operand.mutable_data_ptr<scalar_t>() : nullptr},
-          true, ScaledOut<acc_t>{grad_gate.mutable_data_ptr<acc_t>(), acc_t(1)}, d);
+          true, ScaledOut<acc_t>{grad_gate.mutable_data_ptr<acc_t>(), acc_t(1)}, a.d);
     });
   });
-  if (output_mask[1]) {
-    if (!operand.defined()) operand = project_operand(d, gate, mean2, var2, w2, b2, eps2, act);
+  if (a.output_mask[1]) {
+    if (!operand.defined()) {
+      operand = project_operand(a.d, a.gate, a.mean2, a.var2, a.w2, a.b2, a.eps2, act);
+    }
     grad_weight = pointwise_weight_grad(gq, operand);
   }
   return {grad_a2, grad_gate, grad_weight};
@@ -882,60 +876,53 @@ struct DwWeightGrad {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
-    const Tensor& grad_a2, const OptTensor& grad_pooled, const Tensor& d, const Tensor& h,
-    const Tensor& weight_in, int64_t stride, const Tensor& mean2, const Tensor& var2,
-    const OptTensor& w2, const OptTensor& b2, double eps2, c10::string_view activation,
-    const Tensor& sum_dy2, const Tensor& sum_dy2_xhat2, const OptTensor& in_mean,
-    const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
-    bool training, std::array<bool, 2> output_mask) {
-  const Act act = check_dwconv_backward(grad_a2, grad_pooled, d, h, weight_in, stride, mean2,
-                                        var2, w2, b2, eps2, activation, sum_dy2, sum_dy2_xhat2,
-                                        in_mean, in_var, in_weight, in_bias, in_eps, kDeviceType);
-  const DeviceGuard guard(h.device());
-  const Tensor weight = weight_in.contiguous();
+DwconvBackwardResult dwconv_backward(const DwconvBackwardArgs& a, const Act act) {
+  const DeviceGuard guard(a.h.device());
+  const Tensor weight = a.weight.contiguous();
   const int taps = static_cast<int>(weight.size(2) * weight.size(3));
-  const Plane hp = plane_of(h), dp = plane_of(d);
-  const bool with_bn1 = given(in_mean);
-  Tensor grad_h = h.new_empty({0}), grad_w = h.new_empty({0});
-  Tensor sum_dy1 = acc_empty(h), sum_dy1_xhat1 = acc_empty(h);
-  if (!output_mask[0] && !output_mask[1]) return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
-  const Tensor gp = acc_vector(grad_pooled, d);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mbconv_dwconv_backward", [&] {
+  const Plane hp = plane_of(a.h), dp = plane_of(a.d);
+  const bool with_bn1 = given(a.in_mean);
+  Tensor grad_h = a.h.new_empty({0}), grad_w = a.h.new_empty({0});
+  Tensor sum_dy1 = acc_empty(a.h), sum_dy1_xhat1 = acc_empty(a.h);
+  if (!a.output_mask[0] && !a.output_mask[1]) return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
+  const Tensor gp = acc_vector(a.grad_pooled, a.d);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.h.scalar_type(), "mbconv_dwconv_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto bn2 = norm_of<acc_t>(d, mean2, var2, w2, b2, eps2, training ? &sum_dy2 : nullptr,
-                                    training ? &sum_dy2_xhat2 : nullptr, dp.N * dp.P);
-    const auto bn1 = in_norm<acc_t>(h, in_mean, in_var, in_weight, in_bias, in_eps);
-    Tensor gd = at::empty_like(d, d.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const auto bn2 = norm_of<acc_t>(a.d, a.mean2, a.var2, a.w2, a.b2, a.eps2,
+                                    a.training ? &a.sum_dy2 : nullptr,
+                                    a.training ? &a.sum_dy2_xhat2 : nullptr, dp.N * dp.P);
+    const auto bn1 = in_norm<acc_t>(a.h, a.in_mean, a.in_var, a.in_weight, a.in_bias, a.in_eps);
+    Tensor gd = at::empty_like(a.d, a.d.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     acc_t* gdp = gd.mutable_data_ptr<acc_t>();
     dispatch_activation(act, [&](auto A) {
       constexpr Act kA = decltype(A)::value;
-      const auto in = dw_input<kA, scalar_t>(h, weight, stride, d, bn1);
+      const auto in = dw_input<kA, scalar_t>(a.h, weight, a.stride, a.d, bn1);
       map("mbconv_dwconv_grad_d", dp,
-          GradD<kA, scalar_t>{dy2_of<kA, scalar_t>(grad_a2, gp, d, bn2), gdp});
-      if (output_mask[0]) {
-        grad_h = at::empty_like(h);
+          GradD<kA, scalar_t>{dy2_of<kA, scalar_t>(a.grad_a2, gp, a.d, bn2), gdp});
+      if (a.output_mask[0]) {
+        grad_h = at::empty_like(a.h);
         const DwInputGrad<kA, scalar_t> f{in, gdp, dp, grad_h.mutable_data_ptr<scalar_t>()};
         if (with_bn1) {
-          sum_dy1 = acc_empty(h, {hp.C});
-          sum_dy1_xhat1 = acc_empty(h, {hp.C});
+          sum_dy1 = acc_empty(a.h, {hp.C});
+          sum_dy1_xhat1 = acc_empty(a.h, {hp.C});
           reduce_channels<Sums<acc_t, 2>>(
               "mbconv_dwconv_dgrad", tiling_of(hp), f, false,
               SumsOut<acc_t>{sum_dy1.mutable_data_ptr<acc_t>(),
                              sum_dy1_xhat1.mutable_data_ptr<acc_t>()},
-              h);
+              a.h);
         } else {
-          reduce_channels<NoStats>("mbconv_dwconv_dgrad", tiling_of(hp), f, false, NoStats{}, h);
+          reduce_channels<NoStats>("mbconv_dwconv_dgrad", tiling_of(hp), f, false, NoStats{}, a.h);
         }
       }
-      if (output_mask[1]) {
-        Tensor grad_acc = acc_empty(h, {hp.C * taps});
+      if (a.output_mask[1]) {
+        Tensor grad_acc = acc_empty(a.h, {hp.C * taps});
         for (int tap0 = 0; tap0 < taps; tap0 += kTapGroup) {
           reduce_channels<Sums<acc_t, kTapGroup>>(
               "mbconv_dwconv_wgrad", tiling_of(dp),
-              DwWeightGrad<kA, scalar_t>{in, gdp, dp, tap0}, false, TapsOut<acc_t>{grad_acc.mutable_data_ptr<acc_t>(), tap0, taps}, h);
+              DwWeightGrad<kA, scalar_t>{in, gdp, dp, tap0}, false,
+              TapsOut<acc_t>{grad_acc.mutable_data_ptr<acc_t>(), tap0, taps}, a.h);
         }
-        grad_w = grad_acc.view(weight.sizes()).to(h.scalar_type());
+        grad_w = grad_acc.view(weight.sizes()).to(a.h.scalar_type());
       }
     });
   });
@@ -990,6 +977,7 @@ std::tuple<Tensor, Tensor> expand_backward(
 }  // namespace fused_mbconv
 
 TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
+  using fused_mbconv::cuda::kDeviceType;
   m.impl("mbconv_expand_forward", &fused_mbconv::cuda::expand_forward);
   m.impl("mbconv_dwconv_forward", &fused_mbconv::cuda::dwconv_forward);
   m.impl("mbconv_squeeze_forward", &fused_mbconv::cuda::squeeze_forward);
@@ -997,9 +985,11 @@ TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
   m.impl("mbconv_project_forward", &fused_mbconv::cuda::project_forward);
   m.impl("mbconv_output_forward", &fused_mbconv::cuda::output_forward);
   m.impl("mbconv_output_backward_stats", &fused_mbconv::cuda::output_backward_stats);
-  m.impl("mbconv_project_backward", &fused_mbconv::cuda::project_backward);
+  m.impl("mbconv_project_backward",
+         &fused_mbconv::project_backward_entry<kDeviceType, fused_mbconv::cuda::project_backward>);
   m.impl("mbconv_excite_backward", &fused_mbconv::cuda::excite_backward);
   m.impl("mbconv_dwconv_backward_stats", &fused_mbconv::cuda::dwconv_backward_stats);
-  m.impl("mbconv_dwconv_backward", &fused_mbconv::cuda::dwconv_backward);
+  m.impl("mbconv_dwconv_backward",
+         &fused_mbconv::dwconv_backward_entry<kDeviceType, fused_mbconv::cuda::dwconv_backward>);
   m.impl("mbconv_expand_backward", &fused_mbconv::cuda::expand_backward);
 }

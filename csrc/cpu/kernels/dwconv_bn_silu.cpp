@@ -346,37 +346,32 @@ void backward_kernel(const Tensor& go, const Tensor& x, const Tensor& weight, co
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward_cpu(
-    const Tensor& grad_out, const Tensor& input, const Tensor& weight, const Tensor& conv_out,
-    const c10::optional<Tensor>& bn_weight, const c10::optional<Tensor>& bn_bias,
-    const Tensor& mean, const Tensor& var, int64_t stride, bool training, double eps,
-    std::array<bool, 4> output_mask) {
-  check_backward(grad_out, input, weight, conv_out, bn_weight, bn_bias, mean, var, stride, eps,
-                 c10::DeviceType::CPU);
-  const auto format = memory_format_of(input);
-  const Tensor x = input.contiguous(), go = grad_out.contiguous(), d = conv_out.contiguous();
-  const Geometry g = geometry_of(x, weight.size(2), stride);
+BackwardResult backward_cpu(const DwconvBnSiluBackwardArgs& a) {
+  const auto format = memory_format_of(a.x);
+  const Tensor x = a.x.contiguous(), go = a.grad_out.contiguous(), d = a.conv_out.contiguous();
+  const Geometry g = geometry_of(x, a.weight.size(2), a.stride);
   const auto acc = accumulate_type(x.scalar_type());
-  Tensor gx = output_mask[0] ? at::empty_like(x) : Tensor();
-  Tensor gw = output_mask[1] ? at::empty_like(weight) : Tensor();
+  Tensor gx = a.output_mask[0] ? at::empty_like(x) : Tensor();
+  Tensor gw = a.output_mask[1] ? at::empty_like(a.weight) : Tensor();
   Tensor ggamma = at::empty({g.C}, x.options().dtype(acc));
   Tensor gbeta = at::empty({g.C}, x.options().dtype(acc));
-  const Tensor gamma = channel_param(bn_weight, x, 1.0), beta = channel_param(bn_bias, x, 0.0);
+  const Tensor gamma = channel_param(a.bn_weight, x, 1.0);
+  const Tensor beta = channel_param(a.bn_bias, x, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_silu_backward_cpu", [&] {
-    backward_kernel<scalar_t>(go, x, weight, d, gamma, beta, mean, var, training, eps, g, gx, gw,
-                              ggamma, gbeta);
+    backward_kernel<scalar_t>(go, x, a.weight, d, gamma, beta, a.mean, a.var, a.training, a.eps,
+                              g, gx, gw, ggamma, gbeta);
   });
   const Tensor empty_acc = x.new_empty({0}, x.options().dtype(acc));
-  return {output_mask[0] ? gx.contiguous(format) : x.new_empty({0}),
-          output_mask[1] ? gw : x.new_empty({0}), output_mask[2] ? ggamma : empty_acc,
-          output_mask[3] ? gbeta : empty_acc.clone()};
+  return {a.output_mask[0] ? gx.contiguous(format) : x.new_empty({0}),
+          a.output_mask[1] ? gw : x.new_empty({0}), a.output_mask[2] ? ggamma : empty_acc,
+          a.output_mask[3] ? gbeta : empty_acc.clone()};
 }
 
 }  // namespace
 
 void register_dwconv_bn_silu(torch::Library& m) {
   m.impl("dwconv_bn_silu_forward", &forward_cpu);
-  m.impl("dwconv_bn_silu_backward", &backward_cpu);
+  m.impl("dwconv_bn_silu_backward", &backward_entry<c10::DeviceType::CPU, backward_cpu>);
 }
 
 }  // namespace fused_mbconv::cpu::CPU_CAPABILITY

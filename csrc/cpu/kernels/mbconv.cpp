@@ -299,33 +299,24 @@ std::tuple<Tensor, Tensor> output_backward_stats(const Tensor& grad_out, const T
 
 // ---- B5 project backward ------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> project_backward(
-    const Tensor& grad_out, const Tensor& q_in, const Tensor& d_in, const OptTensor& gate,
-    const Tensor& weight, const Tensor& mean2, const Tensor& var2, const OptTensor& w2,
-    const OptTensor& b2, double eps2, c10::string_view activation, const Tensor& mean3,
-    const Tensor& var3, const OptTensor& w3, const OptTensor& b3, double eps3,
-    const Tensor& sum_dy3, const Tensor& sum_dy3_xhat3, const OptTensor& sample_scale,
-    bool training, std::array<bool, 2> output_mask) {
-  const Act act = check_project_backward(grad_out, q_in, d_in, gate, weight, mean2, var2, w2, b2,
-                                         eps2, activation, mean3, var3, w3, b3, eps3, sum_dy3,
-                                         sum_dy3_xhat3, sample_scale, kCPU);
-  const int64_t Cout = weight.size(0);
-  const Map d = nhwc(d_in), q = nhwc(q_in), go = nhwc(grad_out);
+ProjectBackwardResult project_backward(const ProjectBackwardArgs& a, const Act act) {
+  const int64_t Cout = a.weight.size(0);
+  const Map d = nhwc(a.d), q = nhwc(a.q), go = nhwc(a.grad_out);
   const int64_t C = d.C, P = d.P();
-  const bool dgrad = output_mask[0], wgrad = output_mask[1], gated = given(gate);
-  Tensor grad_a2 = d_in.new_empty({0}), grad_gate = acc_empty(d_in);
-  Tensor grad_weight = d_in.new_empty({0});
+  const bool dgrad = a.output_mask[0], wgrad = a.output_mask[1], gated = given(a.gate);
+  Tensor grad_a2 = a.d.new_empty({0}), grad_gate = acc_empty(a.d);
+  Tensor grad_weight = a.d.new_empty({0});
   if (!dgrad && !wgrad) return {grad_a2, grad_gate, grad_weight};
-  Tensor ga2 = dgrad ? empty_rows(d_in, d.rows(), C, d_in.scalar_type()) : Tensor();
-  dispatch_dtype(d_in.scalar_type(), [&](auto tag) {
+  Tensor ga2 = dgrad ? empty_rows(a.d, d.rows(), C, a.d.scalar_type()) : Tensor();
+  dispatch_dtype(a.d.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const Norm<acc_t> bn3 = norm_of<acc_t>(q_in, mean3, var3, w3, b3, eps3);
-    const NormGrad<acc_t> ng = norm_grad_of(bn3, sum_dy3, sum_dy3_xhat3, d.rows(), training);
-    const Norm<acc_t> bn2 = norm_of<acc_t>(d_in, mean2, var2, w2, b2, eps2);
-    const auto ss = acc_values<acc_t>(sample_scale);
-    const auto gv = acc_values<acc_t>(gate);
-    const Tensor w = acc_matrix<acc_t>(weight);  // (Cout, C)
+    const Norm<acc_t> bn3 = norm_of<acc_t>(a.q, a.mean3, a.var3, a.w3, a.b3, a.eps3);
+    const NormGrad<acc_t> ng = norm_grad_of(bn3, a.sum_dy3, a.sum_dy3_xhat3, d.rows(), a.training);
+    const Norm<acc_t> bn2 = norm_of<acc_t>(a.d, a.mean2, a.var2, a.w2, a.b2, a.eps2);
+    const auto ss = acc_values<acc_t>(a.sample_scale);
+    const auto gv = acc_values<acc_t>(a.gate);
+    const Tensor w = acc_matrix<acc_t>(a.weight);  // (Cout, C)
     const scalar_t* qp = q.data<scalar_t>();
     const scalar_t* gop = go.data<scalar_t>();
     const scalar_t* dp = d.data<scalar_t>();
@@ -382,13 +373,13 @@ std::tuple<Tensor, Tensor, Tensor> project_backward(
             }
           });
       if (dgrad && gated) {
-        grad_gate = acc_empty(d_in, {d.N, C});
+        grad_gate = acc_empty(a.d, {d.N, C});
         sum_chunks(part, ch, C, true, grad_gate.mutable_data_ptr<acc_t>());
       }
-      if (wgrad) grad_weight = summed_matrix<scalar_t>(wparts, ch, Cout, C, false, d_in);
+      if (wgrad) grad_weight = summed_matrix<scalar_t>(wparts, ch, Cout, C, false, a.d);
     });
   });
-  if (dgrad) grad_a2 = as_map(ga2, d.N, d.H, d.W).contiguous(memory_format_of(d_in));
+  if (dgrad) grad_a2 = as_map(ga2, d.N, d.H, d.W).contiguous(memory_format_of(a.d));
   return {grad_a2, grad_gate, grad_weight};
 }
 
@@ -473,7 +464,7 @@ void register_mbconv(torch::Library& m) {
   m.impl("mbconv_project_forward", &project_forward);
   m.impl("mbconv_output_forward", &output_forward);
   m.impl("mbconv_output_backward_stats", &output_backward_stats);
-  m.impl("mbconv_project_backward", &project_backward);
+  m.impl("mbconv_project_backward", &project_backward_entry<kCPU, project_backward>);
   m.impl("mbconv_excite_backward", &excite_backward);
   m.impl("mbconv_expand_backward", &expand_backward);
 }

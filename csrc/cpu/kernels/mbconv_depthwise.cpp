@@ -405,40 +405,31 @@ std::tuple<Tensor, Tensor> dwconv_backward_stats(
   return {sum_dy, sum_dy_xhat};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
-    const Tensor& grad_a2, const OptTensor& grad_pooled, const Tensor& d_in, const Tensor& h_in,
-    const Tensor& weight, int64_t stride, const Tensor& mean2, const Tensor& var2,
-    const OptTensor& w2, const OptTensor& b2, double eps2, c10::string_view activation,
-    const Tensor& sum_dy2, const Tensor& sum_dy2_xhat2, const OptTensor& in_mean,
-    const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
-    bool training, std::array<bool, 2> output_mask) {
-  const Act act = check_dwconv_backward(grad_a2, grad_pooled, d_in, h_in, weight, stride, mean2,
-                                        var2, w2, b2, eps2, activation, sum_dy2, sum_dy2_xhat2,
-                                        in_mean, in_var, in_weight, in_bias, in_eps, kCPU);
-  const Map h = nhwc(h_in);
-  const DwGeometry g = dw_geometry(h, weight, stride);
-  const Map d = nhwc(d_in), ga = nhwc(grad_a2);
+DwconvBackwardResult dwconv_backward(const DwconvBackwardArgs& a, const Act act) {
+  const Map h = nhwc(a.h);
+  const DwGeometry g = dw_geometry(h, a.weight, a.stride);
+  const Map d = nhwc(a.d), ga = nhwc(a.grad_a2);
   const int64_t C = g.C, Po = g.Ho * g.Wo, P = g.H * g.W, kk = int64_t(g.k) * g.k;
-  const bool dgrad = output_mask[0], wgrad = output_mask[1], with_bn1 = given(in_mean);
-  Tensor grad_h = h_in.new_empty({0}), grad_w = h_in.new_empty({0});
-  Tensor sum_dy1 = acc_empty(h_in), sum_dy1_xhat1 = acc_empty(h_in);
+  const bool dgrad = a.output_mask[0], wgrad = a.output_mask[1], with_bn1 = given(a.in_mean);
+  Tensor grad_h = a.h.new_empty({0}), grad_w = a.h.new_empty({0});
+  Tensor sum_dy1 = acc_empty(a.h), sum_dy1_xhat1 = acc_empty(a.h);
   if (!dgrad && !wgrad) return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
-  Tensor gh2 = dgrad ? empty_rows(h_in, h.rows(), C, h_in.scalar_type()) : Tensor();
-  dispatch_dtype(h_in.scalar_type(), [&](auto tag) {
+  Tensor gh2 = dgrad ? empty_rows(a.h, h.rows(), C, a.h.scalar_type()) : Tensor();
+  dispatch_dtype(a.h.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const Norm<acc_t> bn2 = norm_of<acc_t>(d_in, mean2, var2, w2, b2, eps2);
-    const NormGrad<acc_t> ng = norm_grad_of(bn2, sum_dy2, sum_dy2_xhat2, g.N * Po, training);
-    const auto bn1 = in_norm<acc_t>(h_in, in_mean, in_var, in_weight, in_bias, in_eps);
-    const auto share = pooled_share<acc_t>(grad_pooled, Po);
+    const Norm<acc_t> bn2 = norm_of<acc_t>(a.d, a.mean2, a.var2, a.w2, a.b2, a.eps2);
+    const NormGrad<acc_t> ng = norm_grad_of(bn2, a.sum_dy2, a.sum_dy2_xhat2, g.N * Po, a.training);
+    const auto bn1 = in_norm<acc_t>(a.h, a.in_mean, a.in_var, a.in_weight, a.in_bias, a.in_eps);
+    const auto share = pooled_share<acc_t>(a.grad_pooled, Po);
     // gd rows in the stencil's layout: the stride-1 input gradient is the stencil of gd with
     // the taps flipped; stride 2 sums its taps per input pixel (tap_sum).
     const PaddedBand pg = padded_band<acc_t>(C, g.Wo, g.W, g.k, 1);
     const PaddedBand pa = padded_band<acc_t>(C, g.W, g.Wo, g.k, g.s);  // a1's rows, for wgrad_row
     const bool dgrad_stencil = g.s == 1;
-    const auto taps = dgrad && !dgrad_stencil ? taps_of<acc_t, scalar_t>(weight, C)
+    const auto taps = dgrad && !dgrad_stencil ? taps_of<acc_t, scalar_t>(a.weight, C)
                                               : std::vector<acc_t>();
-    const auto flipped = dgrad && dgrad_stencil ? taps_of<acc_t, scalar_t>(weight, pg.ld, true)
+    const auto flipped = dgrad && dgrad_stencil ? taps_of<acc_t, scalar_t>(a.weight, pg.ld, true)
                                                 : std::vector<acc_t>();
     const scalar_t* dp = d.data<scalar_t>();
     const scalar_t* gap = ga.data<scalar_t>();
@@ -579,11 +570,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
       std::vector<acc_t> total(sums_width + wgrad_width);
       sum_chunks(part, ch, static_cast<int64_t>(total.size()), false, total.data());
       if (sums_width) {
-        sum_dy1 = acc_vector(h_in, total.data(), {C});
-        sum_dy1_xhat1 = acc_vector(h_in, total.data() + C, {C});
+        sum_dy1 = acc_vector(a.h, total.data(), {C});
+        sum_dy1_xhat1 = acc_vector(a.h, total.data() + C, {C});
       }
       if (wgrad) {
-        grad_w = at::empty(weight.sizes(), weight.options());
+        grad_w = at::empty(a.weight.sizes(), a.weight.options());
         scalar_t* wp = grad_w.mutable_data_ptr<scalar_t>();
         const acc_t* tw = total.data() + sums_width;
         for (int64_t c = 0; c < C; ++c)
@@ -593,7 +584,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
       }
     });
   });
-  if (dgrad) grad_h = as_map(gh2, g.N, g.H, g.W).contiguous(memory_format_of(h_in));
+  if (dgrad) grad_h = as_map(gh2, g.N, g.H, g.W).contiguous(memory_format_of(a.h));
   return {grad_h, grad_w, sum_dy1, sum_dy1_xhat1};
 }
 
@@ -602,7 +593,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dwconv_backward(
 void register_mbconv_depthwise(torch::Library& m) {
   m.impl("mbconv_dwconv_forward", &dwconv_forward);
   m.impl("mbconv_dwconv_backward_stats", &dwconv_backward_stats);
-  m.impl("mbconv_dwconv_backward", &dwconv_backward);
+  m.impl("mbconv_dwconv_backward", &dwconv_backward_entry<kCPU, dwconv_backward>);
 }
 
 }  // namespace fused_mbconv::cpu::CPU_CAPABILITY

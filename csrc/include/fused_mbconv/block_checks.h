@@ -2,7 +2,9 @@
 // CPU and CUDA implementations. Every problem is reported by name before any kernel runs.
 #pragma once
 
+#include <array>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -118,8 +120,6 @@ inline Act activation_of(const char* op, c10::string_view name) {
 inline bool given(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 // ---- the checks of each entry point, in argument order: CPU and CUDA run the same ones ------
-
-using OptTensor = c10::optional<Tensor>;
 
 inline void check_expand_forward(const Tensor& x, const Tensor& weight, c10::DeviceType device) {
   const char* op = "mbconv_expand_forward";
@@ -240,26 +240,54 @@ inline void check_output_backward_stats(const Tensor& grad_out, const Tensor& q,
   check_sample_scale(op, sample_scale, q);
 }
 
-inline Act check_project_backward(const Tensor& grad_out, const Tensor& q, const Tensor& d,
-                                  const OptTensor& gate, const Tensor& weight,
-                                  const Tensor& mean2, const Tensor& var2, const OptTensor& w2,
-                                  const OptTensor& b2, double eps2, c10::string_view activation,
-                                  const Tensor& mean3, const Tensor& var3, const OptTensor& w3,
-                                  const OptTensor& b3, double eps3, const Tensor& sum_dy3,
-                                  const Tensor& sum_dy3_xhat3, const OptTensor& sample_scale,
-                                  c10::DeviceType device) {
+// The arguments of the long backward entry points, in schema order (csrc/ops.cpp), declared
+// once for both backends: each implements `impl(const Args&, Act)`, and registers
+// `<op>_entry<device, impl>`, which packs the arguments, checks them and calls it.
+struct ProjectBackwardArgs {
+  const Tensor &grad_out, &q, &d;
+  const OptTensor& gate;
+  const Tensor &weight, &mean2, &var2;
+  const OptTensor &w2, &b2;
+  double eps2;
+  c10::string_view activation;
+  const Tensor &mean3, &var3;
+  const OptTensor &w3, &b3;
+  double eps3;
+  const Tensor &sum_dy3, &sum_dy3_xhat3;
+  const OptTensor& sample_scale;
+  bool training;
+  std::array<bool, 2> output_mask;
+};
+
+inline Act check_project_backward(const ProjectBackwardArgs& a, c10::DeviceType device) {
   const char* op = "mbconv_project_backward";
-  check_block_input(op, "d", d, device);
-  check_gate_values(op, gate, d);
-  check_matrix(op, "weight", weight, d, -1, d.size(1));
-  check_activation(op, "q", q, d, {d.size(0), weight.size(0), d.size(2), d.size(3)});
-  check_activation(op, "grad_out", grad_out, d, q.sizes());
-  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d);
-  check_norm(op, "bn3", mean3, var3, w3, b3, eps3, q);
-  check_channel_vector(op, "sum_dy3", sum_dy3, q);
-  check_channel_vector(op, "sum_dy3_xhat3", sum_dy3_xhat3, q);
-  check_sample_scale(op, sample_scale, d);
-  return activation_of(op, activation);
+  check_block_input(op, "d", a.d, device);
+  check_gate_values(op, a.gate, a.d);
+  check_matrix(op, "weight", a.weight, a.d, -1, a.d.size(1));
+  check_activation(op, "q", a.q, a.d, {a.d.size(0), a.weight.size(0), a.d.size(2), a.d.size(3)});
+  check_activation(op, "grad_out", a.grad_out, a.d, a.q.sizes());
+  check_norm(op, "bn2", a.mean2, a.var2, a.w2, a.b2, a.eps2, a.d);
+  check_norm(op, "bn3", a.mean3, a.var3, a.w3, a.b3, a.eps3, a.q);
+  check_channel_vector(op, "sum_dy3", a.sum_dy3, a.q);
+  check_channel_vector(op, "sum_dy3_xhat3", a.sum_dy3_xhat3, a.q);
+  check_sample_scale(op, a.sample_scale, a.d);
+  return activation_of(op, a.activation);
+}
+
+using ProjectBackwardResult = std::tuple<Tensor, Tensor, Tensor>;
+
+template <c10::DeviceType kDevice, ProjectBackwardResult (*kImpl)(const ProjectBackwardArgs&, Act)>
+ProjectBackwardResult project_backward_entry(
+    const Tensor& grad_out, const Tensor& q, const Tensor& d, const OptTensor& gate,
+    const Tensor& weight, const Tensor& mean2, const Tensor& var2, const OptTensor& w2,
+    const OptTensor& b2, double eps2, c10::string_view activation, const Tensor& mean3,
+    const Tensor& var3, const OptTensor& w3, const OptTensor& b3, double eps3,
+    const Tensor& sum_dy3, const Tensor& sum_dy3_xhat3, const OptTensor& sample_scale,
+    bool training, std::array<bool, 2> output_mask) {
+  const ProjectBackwardArgs a{grad_out, q, d, gate, weight, mean2, var2, w2, b2, eps2, activation,
+                              mean3, var3, w3, b3, eps3, sum_dy3, sum_dy3_xhat3, sample_scale,
+                              training, output_mask};
+  return kImpl(a, check_project_backward(a, kDevice));
 }
 
 inline void check_grad_a2(const char* op, const Tensor& grad_a2, const OptTensor& grad_pooled,
@@ -279,29 +307,53 @@ inline Act check_dwconv_backward_stats(const Tensor& grad_a2, const OptTensor& g
   return activation_of(op, activation);
 }
 
-inline Act check_dwconv_backward(const Tensor& grad_a2, const OptTensor& grad_pooled,
-                                 const Tensor& d, const Tensor& h, const Tensor& weight,
-                                 int64_t stride, const Tensor& mean2, const Tensor& var2,
-                                 const OptTensor& w2, const OptTensor& b2, double eps2,
-                                 c10::string_view activation, const Tensor& sum_dy2,
-                                 const Tensor& sum_dy2_xhat2, const OptTensor& in_mean,
-                                 const OptTensor& in_var, const OptTensor& in_weight,
-                                 const OptTensor& in_bias, double in_eps,
-                                 c10::DeviceType device) {
+struct DwconvBackwardArgs {
+  const Tensor& grad_a2;
+  const OptTensor& grad_pooled;
+  const Tensor &d, &h, &weight;
+  int64_t stride;
+  const Tensor &mean2, &var2;
+  const OptTensor &w2, &b2;
+  double eps2;
+  c10::string_view activation;
+  const Tensor &sum_dy2, &sum_dy2_xhat2;
+  const OptTensor &in_mean, &in_var, &in_weight, &in_bias;
+  double in_eps;
+  bool training;
+  std::array<bool, 2> output_mask;
+};
+
+inline Act check_dwconv_backward(const DwconvBackwardArgs& a, c10::DeviceType device) {
   const char* op = "mbconv_dwconv_backward";
-  check_block_input(op, "h", h, device);
-  check_dw_weight(op, weight, h, stride);
-  check_in_bn(op, h, in_mean, in_var, in_weight, in_bias, in_eps);
-  const Act act = activation_of(op, activation);
-  const int k = static_cast<int>(weight.size(2)), s = static_cast<int>(stride);
-  check_block_input(op, "d", d, device);
-  check_activation(op, "d", d, h, {h.size(0), h.size(1), conv_out_size(h.size(2), k, s),
-                                   conv_out_size(h.size(3), k, s)});
-  check_grad_a2(op, grad_a2, grad_pooled, d);
-  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d);
-  check_channel_vector(op, "sum_dy2", sum_dy2, d);
-  check_channel_vector(op, "sum_dy2_xhat2", sum_dy2_xhat2, d);
+  check_block_input(op, "h", a.h, device);
+  check_dw_weight(op, a.weight, a.h, a.stride);
+  check_in_bn(op, a.h, a.in_mean, a.in_var, a.in_weight, a.in_bias, a.in_eps);
+  const Act act = activation_of(op, a.activation);
+  const int k = static_cast<int>(a.weight.size(2)), s = static_cast<int>(a.stride);
+  check_block_input(op, "d", a.d, device);
+  check_activation(op, "d", a.d, a.h, {a.h.size(0), a.h.size(1), conv_out_size(a.h.size(2), k, s),
+                                       conv_out_size(a.h.size(3), k, s)});
+  check_grad_a2(op, a.grad_a2, a.grad_pooled, a.d);
+  check_norm(op, "bn2", a.mean2, a.var2, a.w2, a.b2, a.eps2, a.d);
+  check_channel_vector(op, "sum_dy2", a.sum_dy2, a.d);
+  check_channel_vector(op, "sum_dy2_xhat2", a.sum_dy2_xhat2, a.d);
   return act;
+}
+
+using DwconvBackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+template <c10::DeviceType kDevice, DwconvBackwardResult (*kImpl)(const DwconvBackwardArgs&, Act)>
+DwconvBackwardResult dwconv_backward_entry(
+    const Tensor& grad_a2, const OptTensor& grad_pooled, const Tensor& d, const Tensor& h,
+    const Tensor& weight, int64_t stride, const Tensor& mean2, const Tensor& var2,
+    const OptTensor& w2, const OptTensor& b2, double eps2, c10::string_view activation,
+    const Tensor& sum_dy2, const Tensor& sum_dy2_xhat2, const OptTensor& in_mean,
+    const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
+    bool training, std::array<bool, 2> output_mask) {
+  const DwconvBackwardArgs a{grad_a2, grad_pooled, d, h, weight, stride, mean2, var2, w2, b2, eps2,
+                             activation, sum_dy2, sum_dy2_xhat2, in_mean, in_var, in_weight,
+                             in_bias, in_eps, training, output_mask};
+  return kImpl(a, check_dwconv_backward(a, kDevice));
 }
 
 inline void check_expand_backward(const Tensor& grad_y1, const Tensor& e, const Tensor& x,

@@ -6,11 +6,16 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <array>
+#include <tuple>
+#include <vector>
+
 #include "fused_mbconv/math.h"
 
 namespace fused_mbconv {
 
 using at::Tensor;
+using OptTensor = c10::optional<Tensor>;
 
 inline bool is_channels_last(const Tensor& x) {
   return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -113,23 +118,45 @@ inline void check_forward(const Tensor& x, const Tensor& weight,
   }
 }
 
-inline void check_backward(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
-                           const Tensor& conv_out, const c10::optional<Tensor>& bn_weight,
-                           const c10::optional<Tensor>& bn_bias, const Tensor& mean,
-                           const Tensor& var, int64_t stride, double eps,
-                           c10::DeviceType device_type) {
+// dwconv_bn_silu_backward's arguments, in schema order, declared once for both backends (see
+// block_checks.h's ProjectBackwardArgs): each registers backward_entry<device, its impl>.
+struct DwconvBnSiluBackwardArgs {
+  const Tensor &grad_out, &x, &weight, &conv_out;
+  const OptTensor &bn_weight, &bn_bias;
+  const Tensor &mean, &var;
+  int64_t stride;
+  bool training;
+  double eps;
+  std::array<bool, 4> output_mask;
+};
+
+inline void check_backward(const DwconvBnSiluBackwardArgs& a, c10::DeviceType device_type) {
   const char* op = "dwconv_bn_silu_backward";
-  check_conv(op, x, weight, stride, eps, device_type);
-  const int k = static_cast<int>(weight.size(2));
-  const int s = static_cast<int>(stride);
-  const std::vector<int64_t> out_shape{x.size(0), x.size(1), conv_out_size(x.size(2), k, s),
-                                       conv_out_size(x.size(3), k, s)};
-  check_activation(op, "grad_out", grad_out, x, out_shape);
-  check_activation(op, "conv_out", conv_out, x, out_shape);
-  check_optional_vector(op, "bn_weight", bn_weight, x);
-  check_optional_vector(op, "bn_bias", bn_bias, x);
-  check_channel_vector(op, "mean", mean, x);
-  check_channel_vector(op, "var", var, x);
+  check_conv(op, a.x, a.weight, a.stride, a.eps, device_type);
+  const int k = static_cast<int>(a.weight.size(2));
+  const int s = static_cast<int>(a.stride);
+  const std::vector<int64_t> out_shape{a.x.size(0), a.x.size(1), conv_out_size(a.x.size(2), k, s),
+                                       conv_out_size(a.x.size(3), k, s)};
+  check_activation(op, "grad_out", a.grad_out, a.x, out_shape);
+  check_activation(op, "conv_out", a.conv_out, a.x, out_shape);
+  check_optional_vector(op, "bn_weight", a.bn_weight, a.x);
+  check_optional_vector(op, "bn_bias", a.bn_bias, a.x);
+  check_channel_vector(op, "mean", a.mean, a.x);
+  check_channel_vector(op, "var", a.var, a.x);
+}
+
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+template <c10::DeviceType kDevice, BackwardResult (*kImpl)(const DwconvBnSiluBackwardArgs&)>
+BackwardResult backward_entry(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                              const Tensor& conv_out, const OptTensor& bn_weight,
+                              const OptTensor& bn_bias, const Tensor& mean, const Tensor& var,
+                              int64_t stride, bool training, double eps,
+                              std::array<bool, 4> output_mask) {
+  const DwconvBnSiluBackwardArgs a{grad_out, x, weight, conv_out, bn_weight, bn_bias, mean, var,
+                                   stride, training, eps, output_mask};
+  check_backward(a, kDevice);
+  return kImpl(a);
 }
 
 }  // namespace fused_mbconv
