@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <tuple>
 
 #include "fused_mbconv/block_checks.h"
@@ -17,14 +18,15 @@ namespace fused_mbconv {
 namespace cuda {
 namespace {
 
-// ---- K4 / B4 excite: one block per sample --------------------------------------------------
+// ---- K4 / B4 excite: blocks of (sample, channel slice) --------------------------------------
 
-// gate = gate_act(fc2(se_act(fc1(pooled)))): fc1 one warp per hidden unit, fc2 one thread per
-// channel. Dynamic shared memory: the S hidden values.
+// gate = gate_act(fc2(se_act(fc1(pooled)))) for sample blockIdx.x, channel slice blockIdx.y of
+// `width` channels: fc1 one warp per hidden unit, fc2 one thread per channel. Dynamic shared
+// memory: the S hidden values.
 template <Act kSe, Act kGate, typename T>
 __global__ void excite_forward_kernel(const T* __restrict__ pooled, const T* __restrict__ w1,
                                       const T* __restrict__ b1, const T* __restrict__ w2,
-                                      const T* __restrict__ b2, int C, int S,
+                                      const T* __restrict__ b2, int C, int S, int width,
                                       T* __restrict__ gate) {
   T* hidden = dynamic_shared<T>();
   const int64_t n = blockIdx.x;
@@ -37,8 +39,8 @@ __global__ void excite_forward_kernel(const T* __restrict__ pooled, const T* __r
     if (lane == 0) hidden[j] = activate<kSe>(acc + b1[j]);
   }
   __syncthreads();
-  const int c = blockIdx.y * kThreads + threadIdx.x;  // this block's channel slice
-  if (c < C) {
+  const int c = blockIdx.y * width + threadIdx.x;  // this block's channel slice
+  if (threadIdx.x < width && c < C) {
     T acc = b2[c];
     for (int j = 0; j < S; ++j) acc += w2[int64_t(c) * S + j] * hidden[j];
     gate[n * C + c] = activate<kGate>(acc);
@@ -46,7 +48,7 @@ __global__ void excite_forward_kernel(const T* __restrict__ pooled, const T* __r
 }
 
 // Per sample n = blockIdx.x: the hidden values, the gradients of both FC outputs and of
-// pooled, for the channel slice blockIdx.y (kThreads channels). gz1 needs every channel's
+// pooled, for the channel slice blockIdx.y (`width` channels). gz1 needs every channel's
 // gz2: each block computes all of it into shared memory and stores its slice; the first
 // slice's block stores the per-sample vectors. Dynamic shared memory: z1, hidden, gz1 (3 S
 // values) and gz2 (C values).
@@ -54,7 +56,7 @@ template <Act kSe, Act kGate, typename T>
 __global__ void excite_backward_kernel(const T* __restrict__ grad_gate,
                                        const T* __restrict__ pooled, const T* __restrict__ w1,
                                        const T* __restrict__ b1, const T* __restrict__ w2,
-                                       const T* __restrict__ b2, int C, int S,
+                                       const T* __restrict__ b2, int C, int S, int width,
                                        T* __restrict__ grad_pooled, T* __restrict__ hidden_out,
                                        T* gz2, T* __restrict__ gz1_out) {
   T* z1 = dynamic_shared<T>();
@@ -63,7 +65,7 @@ __global__ void excite_backward_kernel(const T* __restrict__ grad_gate,
   T* gz2_all = z1 + 3 * S;
   const int64_t n = blockIdx.x;
   const bool first = blockIdx.y == 0;
-  const int c0 = blockIdx.y * kThreads;
+  const int c0 = blockIdx.y * width;
   const T* p = pooled + n * C;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   constexpr int kWarps = kThreads / kWarpSize;
@@ -82,7 +84,7 @@ __global__ void excite_backward_kernel(const T* __restrict__ grad_gate,
     T z2 = b2[c];
     for (int j = 0; j < S; ++j) z2 += w2[int64_t(c) * S + j] * hidden[j];
     gz2_all[c] = grad_gate[n * C + c] * activate_grad<kGate>(z2);
-    if (c >= c0 && c < c0 + kThreads) gz2[n * C + c] = gz2_all[c];
+    if (c >= c0 && c < c0 + width) gz2[n * C + c] = gz2_all[c];
   }
   __syncthreads();
   for (int j = warp; j < S; j += kWarps) {
@@ -96,11 +98,18 @@ __global__ void excite_backward_kernel(const T* __restrict__ grad_gate,
   }
   __syncthreads();
   const int c = c0 + threadIdx.x;
-  if (c < C) {
+  if (threadIdx.x < width && c < C) {
     T acc = 0;
     for (int j = 0; j < S; ++j) acc += gz1[j] * w1[int64_t(j) * C + c];
     grad_pooled[n * C + c] = acc;
   }
+}
+
+// The bytes of the tensors' elements, summed.
+int64_t nbytes(std::initializer_list<Tensor> tensors) {
+  int64_t bytes = 0;
+  for (const Tensor& t : tensors) bytes += static_cast<int64_t>(t.nbytes());
+  return bytes;
 }
 
 // The excite kernels' dynamic shared memory (`values` elements), checked against the 48 KiB
@@ -112,10 +121,23 @@ size_t excite_shared_bytes(int64_t values, int64_t S, int64_t C, const Tensor& p
   return bytes;
 }
 
-// The excite kernels' grid: (sample, slice of kThreads channels), so that a small batch of
-// wide SE layers still fills the GPU.
-dim3 excite_grid(int64_t N, int64_t C) {
-  return dim3(static_cast<unsigned>(N), static_cast<unsigned>((C + kThreads - 1) / kThreads));
+// Issue 19's rule (fused_mbconv/accounting.py): a launch that moves more than 1 MB runs at
+// least 4 blocks per SM.
+constexpr int64_t kBigLaunchBytes = 1000 * 1000;
+
+struct ExciteGrid {
+  dim3 grid;  // (sample, channel slice)
+  int width;  // channels per slice
+};
+
+// Slices of kThreads channels; a launch moving `bytes` > 1 MB that leaves fewer than 4 blocks
+// per SM takes narrower ones (by warps, the widest that reaches it, down to one warp). Every
+// block recomputes its sample's whole chain, so small launches keep the wide slices.
+ExciteGrid excite_grid(int64_t N, int64_t C, int64_t bytes) {
+  const int64_t want = bytes > kBigLaunchBytes ? 4 * int64_t(multiprocessor_count()) : 0;
+  int width = kThreads;
+  while (width > kWarpSize && N * ((C + width - 1) / width) < want) width -= kWarpSize;
+  return {dim3(static_cast<unsigned>(N), static_cast<unsigned>((C + width - 1) / width)), width};
 }
 
 Tensor excite_forward(const Tensor& pooled_in, const Tensor& w1, const Tensor& b1,
@@ -132,15 +154,17 @@ Tensor excite_forward(const Tensor& pooled_in, const Tensor& w1, const Tensor& b
   const int C = static_cast<int>(p.size(1)), S = static_cast<int>(w1.size(0));
   Tensor out = at::empty_like(p);
   const size_t shared = excite_shared_bytes(S, S, C, p);
+  // Bytes as fused_mbconv.extension notes the op: its inputs and output.
+  const ExciteGrid eg = excite_grid(N, C, nbytes({pooled_in, w1, b1, w2, b2, out}));
   AT_DISPATCH_FLOATING_TYPES(acc, "mbconv_excite", [&] {
     dispatch_activation(se, [&](auto SE) {
       dispatch_gate(gt, [&](auto G) {
         launch("mbconv_excite", &excite_forward_kernel<decltype(SE)::value, decltype(G)::value,
                                                        scalar_t>,
-               excite_grid(N, C), dim3(kThreads), shared,
+               eg.grid, dim3(kThreads), shared,
                p.const_data_ptr<scalar_t>(), w1a.const_data_ptr<scalar_t>(),
                b1a.const_data_ptr<scalar_t>(), w2a.const_data_ptr<scalar_t>(),
-               b2a.const_data_ptr<scalar_t>(), C, S, out.mutable_data_ptr<scalar_t>());
+               b2a.const_data_ptr<scalar_t>(), C, S, eg.width, out.mutable_data_ptr<scalar_t>());
       });
     });
   });
@@ -162,15 +186,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> excite_backward(
   Tensor grad_pooled = at::empty_like(p), hidden = at::empty({N, S}, p.options()),
          gz2 = at::empty_like(p), gz1 = at::empty({N, S}, p.options());
   const size_t shared = excite_shared_bytes(3 * S + C, S, C, p);
+  // Bytes as fused_mbconv.extension notes the op: its inputs and outputs (grad_pooled, and the
+  // FC weight and bias gradients that the GEMMs below write).
+  const ExciteGrid eg = excite_grid(
+      N, C, nbytes({grad_gate, pooled_in, w1, b1, w2, b2, grad_pooled}) +
+                (2 * int64_t(S) * C + S + C) * p.element_size());
   AT_DISPATCH_FLOATING_TYPES(acc, "mbconv_excite_backward", [&] {
     dispatch_activation(se, [&](auto SE) {
       dispatch_gate(gt, [&](auto G) {
         launch("mbconv_excite_backward",
                &excite_backward_kernel<decltype(SE)::value, decltype(G)::value, scalar_t>,
-               excite_grid(N, C), dim3(kThreads), shared,
+               eg.grid, dim3(kThreads), shared,
                gg.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
                w1a.const_data_ptr<scalar_t>(), b1a.const_data_ptr<scalar_t>(),
-               w2a.const_data_ptr<scalar_t>(), b2a.const_data_ptr<scalar_t>(), C, S,
+               w2a.const_data_ptr<scalar_t>(), b2a.const_data_ptr<scalar_t>(), C, S, eg.width,
                grad_pooled.mutable_data_ptr<scalar_t>(), hidden.mutable_data_ptr<scalar_t>(),
                gz2.mutable_data_ptr<scalar_t>(), gz1.mutable_data_ptr<scalar_t>());
       });
