@@ -22,7 +22,7 @@ import itertools
 import pytest
 import torch
 
-from fused_mbconv import reference
+from fused_mbconv import accounting, reference
 from fused_mbconv.backends import record
 from fused_mbconv.ops.mbconv import KERNELS as BLOCK_FUNCTIONS
 from fused_mbconv.tensors import memory_format_of
@@ -240,3 +240,44 @@ def test_block_functions_low_precision_by_the_tolerance_rule(device, backend, ca
 def test_block_functions_match_reference_on_chunked_shapes(device, backend, case):
     check_block(backend_module(backend), block_case(case["geometry"], case["layout"], seed=3),
                 F64, device, mask=case["mask"])
+
+
+# ---- K4 / B4 on wide SE layers: the CUDA kernels' channel slices -----------------------------
+
+# (N, C, S) in float64, where both excite launches move over 1 MB: B0's widest SE layer at
+# batch 32 (64-channel slices on 132 SMs) and at batch 8 (one-warp slices, still short of 528).
+WIDE_SE = {"1152x48-batch32": (32, 1152, 48), "1152x48-batch8": (8, 1152, 48)}
+
+
+@pytest.mark.parametrize("device, backend, case", grid(
+    ["mbconv_excite_forward", "mbconv_excite_backward"], dict(shape=WIDE_SE),
+    interpreted=lambda c: False))
+def test_excite_on_wide_se_layers_at_every_slicing(device, backend, case):
+    """K4 and B4 with grids sized for 1 SM and for 132: the CUDA kernels' slices of 256
+    channels, then narrower ones (issue 19's rule); both match the reference, bit for bit
+    the same (each element is written by one block, in the same order)."""
+    n, c, s = case["shape"]
+    g = torch.Generator().manual_seed(4)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, dtype=F64) * scale).to(device)
+
+    pooled, grad_gate = rand(n, c), rand(n, c)
+    fc = (rand(s, c, scale=c ** -0.5), rand(s), rand(c, s, scale=s ** -0.5), rand(c))
+    want = (reference.mbconv_excite_forward(pooled, *fc, "silu", "sigmoid"),
+            *reference.mbconv_excite_backward(grad_gate, pooled, *fc, "silu", "sigmoid"))
+    module = backend_module(backend)
+    got, programs = {}, {}
+    for sms in (1, accounting.H100_SMS):
+        with accounting.record_launches(multiprocessors=sms) as launches:
+            got[sms] = (module.mbconv_excite_forward(pooled, *fc, "silu", "sigmoid"),
+                        *module.mbconv_excite_backward(grad_gate, pooled, *fc, "silu",
+                                                       "sigmoid"))
+        programs[sms] = [launch.programs for launch in launches if launch.grids]
+    for i, (wide, narrow, w) in enumerate(zip(got[1], got[accounting.H100_SMS], want)):
+        assert_matches(narrow, w, w, F64, f"K4 / B4 result {i}")
+        assert torch.equal(wide, narrow), f"K4 / B4 result {i} depends on the slicing"
+    most = min(accounting.MIN_PROGRAMS, n * -(-c // 32))  # one-warp slices at the narrowest
+    assert len(programs[1]) == len(programs[accounting.H100_SMS]) in (0, 2), programs  # 0: no grid
+    for few, many in zip(programs[1], programs[accounting.H100_SMS]):
+        assert few < many and many >= most, (programs, most)

@@ -164,6 +164,27 @@ def test_cpu_backend_reports_its_launchers_grids():
         assert kernel in gridded, kernel
 
 
+@pytest.mark.parametrize("batch", geometry.GEOMETRY_BATCHES)
+def test_cpu_backend_cuda_kernels_fill_the_gpu(batch):
+    """The rule of issue 19 for the CUDA kernels (the "cpu" backend under their emulation):
+    every launch with a grid of every B0 block, forward and backward, grids sized for 132 SMs.
+    Not covered: the launches without one (programs None), the cuBLAS weight-gradient GEMMs of
+    the 1x1 convolutions (mbconv_expand_wgrad, mbconv_project_wgrad) that ATen launches."""
+    from fused_mbconv import extension
+
+    if not (fm.backends.backend_status("cpu", "cpu")[0] and extension._emulated()):
+        pytest.skip("the cpu backend does not run the CUDA kernels' emulation")
+    rows = geometry.launch_geometry("cpu", batches=(batch,))
+    assert {row.block for row in rows} == {b.id for b in geometry.b0_blocks()}
+    gridded = [row for row in rows if row.launch.programs is not None]
+    assert {"mbconv_excite", "mbconv_excite_grad"} <= {row.launch.kernel for row in gridded}
+    assert {row.launch.kernel for row in rows if row.launch.programs is None} <= \
+        {"mbconv_expand_wgrad", "mbconv_project_wgrad"}
+    short = [(row.block, row.phase, row.launch.kernel, row.launch.programs)
+             for row in gridded if not row.fills_gpu]
+    assert not short, short
+
+
 def test_compile_registry_covers_every_b0_launch(monkeypatch):
     """The spill-free compile report compiles kernels/registry.py's variants: every tiling
     the B0 blocks launch at the geometry batches (tiles shrink with the batch on small maps),

@@ -8,8 +8,8 @@
 // (channel_reduce_kernel, reduce.cuh). What a pass computes is a functor below; activations
 // are template flags. The 1x1 convolutions run on cuDNN / cuBLAS through ATen with the passes
 // placed around them: K5 builds its operand act(BN2(d)) * gate in one pass, convolves, then
-// takes BN3's statistics in one pass; the backward likewise. The squeeze-excite vectors are
-// one block per sample. NCHW and channels_last are addressed in place (Plane). Reductions are
+// takes BN3's statistics in one pass; the backward likewise. The squeeze-excite FC layers are
+// csrc/cuda/excite.cu. NCHW and channels_last are addressed in place (Plane). Reductions are
 // deterministic: fixed-order trees and merges, no atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -369,169 +369,6 @@ Tensor squeeze_forward(const Tensor& d, const Tensor& mean, const Tensor& var,
     });
   });
   return pooled;
-}
-
-// ---- K4 / B4 excite: one block per sample --------------------------------------------------
-
-// gate = gate_act(fc2(se_act(fc1(pooled)))): fc1 one warp per hidden unit, fc2 one thread per
-// channel. Dynamic shared memory: the S hidden values.
-template <Act kSe, Act kGate, typename T>
-__global__ void excite_forward_kernel(const T* __restrict__ pooled, const T* __restrict__ w1,
-                                      const T* __restrict__ b1, const T* __restrict__ w2,
-                                      const T* __restrict__ b2, int C, int S,
-                                      T* __restrict__ gate) {
-  T* hidden = dynamic_shared<T>();
-  const int64_t n = blockIdx.x;
-  const T* p = pooled + n * C;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  for (int j = warp; j < S; j += kThreads / kWarpSize) {
-    T acc = 0;
-    for (int c = lane; c < C; c += kWarpSize) acc += w1[int64_t(j) * C + c] * p[c];
-    acc = warp_sum(acc);
-    if (lane == 0) hidden[j] = activate<kSe>(acc + b1[j]);
-  }
-  __syncthreads();
-  const int c = blockIdx.y * kThreads + threadIdx.x;  // this block's channel slice
-  if (c < C) {
-    T acc = b2[c];
-    for (int j = 0; j < S; ++j) acc += w2[int64_t(c) * S + j] * hidden[j];
-    gate[n * C + c] = activate<kGate>(acc);
-  }
-}
-
-// Per sample n = blockIdx.x: the hidden values, the gradients of both FC outputs and of
-// pooled, for the channel slice blockIdx.y (kThreads channels). gz1 needs every channel's
-// gz2: each block computes all of it into shared memory and stores its slice; the first
-// slice's block stores the per-sample vectors. Dynamic shared memory: z1, hidden, gz1 (3 S
-// values) and gz2 (C values).
-template <Act kSe, Act kGate, typename T>
-__global__ void excite_backward_kernel(const T* __restrict__ grad_gate,
-                                       const T* __restrict__ pooled, const T* __restrict__ w1,
-                                       const T* __restrict__ b1, const T* __restrict__ w2,
-                                       const T* __restrict__ b2, int C, int S,
-                                       T* __restrict__ grad_pooled, T* __restrict__ hidden_out,
-                                       T* gz2, T* __restrict__ gz1_out) {
-  T* z1 = dynamic_shared<T>();
-  T* hidden = z1 + S;
-  T* gz1 = z1 + 2 * S;
-  T* gz2_all = z1 + 3 * S;
-  const int64_t n = blockIdx.x;
-  const bool first = blockIdx.y == 0;
-  const int c0 = blockIdx.y * kThreads;
-  const T* p = pooled + n * C;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  constexpr int kWarps = kThreads / kWarpSize;
-  for (int j = warp; j < S; j += kWarps) {
-    T acc = 0;
-    for (int c = lane; c < C; c += kWarpSize) acc += w1[int64_t(j) * C + c] * p[c];
-    acc = warp_sum(acc);
-    if (lane == 0) {
-      z1[j] = acc + b1[j];
-      hidden[j] = activate<kSe>(z1[j]);
-      if (first) hidden_out[n * S + j] = hidden[j];
-    }
-  }
-  __syncthreads();
-  for (int c = threadIdx.x; c < C; c += kThreads) {
-    T z2 = b2[c];
-    for (int j = 0; j < S; ++j) z2 += w2[int64_t(c) * S + j] * hidden[j];
-    gz2_all[c] = grad_gate[n * C + c] * activate_grad<kGate>(z2);
-    if (c >= c0 && c < c0 + kThreads) gz2[n * C + c] = gz2_all[c];
-  }
-  __syncthreads();
-  for (int j = warp; j < S; j += kWarps) {
-    T acc = 0;
-    for (int c = lane; c < C; c += kWarpSize) acc += gz2_all[c] * w2[int64_t(c) * S + j];
-    acc = warp_sum(acc);
-    if (lane == 0) {
-      gz1[j] = acc * activate_grad<kSe>(z1[j]);
-      if (first) gz1_out[n * S + j] = gz1[j];
-    }
-  }
-  __syncthreads();
-  const int c = c0 + threadIdx.x;
-  if (c < C) {
-    T acc = 0;
-    for (int j = 0; j < S; ++j) acc += gz1[j] * w1[int64_t(j) * C + c];
-    grad_pooled[n * C + c] = acc;
-  }
-}
-
-// The excite kernels' dynamic shared memory (`values` elements), checked against the 48 KiB
-// every GPU allows.
-size_t excite_shared_bytes(int64_t values, int64_t S, int64_t C, const Tensor& pooled) {
-  const size_t bytes = size_t(values) * pooled.element_size();
-  TORCH_CHECK_VALUE(bytes <= 48 * 1024, "fused_mbconv: squeeze-excite of ", C, " channels and "
-                    "width ", S, " is too large for the CUDA excite kernel");
-  return bytes;
-}
-
-// The excite kernels' grid: (sample, slice of kThreads channels), so that a small batch of
-// wide SE layers still fills the GPU.
-dim3 excite_grid(int64_t N, int64_t C) {
-  return dim3(static_cast<unsigned>(N), static_cast<unsigned>((C + kThreads - 1) / kThreads));
-}
-
-Tensor excite_forward(const Tensor& pooled_in, const Tensor& w1, const Tensor& b1,
-                      const Tensor& w2, const Tensor& b2, c10::string_view se_activation,
-                      c10::string_view gate) {
-  const auto [se, gt] = check_excite_forward(pooled_in, w1, b1, w2, b2, se_activation, gate,
-                                             kDeviceType);
-  const DeviceGuard guard(pooled_in.device());
-  const auto acc = pooled_in.scalar_type();
-  const Tensor p = pooled_in.contiguous(), w1a = w1.to(acc).contiguous(),
-               b1a = b1.to(acc).contiguous(), w2a = w2.to(acc).contiguous(),
-               b2a = b2.to(acc).contiguous();
-  const int64_t N = p.size(0);
-  const int C = static_cast<int>(p.size(1)), S = static_cast<int>(w1.size(0));
-  Tensor out = at::empty_like(p);
-  const size_t shared = excite_shared_bytes(S, S, C, p);
-  AT_DISPATCH_FLOATING_TYPES(acc, "mbconv_excite", [&] {
-    dispatch_activation(se, [&](auto SE) {
-      dispatch_gate(gt, [&](auto G) {
-        launch("mbconv_excite", &excite_forward_kernel<decltype(SE)::value, decltype(G)::value,
-                                                       scalar_t>,
-               excite_grid(N, C), dim3(kThreads), shared,
-               p.const_data_ptr<scalar_t>(), w1a.const_data_ptr<scalar_t>(),
-               b1a.const_data_ptr<scalar_t>(), w2a.const_data_ptr<scalar_t>(),
-               b2a.const_data_ptr<scalar_t>(), C, S, out.mutable_data_ptr<scalar_t>());
-      });
-    });
-  });
-  return out;
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> excite_backward(
-    const Tensor& grad_gate, const Tensor& pooled_in, const Tensor& w1, const Tensor& b1,
-    const Tensor& w2, const Tensor& b2, c10::string_view se_activation, c10::string_view gate) {
-  const auto [se, gt] = check_excite_backward(grad_gate, pooled_in, w1, b1, w2, b2,
-                                              se_activation, gate, kDeviceType);
-  const DeviceGuard guard(pooled_in.device());
-  const auto acc = pooled_in.scalar_type();
-  const Tensor p = pooled_in.contiguous(), gg = grad_gate.to(acc).contiguous(),
-               w1a = w1.to(acc).contiguous(), b1a = b1.to(acc).contiguous(),
-               w2a = w2.to(acc).contiguous(), b2a = b2.to(acc).contiguous();
-  const int64_t N = p.size(0);
-  const int C = static_cast<int>(p.size(1)), S = static_cast<int>(w1.size(0));
-  Tensor grad_pooled = at::empty_like(p), hidden = at::empty({N, S}, p.options()),
-         gz2 = at::empty_like(p), gz1 = at::empty({N, S}, p.options());
-  const size_t shared = excite_shared_bytes(3 * S + C, S, C, p);
-  AT_DISPATCH_FLOATING_TYPES(acc, "mbconv_excite_backward", [&] {
-    dispatch_activation(se, [&](auto SE) {
-      dispatch_gate(gt, [&](auto G) {
-        launch("mbconv_excite_backward",
-               &excite_backward_kernel<decltype(SE)::value, decltype(G)::value, scalar_t>,
-               excite_grid(N, C), dim3(kThreads), shared,
-               gg.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(),
-               w1a.const_data_ptr<scalar_t>(), b1a.const_data_ptr<scalar_t>(),
-               w2a.const_data_ptr<scalar_t>(), b2a.const_data_ptr<scalar_t>(), C, S,
-               grad_pooled.mutable_data_ptr<scalar_t>(), hidden.mutable_data_ptr<scalar_t>(),
-               gz2.mutable_data_ptr<scalar_t>(), gz1.mutable_data_ptr<scalar_t>());
-      });
-    });
-  });
-  // The FC weight gradients sum over the batch: GEMMs.
-  return {grad_pooled, at::mm(gz1.t(), p), gz1.sum(0), at::mm(gz2.t(), hidden), gz2.sum(0)};
 }
 
 // ---- K5 project ----------------------------------------------------------------------------
@@ -981,13 +818,11 @@ TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
   m.impl("mbconv_expand_forward", &fused_mbconv::cuda::expand_forward);
   m.impl("mbconv_dwconv_forward", &fused_mbconv::cuda::dwconv_forward);
   m.impl("mbconv_squeeze_forward", &fused_mbconv::cuda::squeeze_forward);
-  m.impl("mbconv_excite_forward", &fused_mbconv::cuda::excite_forward);
   m.impl("mbconv_project_forward", &fused_mbconv::cuda::project_forward);
   m.impl("mbconv_output_forward", &fused_mbconv::cuda::output_forward);
   m.impl("mbconv_output_backward_stats", &fused_mbconv::cuda::output_backward_stats);
   m.impl("mbconv_project_backward",
          &fused_mbconv::project_backward_entry<kDeviceType, fused_mbconv::cuda::project_backward>);
-  m.impl("mbconv_excite_backward", &fused_mbconv::cuda::excite_backward);
   m.impl("mbconv_dwconv_backward_stats", &fused_mbconv::cuda::dwconv_backward_stats);
   m.impl("mbconv_dwconv_backward",
          &fused_mbconv::dwconv_backward_entry<kDeviceType, fused_mbconv::cuda::dwconv_backward>);
