@@ -264,51 +264,46 @@ Tensor bytes(int64_t n, const Tensor& like) {
   return at::empty({n}, like.options().dtype(at::kByte));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
-    const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bn_weight,
-    const c10::optional<Tensor>& bn_bias, const c10::optional<Tensor>& running_mean,
-    const c10::optional<Tensor>& running_var, int64_t stride, bool training, double eps,
-    bool need_conv_out) {
-  check_forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, training, eps,
-                kDeviceType);
-  const DeviceGuard guard(x.device());
-  const Geometry g = geometry_of(x, weight.size(2), stride);
-  const auto acc = accumulate_type(x.scalar_type());
-  Tensor out = empty_like_input(x, {g.N, g.C, g.Ho, g.Wo});
-  Tensor conv_out = need_conv_out ? at::empty_like(out) : x.new_empty({0});
-  Tensor mean = training ? at::empty({g.C}, x.options().dtype(acc))
-                         : running_mean->to(acc, false, /*copy=*/true);
-  Tensor var = training ? at::empty({g.C}, x.options().dtype(acc))
-                        : running_var->to(acc, false, /*copy=*/true);
-  const Tensor gamma = channel_param(bn_weight, x, 1.0), beta = channel_param(bn_bias, x, 0.0);
-  Tensor affine = at::empty({2 * g.C}, x.options().dtype(acc));
+ForwardResult forward_cuda(const DwconvBnSiluForwardArgs& a) {
+  const DeviceGuard guard(a.x.device());
+  const Geometry g = geometry_of(a.x, a.weight.size(2), a.stride);
+  const auto acc = accumulate_type(a.x.scalar_type());
+  Tensor out = empty_like_input(a.x, {g.N, g.C, g.Ho, g.Wo});
+  Tensor conv_out = a.need_conv_out ? at::empty_like(out) : a.x.new_empty({0});
+  Tensor mean = a.training ? at::empty({g.C}, a.x.options().dtype(acc))
+                         : a.running_mean->to(acc, false, /*copy=*/true);
+  Tensor var = a.training ? at::empty({g.C}, a.x.options().dtype(acc))
+                        : a.running_var->to(acc, false, /*copy=*/true);
+  const Tensor gamma = channel_param(a.bn_weight, a.x, 1.0);
+  const Tensor beta = channel_param(a.bn_bias, a.x, 0.0);
+  Tensor affine = at::empty({2 * g.C}, a.x.options().dtype(acc));
   const int slices = slices_for(g);
   const dim3 channel_blocks(blocks_covering(g.C)), block(kThreads);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_silu_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "dwconv_bn_silu_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(g.C), slices);
-    scalar_t* d = need_conv_out ? conv_out.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* d = a.need_conv_out ? conv_out.mutable_data_ptr<scalar_t>() : nullptr;
     auto finalize = [&](const Moments<acc_t>* partial) {
       launch("dwconv_bn_silu_finalize_stats", &finalize_stats_kernel<acc_t>, channel_blocks,
              block, 0, partial, slices, mean.mutable_data_ptr<acc_t>(),
              var.mutable_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(),
-             beta.const_data_ptr<acc_t>(), static_cast<acc_t>(eps),
+             beta.const_data_ptr<acc_t>(), static_cast<acc_t>(a.eps),
              affine.mutable_data_ptr<acc_t>(), g.C);
     };
-    if (!training) {
+    if (!a.training) {
       finalize(nullptr);
       launch("dwconv_bn_silu", &conv_forward_kernel<false, scalar_t>, grid, block, 0,
-             x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), d,
+             a.x.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(), d,
              out.mutable_data_ptr<scalar_t>(), affine.const_data_ptr<acc_t>(),
              static_cast<Moments<acc_t>*>(nullptr), g);
       return;
     }
     // Without need_conv_out, d lives in `out` and the apply runs in place.
     scalar_t* dst = d != nullptr ? d : out.mutable_data_ptr<scalar_t>();
-    Tensor partial = bytes(g.C * slices * int64_t(sizeof(Moments<acc_t>)), x);
+    Tensor partial = bytes(g.C * slices * int64_t(sizeof(Moments<acc_t>)), a.x);
     auto* pp = reinterpret_cast<Moments<acc_t>*>(partial.mutable_data_ptr());
     launch("dwconv_stats", &conv_forward_kernel<true, scalar_t>, grid, block, 0,
-           x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), dst,
+           a.x.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(), dst,
            static_cast<scalar_t*>(nullptr), static_cast<const acc_t*>(nullptr), pp, g);
     finalize(pp);
     launch("bn_silu_apply", &bn_silu_apply_kernel<scalar_t>, dim3(blocks_for(out.numel())),
@@ -382,8 +377,9 @@ BackwardResult backward_cuda(const DwconvBnSiluBackwardArgs& a) {
 }  // namespace fused_mbconv
 
 TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
-  m.impl("dwconv_bn_silu_forward", &fused_mbconv::cuda::forward_cuda);
   using fused_mbconv::cuda::kDeviceType;
+  m.impl("dwconv_bn_silu_forward",
+         &fused_mbconv::forward_entry<kDeviceType, fused_mbconv::cuda::forward_cuda>);
   m.impl("dwconv_bn_silu_backward",
          &fused_mbconv::backward_entry<kDeviceType, fused_mbconv::cuda::backward_cuda>);
 }

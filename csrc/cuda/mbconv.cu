@@ -303,34 +303,29 @@ struct DwForward {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
-    const Tensor& h, const Tensor& weight_in, int64_t stride, const OptTensor& in_mean,
-    const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
-    c10::string_view activation, bool need_stats) {
-  const Act act = check_dwconv_forward(h, weight_in, stride, in_mean, in_var, in_weight, in_bias,
-                                       in_eps, activation, kDeviceType);
-  const DeviceGuard guard(h.device());
-  const Tensor weight = weight_in.contiguous();
-  const int k = static_cast<int>(weight.size(2)), s = static_cast<int>(stride);
-  const int64_t C = h.size(1);
+DwconvForwardResult dwconv_forward(const DwconvForwardArgs& a, const Act act) {
+  const DeviceGuard guard(a.h.device());
+  const Tensor weight = a.weight.contiguous();
+  const int k = static_cast<int>(weight.size(2)), s = static_cast<int>(a.stride);
+  const int64_t C = a.h.size(1);
   Tensor d = empty_like_input(
-      h, {h.size(0), C, conv_out_size(h.size(2), k, s), conv_out_size(h.size(3), k, s)});
-  Tensor mean = need_stats ? acc_empty(h, {C}) : acc_empty(h);
-  Tensor var = need_stats ? acc_empty(h, {C}) : acc_empty(h);
+      a.h, {a.h.size(0), C, conv_out_size(a.h.size(2), k, s), conv_out_size(a.h.size(3), k, s)});
+  Tensor mean = a.need_stats ? acc_empty(a.h, {C}) : acc_empty(a.h);
+  Tensor var = a.need_stats ? acc_empty(a.h, {C}) : acc_empty(a.h);
   const Plane dp = plane_of(d);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "mbconv_dwconv", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.h.scalar_type(), "mbconv_dwconv", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto bn1 = in_norm<acc_t>(h, in_mean, in_var, in_weight, in_bias, in_eps);
+    const auto bn1 = in_norm<acc_t>(a.h, a.in_mean, a.in_var, a.in_weight, a.in_bias, a.in_eps);
     dispatch_activation(act, [&](auto A) {
       const DwForward<decltype(A)::value, scalar_t> f{
-          dw_input<decltype(A)::value, scalar_t>(h, weight, stride, d, bn1),
+          dw_input<decltype(A)::value, scalar_t>(a.h, weight, a.stride, d, bn1),
           d.mutable_data_ptr<scalar_t>(), dp};
-      if (need_stats) {
+      if (a.need_stats) {
         reduce_channels<Moments<acc_t>>(
             "mbconv_dwconv", tiling_of(dp), f, false,
-            MomentsOut<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()}, h);
+            MomentsOut<acc_t>{mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>()}, a.h);
       } else {
-        reduce_channels<NoStats>("mbconv_dwconv", tiling_of(dp), f, false, NoStats{}, h);
+        reduce_channels<NoStats>("mbconv_dwconv", tiling_of(dp), f, false, NoStats{}, a.h);
       }
     });
   });
@@ -406,17 +401,12 @@ Tensor project_operand(const Tensor& d, const OptTensor& gate, const Tensor& mea
   return a3;
 }
 
-std::tuple<Tensor, Tensor, Tensor> project_forward(
-    const Tensor& d, const OptTensor& gate, const Tensor& weight, const Tensor& mean2,
-    const Tensor& var2, const OptTensor& w2, const OptTensor& b2, double eps2,
-    c10::string_view activation, bool need_stats) {
-  const Act act = check_project_forward(d, gate, weight, mean2, var2, w2, b2, eps2, activation,
-                                        kDeviceType);
-  const DeviceGuard guard(d.device());
-  const Tensor q = pointwise_conv(project_operand(d, gate, mean2, var2, w2, b2, eps2, act),
-                                  weight, memory_format_of(d));
-  Tensor mean = acc_empty(d), var = acc_empty(d);
-  if (need_stats) std::tie(mean, var) = moments_of(q);
+ProjectForwardResult project_forward(const ProjectForwardArgs& a, const Act act) {
+  const DeviceGuard guard(a.d.device());
+  const Tensor operand = project_operand(a.d, a.gate, a.mean2, a.var2, a.w2, a.b2, a.eps2, act);
+  const Tensor q = pointwise_conv(operand, a.weight, memory_format_of(a.d));
+  Tensor mean = acc_empty(a.d), var = acc_empty(a.d);
+  if (a.need_stats) std::tie(mean, var) = moments_of(q);
   return {q, mean, var};
 }
 
@@ -782,30 +772,25 @@ struct ExpandGrad {  // ge = BN1 backward of grad_y1
   }
 };
 
-std::tuple<Tensor, Tensor> expand_backward(
-    const Tensor& grad_y1, const Tensor& e, const Tensor& x, const Tensor& weight,
-    const Tensor& mean1, const Tensor& var1, const OptTensor& w1, const OptTensor& b1,
-    double eps1, const Tensor& sum_dy1, const Tensor& sum_dy1_xhat1, bool training,
-    const OptTensor& grad_residual, std::array<bool, 2> output_mask) {
-  check_expand_backward(grad_y1, e, x, weight, mean1, var1, w1, b1, eps1, sum_dy1, sum_dy1_xhat1,
-                        grad_residual, kDeviceType);
-  const DeviceGuard guard(x.device());
-  const Plane ep = plane_of(e);
-  Tensor ge = at::empty_like(e);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mbconv_expand_backward", [&] {
+ExpandBackwardResult expand_backward(const ExpandBackwardArgs& a) {
+  const DeviceGuard guard(a.x.device());
+  const Plane ep = plane_of(a.e);
+  Tensor ge = at::empty_like(a.e);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "mbconv_expand_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto bn1 = norm_of<acc_t>(e, mean1, var1, w1, b1, eps1, training ? &sum_dy1 : nullptr,
-                                    training ? &sum_dy1_xhat1 : nullptr, ep.N * ep.P);
+    const auto bn1 = norm_of<acc_t>(a.e, a.mean1, a.var1, a.w1, a.b1, a.eps1,
+                                    a.training ? &a.sum_dy1 : nullptr,
+                                    a.training ? &a.sum_dy1_xhat1 : nullptr, ep.N * ep.P);
     map("mbconv_expand_grad", ep,
-        ExpandGrad<scalar_t>{grad_y1.const_data_ptr<scalar_t>(), e.const_data_ptr<scalar_t>(),
+        ExpandGrad<scalar_t>{a.grad_y1.const_data_ptr<scalar_t>(), a.e.const_data_ptr<scalar_t>(),
                              bn1.view(), ge.mutable_data_ptr<scalar_t>()});
   });
-  Tensor grad_x = x.new_empty({0}), grad_w = x.new_empty({0});
-  if (output_mask[0]) {
-    grad_x = pointwise_conv(ge, weight.t(), memory_format_of(x));
-    if (given(grad_residual)) grad_x.add_(*grad_residual);
+  Tensor grad_x = a.x.new_empty({0}), grad_w = a.x.new_empty({0});
+  if (a.output_mask[0]) {
+    grad_x = pointwise_conv(ge, a.weight.t(), memory_format_of(a.x));
+    if (given(a.grad_residual)) grad_x.add_(*a.grad_residual);
   }
-  if (output_mask[1]) grad_w = pointwise_weight_grad(ge, x);
+  if (a.output_mask[1]) grad_w = pointwise_weight_grad(ge, a.x);
   return {grad_x, grad_w};
 }
 
@@ -816,9 +801,11 @@ std::tuple<Tensor, Tensor> expand_backward(
 TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
   using fused_mbconv::cuda::kDeviceType;
   m.impl("mbconv_expand_forward", &fused_mbconv::cuda::expand_forward);
-  m.impl("mbconv_dwconv_forward", &fused_mbconv::cuda::dwconv_forward);
+  m.impl("mbconv_dwconv_forward",
+         &fused_mbconv::dwconv_forward_entry<kDeviceType, fused_mbconv::cuda::dwconv_forward>);
   m.impl("mbconv_squeeze_forward", &fused_mbconv::cuda::squeeze_forward);
-  m.impl("mbconv_project_forward", &fused_mbconv::cuda::project_forward);
+  m.impl("mbconv_project_forward",
+         &fused_mbconv::project_forward_entry<kDeviceType, fused_mbconv::cuda::project_forward>);
   m.impl("mbconv_output_forward", &fused_mbconv::cuda::output_forward);
   m.impl("mbconv_output_backward_stats", &fused_mbconv::cuda::output_backward_stats);
   m.impl("mbconv_project_backward",
@@ -826,5 +813,6 @@ TORCH_LIBRARY_IMPL(fused_mbconv_ext, FM_CUDA_DISPATCH_KEY, m) {
   m.impl("mbconv_dwconv_backward_stats", &fused_mbconv::cuda::dwconv_backward_stats);
   m.impl("mbconv_dwconv_backward",
          &fused_mbconv::dwconv_backward_entry<kDeviceType, fused_mbconv::cuda::dwconv_backward>);
-  m.impl("mbconv_expand_backward", &fused_mbconv::cuda::expand_backward);
+  m.impl("mbconv_expand_backward",
+         &fused_mbconv::expand_backward_entry<kDeviceType, fused_mbconv::cuda::expand_backward>);
 }

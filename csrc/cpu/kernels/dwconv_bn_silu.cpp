@@ -145,30 +145,25 @@ void forward_kernel(const Tensor& x, const Tensor& weight, const Tensor& gamma,
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
-    const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bn_weight,
-    const c10::optional<Tensor>& bn_bias, const c10::optional<Tensor>& running_mean,
-    const c10::optional<Tensor>& running_var, int64_t stride, bool training, double eps,
-    bool need_conv_out) {
-  check_forward(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, training,
-                eps, c10::DeviceType::CPU);
-  const auto format = memory_format_of(input);
-  const Tensor x = input.contiguous();
-  const Geometry g = geometry_of(x, weight.size(2), stride);
+ForwardResult forward_cpu(const DwconvBnSiluForwardArgs& a) {
+  const auto format = memory_format_of(a.x);
+  const Tensor x = a.x.contiguous();
+  const Geometry g = geometry_of(x, a.weight.size(2), a.stride);
   const auto acc = accumulate_type(x.scalar_type());
   Tensor out = at::empty({g.N, g.C, g.Ho, g.Wo}, x.options());
   // Without need_conv_out the depthwise output lives in `out` and is overwritten in place.
-  Tensor conv_out = need_conv_out ? at::empty_like(out) : out;
-  Tensor mean = training ? at::empty({g.C}, x.options().dtype(acc))
-                         : running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true);
-  Tensor var = training ? at::empty({g.C}, x.options().dtype(acc))
-                        : running_var->to(acc, /*non_blocking=*/false, /*copy=*/true);
-  const Tensor gamma = channel_param(bn_weight, x, 1.0), beta = channel_param(bn_bias, x, 0.0);
+  Tensor conv_out = a.need_conv_out ? at::empty_like(out) : out;
+  Tensor mean = a.training ? at::empty({g.C}, x.options().dtype(acc))
+                         : a.running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true);
+  Tensor var = a.training ? at::empty({g.C}, x.options().dtype(acc))
+                        : a.running_var->to(acc, /*non_blocking=*/false, /*copy=*/true);
+  const Tensor gamma = channel_param(a.bn_weight, x, 1.0), beta = channel_param(a.bn_bias, x, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_silu_cpu", [&] {
-    forward_kernel<scalar_t>(x, weight, gamma, beta, mean, var, out, conv_out, training, eps, g);
+    forward_kernel<scalar_t>(x, a.weight, gamma, beta, mean, var, out, conv_out, a.training,
+                             a.eps, g);
   });
   return {out.contiguous(format),
-          need_conv_out ? conv_out.contiguous(format) : x.new_empty({0}), mean, var};
+          a.need_conv_out ? conv_out.contiguous(format) : x.new_empty({0}), mean, var};
 }
 
 // ---- backward ----------------------------------------------------------------------------
@@ -370,7 +365,7 @@ BackwardResult backward_cpu(const DwconvBnSiluBackwardArgs& a) {
 }  // namespace
 
 void register_dwconv_bn_silu(torch::Library& m) {
-  m.impl("dwconv_bn_silu_forward", &forward_cpu);
+  m.impl("dwconv_bn_silu_forward", &forward_entry<c10::DeviceType::CPU, forward_cpu>);
   m.impl("dwconv_bn_silu_backward", &backward_entry<c10::DeviceType::CPU, backward_cpu>);
 }
 

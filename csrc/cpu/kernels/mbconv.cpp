@@ -166,23 +166,18 @@ void project_operand(const scalar_t* d, int64_t rows, int64_t C, const Norm<acc_
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> project_forward(
-    const Tensor& d_in, const OptTensor& gate, const Tensor& weight, const Tensor& mean2,
-    const Tensor& var2, const OptTensor& w2, const OptTensor& b2, double eps2,
-    c10::string_view activation, bool need_stats) {
-  const Act act = check_project_forward(d_in, gate, weight, mean2, var2, w2, b2, eps2, activation,
-                                        kCPU);
-  const Map d = nhwc(d_in);
-  const int64_t C = d.C, Cout = weight.size(0), P = d.P();
-  Tensor q2 = empty_rows(d_in, d.rows(), Cout, d_in.scalar_type());
-  Tensor mean = need_stats ? acc_empty(d_in, {Cout}) : acc_empty(d_in);
-  Tensor var = need_stats ? acc_empty(d_in, {Cout}) : acc_empty(d_in);
-  dispatch_dtype(d_in.scalar_type(), [&](auto tag) {
+ProjectForwardResult project_forward(const ProjectForwardArgs& a, const Act act) {
+  const Map d = nhwc(a.d);
+  const int64_t C = d.C, Cout = a.weight.size(0), P = d.P();
+  Tensor q2 = empty_rows(a.d, d.rows(), Cout, a.d.scalar_type());
+  Tensor mean = a.need_stats ? acc_empty(a.d, {Cout}) : acc_empty(a.d);
+  Tensor var = a.need_stats ? acc_empty(a.d, {Cout}) : acc_empty(a.d);
+  dispatch_dtype(a.d.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const Norm<acc_t> bn = norm_of<acc_t>(d_in, mean2, var2, w2, b2, eps2);
-    const auto gv = acc_values<acc_t>(gate);
-    const Tensor wt = acc_matrix<acc_t>(weight).t();  // (C, Cout)
+    const Norm<acc_t> bn = norm_of<acc_t>(a.d, a.mean2, a.var2, a.w2, a.b2, a.eps2);
+    const auto gv = acc_values<acc_t>(a.gate);
+    const Tensor wt = acc_matrix<acc_t>(a.weight).t();  // (C, Cout)
     const scalar_t* dp = d.data<scalar_t>();
     scalar_t* qp = q2.mutable_data_ptr<scalar_t>();
     const Chunks ch = gemm_chunks(d.N, P, C);
@@ -192,7 +187,7 @@ std::tuple<Tensor, Tensor, Tensor> project_forward(
     dispatch_activation(act, [&](auto A) {
       // One pass: a3 built per chunk in cache, q = a3 * W^T, BN3's moments of q.
       const auto part = for_chunks<acc_t>(
-          ch, need_stats ? 2 * Cout : 0,
+          ch, a.need_stats ? 2 * Cout : 0,
           [&] { return Scratch{buffer<acc_t>(ch.len * C), buffer<acc_t>(ch.len * Cout)}; },
           [&](int64_t n, int64_t p0, int64_t p1, acc_t* out, Scratch& s) {
             const int64_t r0 = n * P + p0, R = p1 - p0;
@@ -202,12 +197,12 @@ std::tuple<Tensor, Tensor, Tensor> project_forward(
             acc_t* q = acc_target<acc_t>(qp + r0 * Cout, s.q.get());
             gemm(block(q, R, Cout), block(s.a3.get(), R, C), wt);
             store_rows(q, R * Cout, qp + r0 * Cout);
-            if (need_stats) block_moments(qp + r0 * Cout, R, Cout, out);
+            if (a.need_stats) block_moments(qp + r0 * Cout, R, Cout, out);
           });
-      if (need_stats) merge_moments(part, ch, Cout, mean, var);
+      if (a.need_stats) merge_moments(part, ch, Cout, mean, var);
     });
   });
-  return {as_map(q2, d.N, d.H, d.W).contiguous(memory_format_of(d_in)), mean, var};
+  return {as_map(q2, d.N, d.H, d.W).contiguous(memory_format_of(a.d)), mean, var};
 }
 
 // ---- K6 output ----------------------------------------------------------------------------
@@ -385,27 +380,21 @@ ProjectBackwardResult project_backward(const ProjectBackwardArgs& a, const Act a
 
 // ---- B1 expand backward -------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> expand_backward(
-    const Tensor& grad_y1, const Tensor& e_in, const Tensor& x_in, const Tensor& weight,
-    const Tensor& mean1, const Tensor& var1, const OptTensor& w1, const OptTensor& b1,
-    double eps1, const Tensor& sum_dy1, const Tensor& sum_dy1_xhat1, bool training,
-    const OptTensor& grad_residual, std::array<bool, 2> output_mask) {
-  check_expand_backward(grad_y1, e_in, x_in, weight, mean1, var1, w1, b1, eps1, sum_dy1,
-                        sum_dy1_xhat1, grad_residual, kCPU);
-  const int64_t Ce = weight.size(0);
-  const Map x = nhwc(x_in), e = nhwc(e_in), gy = nhwc(grad_y1);
-  const Map res = given(grad_residual) ? nhwc(*grad_residual) : Map{};
+ExpandBackwardResult expand_backward(const ExpandBackwardArgs& a) {
+  const int64_t Ce = a.weight.size(0);
+  const Map x = nhwc(a.x), e = nhwc(a.e), gy = nhwc(a.grad_y1);
+  const Map res = given(a.grad_residual) ? nhwc(*a.grad_residual) : Map{};
   const int64_t Cin = x.C, P = x.P();
-  const bool dgrad = output_mask[0], wgrad = output_mask[1];
-  Tensor grad_x = x_in.new_empty({0}), grad_w = x_in.new_empty({0});
+  const bool dgrad = a.output_mask[0], wgrad = a.output_mask[1];
+  Tensor grad_x = a.x.new_empty({0}), grad_w = a.x.new_empty({0});
   if (!dgrad && !wgrad) return {grad_x, grad_w};
-  Tensor gx2 = dgrad ? empty_rows(x_in, x.rows(), Cin, x_in.scalar_type()) : Tensor();
-  dispatch_dtype(x_in.scalar_type(), [&](auto tag) {
+  Tensor gx2 = dgrad ? empty_rows(a.x, x.rows(), Cin, a.x.scalar_type()) : Tensor();
+  dispatch_dtype(a.x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const Norm<acc_t> bn = norm_of<acc_t>(e_in, mean1, var1, w1, b1, eps1);
-    const NormGrad<acc_t> ng = norm_grad_of(bn, sum_dy1, sum_dy1_xhat1, x.rows(), training);
-    const Tensor w = acc_matrix<acc_t>(weight);  // (Ce, Cin)
+    const Norm<acc_t> bn = norm_of<acc_t>(a.e, a.mean1, a.var1, a.w1, a.b1, a.eps1);
+    const NormGrad<acc_t> ng = norm_grad_of(bn, a.sum_dy1, a.sum_dy1_xhat1, x.rows(), a.training);
+    const Tensor w = acc_matrix<acc_t>(a.weight);  // (Ce, Cin)
     const scalar_t* ep = e.data<scalar_t>();
     const scalar_t* gp = gy.data<scalar_t>();
     const scalar_t* xp = x.data<scalar_t>();
@@ -449,9 +438,9 @@ std::tuple<Tensor, Tensor> expand_backward(
                     wparts.data() + i * Cin * Ce);
           }
         });
-    if (wgrad) grad_w = summed_matrix<scalar_t>(wparts, ch, Cin, Ce, true, x_in);
+    if (wgrad) grad_w = summed_matrix<scalar_t>(wparts, ch, Cin, Ce, true, a.x);
   });
-  if (dgrad) grad_x = as_map(gx2, x.N, x.H, x.W).contiguous(memory_format_of(x_in));
+  if (dgrad) grad_x = as_map(gx2, x.N, x.H, x.W).contiguous(memory_format_of(a.x));
   return {grad_x, grad_w};
 }
 
@@ -461,12 +450,12 @@ void register_mbconv(torch::Library& m) {
   m.impl("mbconv_expand_forward", &expand_forward);
   m.impl("mbconv_squeeze_forward", &squeeze_forward);
   m.impl("mbconv_excite_forward", &excite_forward);
-  m.impl("mbconv_project_forward", &project_forward);
+  m.impl("mbconv_project_forward", &project_forward_entry<kCPU, project_forward>);
   m.impl("mbconv_output_forward", &output_forward);
   m.impl("mbconv_output_backward_stats", &output_backward_stats);
   m.impl("mbconv_project_backward", &project_backward_entry<kCPU, project_backward>);
   m.impl("mbconv_excite_backward", &excite_backward);
-  m.impl("mbconv_expand_backward", &expand_backward);
+  m.impl("mbconv_expand_backward", &expand_backward_entry<kCPU, expand_backward>);
 }
 
 }  // namespace fused_mbconv::cpu::CPU_CAPABILITY

@@ -268,23 +268,18 @@ std::unique_ptr<Norm<acc_t>> in_norm(const Tensor& h, const OptTensor& mean, con
   return std::make_unique<Norm<acc_t>>(norm_of<acc_t>(h, *mean, *var, w, b, eps));
 }
 
-std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
-    const Tensor& h_in, const Tensor& weight, int64_t stride, const OptTensor& in_mean,
-    const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
-    c10::string_view activation, bool need_stats) {
-  const Act act = check_dwconv_forward(h_in, weight, stride, in_mean, in_var, in_weight, in_bias,
-                                       in_eps, activation, kCPU);
-  const Map h = nhwc(h_in);
-  const DwGeometry g = dw_geometry(h, weight, stride);
-  Tensor d2 = empty_rows(h_in, g.N * g.Ho * g.Wo, g.C, h_in.scalar_type());
-  Tensor mean = need_stats ? acc_empty(h_in, {g.C}) : acc_empty(h_in);
-  Tensor var = need_stats ? acc_empty(h_in, {g.C}) : acc_empty(h_in);
-  dispatch_dtype(h_in.scalar_type(), [&](auto tag) {
+DwconvForwardResult dwconv_forward(const DwconvForwardArgs& a, const Act act) {
+  const Map h = nhwc(a.h);
+  const DwGeometry g = dw_geometry(h, a.weight, a.stride);
+  Tensor d2 = empty_rows(a.h, g.N * g.Ho * g.Wo, g.C, a.h.scalar_type());
+  Tensor mean = a.need_stats ? acc_empty(a.h, {g.C}) : acc_empty(a.h);
+  Tensor var = a.need_stats ? acc_empty(a.h, {g.C}) : acc_empty(a.h);
+  dispatch_dtype(a.h.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const auto bn = in_norm<acc_t>(h_in, in_mean, in_var, in_weight, in_bias, in_eps);
+    const auto bn = in_norm<acc_t>(a.h, a.in_mean, a.in_var, a.in_weight, a.in_bias, a.in_eps);
     const PaddedBand pb = padded_band<acc_t>(g.C, g.W, g.Wo, g.k, g.s);
-    const auto taps = taps_of<acc_t, scalar_t>(weight, pb.ld);
+    const auto taps = taps_of<acc_t, scalar_t>(a.weight, pb.ld);
     const scalar_t* hp = h.data<scalar_t>();
     scalar_t* dp = d2.mutable_data_ptr<scalar_t>();
     const int64_t C = g.C;
@@ -298,7 +293,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
       // Per band of output rows: its input rows activated once into cache, then the stencil a
       // row at a time, then BN2's moments of the band.
       const auto part = for_chunks<acc_t>(
-          ch, need_stats ? 2 * C : 0,
+          ch, a.need_stats ? 2 * C : 0,
           [&] {
             const int64_t n = ((band_rows - 1) * g.s + g.k) * pb.row_ld();
             Scratch s{buffer<acc_t>(n), buffer<acc_t>(pb.out_cols * pb.ld),
@@ -326,12 +321,12 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_forward(
                 for (int64_t c = 0; c < C; ++c) dst[wo * C + c] = static_cast<scalar_t>(src[c]);
               }
             }
-            if (need_stats) block_moments(image + p0 * C, p1 - p0, C, out);
+            if (a.need_stats) block_moments(image + p0 * C, p1 - p0, C, out);
           });
-      if (need_stats) merge_moments(part, ch, C, mean, var);
+      if (a.need_stats) merge_moments(part, ch, C, mean, var);
     });
   });
-  return {as_map(d2, g.N, g.Ho, g.Wo).contiguous(memory_format_of(h_in)), mean, var};
+  return {as_map(d2, g.N, g.Ho, g.Wo).contiguous(memory_format_of(a.h)), mean, var};
 }
 
 // ---- B3 / B2 depthwise backward -----------------------------------------------------------
@@ -591,7 +586,7 @@ DwconvBackwardResult dwconv_backward(const DwconvBackwardArgs& a, const Act act)
 }  // namespace
 
 void register_mbconv_depthwise(torch::Library& m) {
-  m.impl("mbconv_dwconv_forward", &dwconv_forward);
+  m.impl("mbconv_dwconv_forward", &dwconv_forward_entry<kCPU, dwconv_forward>);
   m.impl("mbconv_dwconv_backward_stats", &dwconv_backward_stats);
   m.impl("mbconv_dwconv_backward", &dwconv_backward_entry<kCPU, dwconv_backward>);
 }

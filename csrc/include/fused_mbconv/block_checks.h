@@ -134,16 +134,33 @@ inline void check_in_bn(const char* op, const Tensor& h, const OptTensor& mean,
   if (given(mean)) check_norm(op, "in_bn", *mean, *var, w, b, eps, h);
 }
 
-inline Act check_dwconv_forward(const Tensor& h, const Tensor& weight, int64_t stride,
-                                const OptTensor& in_mean, const OptTensor& in_var,
-                                const OptTensor& in_weight, const OptTensor& in_bias,
-                                double in_eps, c10::string_view activation,
-                                c10::DeviceType device) {
+struct DwconvForwardArgs {
+  const Tensor &h, &weight;
+  int64_t stride;
+  const OptTensor &in_mean, &in_var, &in_weight, &in_bias;
+  double in_eps;
+  c10::string_view activation;
+  bool need_stats;
+};
+
+inline Act check_dwconv_forward(const DwconvForwardArgs& a, c10::DeviceType device) {
   const char* op = "mbconv_dwconv_forward";
-  check_block_input(op, "h", h, device);
-  check_dw_weight(op, weight, h, stride);
-  check_in_bn(op, h, in_mean, in_var, in_weight, in_bias, in_eps);
-  return activation_of(op, activation);
+  check_block_input(op, "h", a.h, device);
+  check_dw_weight(op, a.weight, a.h, a.stride);
+  check_in_bn(op, a.h, a.in_mean, a.in_var, a.in_weight, a.in_bias, a.in_eps);
+  return activation_of(op, a.activation);
+}
+
+using DwconvForwardResult = std::tuple<Tensor, Tensor, Tensor>;
+
+template <c10::DeviceType kDevice, DwconvForwardResult (*kImpl)(const DwconvForwardArgs&, Act)>
+DwconvForwardResult dwconv_forward_entry(
+    const Tensor& h, const Tensor& weight, int64_t stride, const OptTensor& in_mean,
+    const OptTensor& in_var, const OptTensor& in_weight, const OptTensor& in_bias, double in_eps,
+    c10::string_view activation, bool need_stats) {
+  const DwconvForwardArgs a{h, weight, stride, in_mean, in_var, in_weight, in_bias, in_eps,
+                            activation, need_stats};
+  return kImpl(a, check_dwconv_forward(a, kDevice));
 }
 
 inline Act check_squeeze_forward(const Tensor& d, const Tensor& mean, const Tensor& var,
@@ -202,16 +219,34 @@ inline void check_gate_values(const char* op, const OptTensor& gate, const Tenso
   if (given(gate)) check_vector(op, "gate_values", *gate, d, {d.size(0), d.size(1)});
 }
 
-inline Act check_project_forward(const Tensor& d, const OptTensor& gate, const Tensor& weight,
-                                 const Tensor& mean2, const Tensor& var2, const OptTensor& w2,
-                                 const OptTensor& b2, double eps2, c10::string_view activation,
-                                 c10::DeviceType device) {
+struct ProjectForwardArgs {
+  const Tensor& d;
+  const OptTensor& gate;
+  const Tensor &weight, &mean2, &var2;
+  const OptTensor &w2, &b2;
+  double eps2;
+  c10::string_view activation;
+  bool need_stats;
+};
+
+inline Act check_project_forward(const ProjectForwardArgs& a, c10::DeviceType device) {
   const char* op = "mbconv_project_forward";
-  check_block_input(op, "d", d, device);
-  check_gate_values(op, gate, d);
-  check_matrix(op, "weight", weight, d, -1, d.size(1));
-  check_norm(op, "bn2", mean2, var2, w2, b2, eps2, d);
-  return activation_of(op, activation);
+  check_block_input(op, "d", a.d, device);
+  check_gate_values(op, a.gate, a.d);
+  check_matrix(op, "weight", a.weight, a.d, -1, a.d.size(1));
+  check_norm(op, "bn2", a.mean2, a.var2, a.w2, a.b2, a.eps2, a.d);
+  return activation_of(op, a.activation);
+}
+
+using ProjectForwardResult = std::tuple<Tensor, Tensor, Tensor>;
+
+template <c10::DeviceType kDevice, ProjectForwardResult (*kImpl)(const ProjectForwardArgs&, Act)>
+ProjectForwardResult project_forward_entry(
+    const Tensor& d, const OptTensor& gate, const Tensor& weight, const Tensor& mean2,
+    const Tensor& var2, const OptTensor& w2, const OptTensor& b2, double eps2,
+    c10::string_view activation, bool need_stats) {
+  const ProjectForwardArgs a{d, gate, weight, mean2, var2, w2, b2, eps2, activation, need_stats};
+  return kImpl(a, check_project_forward(a, kDevice));
 }
 
 inline void check_sample_scale(const char* op, const OptTensor& s, const Tensor& x) {
@@ -356,22 +391,42 @@ DwconvBackwardResult dwconv_backward_entry(
   return kImpl(a, check_dwconv_backward(a, kDevice));
 }
 
-inline void check_expand_backward(const Tensor& grad_y1, const Tensor& e, const Tensor& x,
-                                  const Tensor& weight, const Tensor& mean1, const Tensor& var1,
-                                  const OptTensor& w1, const OptTensor& b1, double eps1,
-                                  const Tensor& sum_dy1, const Tensor& sum_dy1_xhat1,
-                                  const OptTensor& grad_residual, c10::DeviceType device) {
+struct ExpandBackwardArgs {
+  const Tensor &grad_y1, &e, &x, &weight, &mean1, &var1;
+  const OptTensor &w1, &b1;
+  double eps1;
+  const Tensor &sum_dy1, &sum_dy1_xhat1;
+  bool training;
+  const OptTensor& grad_residual;
+  std::array<bool, 2> output_mask;
+};
+
+inline void check_expand_backward(const ExpandBackwardArgs& a, c10::DeviceType device) {
   const char* op = "mbconv_expand_backward";
-  check_block_input(op, "x", x, device);
-  check_matrix(op, "weight", weight, x, -1, x.size(1));
-  check_activation(op, "e", e, x, {x.size(0), weight.size(0), x.size(2), x.size(3)});
-  check_activation(op, "grad_y1", grad_y1, x, e.sizes());
-  check_norm(op, "bn1", mean1, var1, w1, b1, eps1, e);
-  check_channel_vector(op, "sum_dy1", sum_dy1, e);
-  check_channel_vector(op, "sum_dy1_xhat1", sum_dy1_xhat1, e);
-  if (given(grad_residual)) {
-    check_activation(op, "grad_residual", *grad_residual, x, x.sizes());
+  check_block_input(op, "x", a.x, device);
+  check_matrix(op, "weight", a.weight, a.x, -1, a.x.size(1));
+  check_activation(op, "e", a.e, a.x, {a.x.size(0), a.weight.size(0), a.x.size(2), a.x.size(3)});
+  check_activation(op, "grad_y1", a.grad_y1, a.x, a.e.sizes());
+  check_norm(op, "bn1", a.mean1, a.var1, a.w1, a.b1, a.eps1, a.e);
+  check_channel_vector(op, "sum_dy1", a.sum_dy1, a.e);
+  check_channel_vector(op, "sum_dy1_xhat1", a.sum_dy1_xhat1, a.e);
+  if (given(a.grad_residual)) {
+    check_activation(op, "grad_residual", *a.grad_residual, a.x, a.x.sizes());
   }
+}
+
+using ExpandBackwardResult = std::tuple<Tensor, Tensor>;
+
+template <c10::DeviceType kDevice, ExpandBackwardResult (*kImpl)(const ExpandBackwardArgs&)>
+ExpandBackwardResult expand_backward_entry(
+    const Tensor& grad_y1, const Tensor& e, const Tensor& x, const Tensor& weight,
+    const Tensor& mean1, const Tensor& var1, const OptTensor& w1, const OptTensor& b1, double eps1,
+    const Tensor& sum_dy1, const Tensor& sum_dy1_xhat1, bool training,
+    const OptTensor& grad_residual, std::array<bool, 2> output_mask) {
+  const ExpandBackwardArgs a{grad_y1, e, x, weight, mean1, var1, w1, b1, eps1, sum_dy1,
+                             sum_dy1_xhat1, training, grad_residual, output_mask};
+  check_expand_backward(a, kDevice);
+  return kImpl(a);
 }
 
 // f(std::integral_constant<Act, A>{}) for the kind `a` of `kRole`: a case per kind of the list,

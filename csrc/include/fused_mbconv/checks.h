@@ -92,30 +92,47 @@ inline void check_conv(const char* op, const Tensor& x, const Tensor& weight, in
   TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
 }
 
-inline void check_forward(const Tensor& x, const Tensor& weight,
-                          const c10::optional<Tensor>& bn_weight,
-                          const c10::optional<Tensor>& bn_bias,
-                          const c10::optional<Tensor>& running_mean,
-                          const c10::optional<Tensor>& running_var, int64_t stride,
-                          bool training, double eps, c10::DeviceType device_type) {
+struct DwconvBnSiluForwardArgs {
+  const Tensor &x, &weight;
+  const OptTensor &bn_weight, &bn_bias, &running_mean, &running_var;
+  int64_t stride;
+  bool training;
+  double eps;
+  bool need_conv_out;
+};
+
+inline void check_forward(const DwconvBnSiluForwardArgs& a, c10::DeviceType device) {
   const char* op = "dwconv_bn_silu_forward";
-  check_conv(op, x, weight, stride, eps, device_type);
-  check_optional_vector(op, "bn_weight", bn_weight, x);
-  check_optional_vector(op, "bn_bias", bn_bias, x);
-  check_optional_vector(op, "running_mean", running_mean, x);
-  check_optional_vector(op, "running_var", running_var, x);
-  const bool has_mean = running_mean.has_value() && running_mean->defined();
-  const bool has_var = running_var.has_value() && running_var->defined();
+  check_conv(op, a.x, a.weight, a.stride, a.eps, device);
+  check_optional_vector(op, "bn_weight", a.bn_weight, a.x);
+  check_optional_vector(op, "bn_bias", a.bn_bias, a.x);
+  check_optional_vector(op, "running_mean", a.running_mean, a.x);
+  check_optional_vector(op, "running_var", a.running_var, a.x);
+  const bool has_mean = a.running_mean.has_value() && a.running_mean->defined();
+  const bool has_var = a.running_var.has_value() && a.running_var->defined();
   TORCH_CHECK_VALUE(has_mean == has_var, op, ": running_mean and running_var must be given together");
-  TORCH_CHECK_VALUE(training || has_mean, op,
+  TORCH_CHECK_VALUE(a.training || has_mean, op,
                     ": running_mean and running_var are required when training=False");
-  if (training) {
-    const int k = static_cast<int>(weight.size(2));
-    const int64_t values = x.size(0) * conv_out_size(x.size(2), k, static_cast<int>(stride)) *
-                           conv_out_size(x.size(3), k, static_cast<int>(stride));
+  if (a.training) {
+    const int k = static_cast<int>(a.weight.size(2));
+    const int64_t values = a.x.size(0) * conv_out_size(a.x.size(2), k, static_cast<int>(a.stride)) *
+                           conv_out_size(a.x.size(3), k, static_cast<int>(a.stride));
     TORCH_CHECK_VALUE(values > 1, op, ": expected more than 1 value per channel when training, "
-                      "got input size ", x.sizes());
+                      "got input size ", a.x.sizes());
   }
+}
+
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+template <c10::DeviceType kDevice, ForwardResult (*kImpl)(const DwconvBnSiluForwardArgs&)>
+ForwardResult forward_entry(
+    const Tensor& x, const Tensor& weight, const OptTensor& bn_weight, const OptTensor& bn_bias,
+    const OptTensor& running_mean, const OptTensor& running_var, int64_t stride, bool training,
+    double eps, bool need_conv_out) {
+  const DwconvBnSiluForwardArgs a{x, weight, bn_weight, bn_bias, running_mean, running_var, stride,
+                                  training, eps, need_conv_out};
+  check_forward(a, kDevice);
+  return kImpl(a);
 }
 
 // dwconv_bn_silu_backward's arguments, in schema order, declared once for both backends (see
