@@ -313,6 +313,15 @@ def _note(kernel: str, x: Tensor, read: int, written: int,
         _noted(kernel, _backend(x), read, written, grids)
 
 
+def _one_launch(kernel: str, x: Tensor, op: str, args: tuple, read: int):
+    """The library's ``op`` on ``args``: one logical kernel, noted as reading ``read`` bytes and
+    writing its results."""
+    with _device_grids(x) as grids:
+        out = getattr(torch.ops.fused_mbconv_ext, op)(*args)
+    _note(kernel, x, read, _nbytes(*out) if isinstance(out, tuple) else _nbytes(out), grids)
+    return out
+
+
 def _dgrad_wgrad(grids: Optional[Grids], output_mask: List[bool]):
     """(dgrad grids, wgrad grids) of a [2] function: launches named *wgrad* are the wgrad's,
     the rest (shared passes included) the dgrad's, or the wgrad's when it runs alone."""
@@ -324,68 +333,49 @@ def _dgrad_wgrad(grids: Optional[Grids], output_mask: List[bool]):
 
 @specified_by(reference.mbconv_expand_forward)
 def mbconv_expand_forward(x, weight, need_stats):
-    with _device_grids(x) as grids:
-        e, mean, var = torch.ops.fused_mbconv_ext.mbconv_expand_forward(x, weight, need_stats)
-    _note("mbconv_expand", x, _nbytes(x, weight), _nbytes(e, mean, var), grids)
-    return e, mean, var
+    return _one_launch("mbconv_expand", x, "mbconv_expand_forward", (x, weight, need_stats),
+                       _nbytes(x, weight))
 
 
 @specified_by(reference.mbconv_dwconv_forward)
 def mbconv_dwconv_forward(h, weight, stride, in_bn, activation, need_stats):
-    with _device_grids(h) as grids:
-        d, mean, var = torch.ops.fused_mbconv_ext.mbconv_dwconv_forward(
-            h, weight, stride, *_bn(in_bn), activation, need_stats)
-    _note("mbconv_dwconv", h, _nbytes(h, weight, *_bn(in_bn)[:4]), _nbytes(d, mean, var),
-          grids)
-    return d, mean, var
+    return _one_launch("mbconv_dwconv", h, "mbconv_dwconv_forward",
+                       (h, weight, stride, *_bn(in_bn), activation, need_stats),
+                       _nbytes(h, weight, *_bn(in_bn)[:4]))
 
 
 @specified_by(reference.mbconv_squeeze_forward)
 def mbconv_squeeze_forward(d, bn2, activation):
-    with _device_grids(d) as grids:
-        pooled = torch.ops.fused_mbconv_ext.mbconv_squeeze_forward(d, *_bn(bn2), activation)
-    _note("mbconv_squeeze", d, _nbytes(d, *_bn(bn2)[:4]), _nbytes(pooled), grids)
-    return pooled
+    return _one_launch("mbconv_squeeze", d, "mbconv_squeeze_forward", (d, *_bn(bn2), activation),
+                       _nbytes(d, *_bn(bn2)[:4]))
 
 
 @specified_by(reference.mbconv_excite_forward)
 def mbconv_excite_forward(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate):
-    with _device_grids(pooled) as grids:
-        g = torch.ops.fused_mbconv_ext.mbconv_excite_forward(
-            pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate)
-    _note("mbconv_excite", pooled, _nbytes(pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias),
-          _nbytes(g), grids)
-    return g
+    weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return _one_launch("mbconv_excite", pooled, "mbconv_excite_forward",
+                       (pooled, *weights, se_activation, gate), _nbytes(pooled, *weights))
 
 
 @specified_by(reference.mbconv_project_forward)
 def mbconv_project_forward(d, gate_values, weight, bn2, activation, need_stats):
-    with _device_grids(d) as grids:
-        q, mean, var = torch.ops.fused_mbconv_ext.mbconv_project_forward(
-            d, gate_values, weight, *_bn(bn2), activation, need_stats)
-    _note("mbconv_project", d, _nbytes(d, gate_values, weight, *_bn(bn2)[:4]),
-          _nbytes(q, mean, var), grids)
-    return q, mean, var
+    return _one_launch("mbconv_project", d, "mbconv_project_forward",
+                       (d, gate_values, weight, *_bn(bn2), activation, need_stats),
+                       _nbytes(d, gate_values, weight, *_bn(bn2)[:4]))
 
 
 @specified_by(reference.mbconv_output_forward)
 def mbconv_output_forward(q, bn3, sample_scale, residual):
-    with _device_grids(q) as grids:
-        out = torch.ops.fused_mbconv_ext.mbconv_output_forward(q, *_bn(bn3), sample_scale,
-                                                               residual)
-    _note("mbconv_output", q, _nbytes(q, residual, sample_scale, *_bn(bn3)[:4]), _nbytes(out),
-          grids)
-    return out
+    return _one_launch("mbconv_output", q, "mbconv_output_forward",
+                       (q, *_bn(bn3), sample_scale, residual),
+                       _nbytes(q, residual, sample_scale, *_bn(bn3)[:4]))
 
 
 @specified_by(reference.mbconv_output_backward_stats)
 def mbconv_output_backward_stats(grad_out, q, bn3, sample_scale):
-    with _device_grids(q) as grids:
-        sums = torch.ops.fused_mbconv_ext.mbconv_output_backward_stats(
-            grad_out, q, *_bn(bn3), sample_scale)
-    _note("mbconv_output_grad_reduce", q, _nbytes(grad_out, q, sample_scale, *_bn(bn3)[:4]),
-          _nbytes(*sums), grids)
-    return sums
+    return _one_launch("mbconv_output_grad_reduce", q, "mbconv_output_backward_stats",
+                       (grad_out, q, *_bn(bn3), sample_scale),
+                       _nbytes(grad_out, q, sample_scale, *_bn(bn3)[:4]))
 
 
 @specified_by(reference.mbconv_project_backward)
@@ -410,23 +400,17 @@ def mbconv_project_backward(grad_out, q, d, gate_values, weight, bn2, activation
 @specified_by(reference.mbconv_excite_backward)
 def mbconv_excite_backward(grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                            se_activation, gate):
-    with _device_grids(pooled) as grids:
-        grads = torch.ops.fused_mbconv_ext.mbconv_excite_backward(
-            grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias, se_activation, gate)
-    _note("mbconv_excite_grad", pooled,
-          _nbytes(grad_gate, pooled, fc1_weight, fc1_bias, fc2_weight, fc2_bias), _nbytes(*grads),
-          grids)
-    return grads
+    weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return _one_launch("mbconv_excite_grad", pooled, "mbconv_excite_backward",
+                       (grad_gate, pooled, *weights, se_activation, gate),
+                       _nbytes(grad_gate, pooled, *weights))
 
 
 @specified_by(reference.mbconv_dwconv_backward_stats)
 def mbconv_dwconv_backward_stats(grad_a2, grad_pooled, d, bn2, activation):
-    with _device_grids(d) as grids:
-        sums = torch.ops.fused_mbconv_ext.mbconv_dwconv_backward_stats(
-            grad_a2, grad_pooled, d, *_bn(bn2), activation)
-    _note("mbconv_dwconv_grad_reduce", d, _nbytes(grad_a2, grad_pooled, d, *_bn(bn2)[:4]),
-          _nbytes(*sums), grids)
-    return sums
+    return _one_launch("mbconv_dwconv_grad_reduce", d, "mbconv_dwconv_backward_stats",
+                       (grad_a2, grad_pooled, d, *_bn(bn2), activation),
+                       _nbytes(grad_a2, grad_pooled, d, *_bn(bn2)[:4]))
 
 
 @specified_by(reference.mbconv_dwconv_backward)
