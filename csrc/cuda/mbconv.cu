@@ -172,6 +172,18 @@ struct SumsOut {  // (sum dy, sum dy * x_hat), one per channel
   }
 };
 
+// (sum dy, sum dy * x_hat) per channel of x: the two-value reduction `f` (a reduce_channels
+// functor over x's plane) fills, as tensors in the accumulate dtype.
+template <typename acc_t, typename F>
+std::tuple<Tensor, Tensor> grad_sums(const char* name, const Tensor& x, const F& f) {
+  const Plane p = plane_of(x);
+  Tensor sum_dy = acc_empty(x, {p.C}), sum_dy_xhat = acc_empty(x, {p.C});
+  reduce_channels<Sums<acc_t, 2>>(
+      name, tiling_of(p), f, false,
+      SumsOut<acc_t>{sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xhat.mutable_data_ptr<acc_t>()}, x);
+  return {sum_dy, sum_dy_xhat};
+}
+
 template <typename T>
 struct ScaledOut {  // one per (image, channel): the squeeze's mean, the gate gradient
   T* out;
@@ -471,20 +483,17 @@ std::tuple<Tensor, Tensor> output_backward_stats(const Tensor& grad_out, const T
   check_output_backward_stats(grad_out, q, mean3, var3, w3, b3, eps3, sample_scale, kDeviceType);
   const DeviceGuard guard(q.device());
   const Plane qp = plane_of(q);
-  Tensor sum_dy = acc_empty(q, {qp.C}), sum_dy_xhat = acc_empty(q, {qp.C});
   const Tensor ss = acc_vector(sample_scale, q);
+  std::tuple<Tensor, Tensor> sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "mbconv_output_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto bn3 = norm_of<acc_t>(q, mean3, var3, w3, b3, eps3);
-    reduce_channels<Sums<acc_t, 2>>(
-        "mbconv_output_grad_reduce", tiling_of(qp),
+    sums = grad_sums<acc_t>(
+        "mbconv_output_grad_reduce", q,
         OutputGradSums<scalar_t>{grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                                 qp, bn3.view(), maybe_ptr<acc_t>(ss)},
-        false,
-        SumsOut<acc_t>{sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xhat.mutable_data_ptr<acc_t>()},
-        q);
+                                 qp, bn3.view(), maybe_ptr<acc_t>(ss)});
   });
-  return {sum_dy, sum_dy_xhat};
+  return sums;
 }
 
 // ---- B5 project backward -------------------------------------------------------------------
@@ -619,22 +628,18 @@ std::tuple<Tensor, Tensor> dwconv_backward_stats(
   const Act act = check_dwconv_backward_stats(grad_a2, grad_pooled, d, mean2, var2, w2, b2, eps2,
                                               activation, kDeviceType);
   const DeviceGuard guard(d.device());
-  const Plane dp = plane_of(d);
-  Tensor sum_dy = acc_empty(d, {dp.C}), sum_dy_xhat = acc_empty(d, {dp.C});
   const Tensor gp = acc_vector(grad_pooled, d);
+  std::tuple<Tensor, Tensor> sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, d.scalar_type(), "mbconv_dwconv_grad_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto bn2 = norm_of<acc_t>(d, mean2, var2, w2, b2, eps2);
     dispatch_activation(act, [&](auto A) {
       constexpr Act kA = decltype(A)::value;
-      reduce_channels<Sums<acc_t, 2>>(
-          "mbconv_dwconv_grad_reduce", tiling_of(dp),
-          Dy2Sums<kA, scalar_t>{dy2_of<kA, scalar_t>(grad_a2, gp, d, bn2)}, false,
-          SumsOut<acc_t>{sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xhat.mutable_data_ptr<acc_t>()},
-          d);
+      sums = grad_sums<acc_t>("mbconv_dwconv_grad_reduce", d,
+                              Dy2Sums<kA, scalar_t>{dy2_of<kA, scalar_t>(grad_a2, gp, d, bn2)});
     });
   });
-  return {sum_dy, sum_dy_xhat};
+  return sums;
 }
 
 // gd = BN2 backward of dy2, in the accumulate dtype: the stencils read each value k * k times.
@@ -730,13 +735,7 @@ DwconvBackwardResult dwconv_backward(const DwconvBackwardArgs& a, const Act act)
         grad_h = at::empty_like(a.h);
         const DwInputGrad<kA, scalar_t> f{in, gdp, dp, grad_h.mutable_data_ptr<scalar_t>()};
         if (with_bn1) {
-          sum_dy1 = acc_empty(a.h, {hp.C});
-          sum_dy1_xhat1 = acc_empty(a.h, {hp.C});
-          reduce_channels<Sums<acc_t, 2>>(
-              "mbconv_dwconv_dgrad", tiling_of(hp), f, false,
-              SumsOut<acc_t>{sum_dy1.mutable_data_ptr<acc_t>(),
-                             sum_dy1_xhat1.mutable_data_ptr<acc_t>()},
-              a.h);
+          std::tie(sum_dy1, sum_dy1_xhat1) = grad_sums<acc_t>("mbconv_dwconv_dgrad", a.h, f);
         } else {
           reduce_channels<NoStats>("mbconv_dwconv_dgrad", tiling_of(hp), f, false, NoStats{}, a.h);
         }
