@@ -259,7 +259,7 @@ std::tuple<Tensor, Tensor> output_backward_stats(const Tensor& grad_out, const T
   check_output_backward_stats(grad_out, q_in, mean3, var3, w3, b3, eps3, sample_scale, kCPU);
   const Map q = nhwc(q_in), go = nhwc(grad_out);
   const int64_t C = q.C, P = q.P();
-  Tensor sum_dy = acc_empty(q_in, {C}), sum_dy_xhat = acc_empty(q_in, {C});
+  std::tuple<Tensor, Tensor> sums;
   dispatch_dtype(q_in.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -284,12 +284,9 @@ std::tuple<Tensor, Tensor> output_backward_stats(const Tensor& grad_out, const T
         }
       }
     });
-    std::vector<acc_t> total(2 * C);
-    sum_chunks(part, ch, 2 * C, false, total.data());
-    std::copy(total.begin(), total.begin() + C, sum_dy.mutable_data_ptr<acc_t>());
-    std::copy(total.begin() + C, total.end(), sum_dy_xhat.mutable_data_ptr<acc_t>());
+    sums = summed_grad_sums(part, ch, C, q_in);
   });
-  return {sum_dy, sum_dy_xhat};
+  return sums;
 }
 
 // ---- B5 project backward ------------------------------------------------------------------

@@ -370,7 +370,7 @@ std::tuple<Tensor, Tensor> dwconv_backward_stats(
                                               eps2, activation, kCPU);
   const Map d = nhwc(d_in), ga = nhwc(grad_a2);
   const int64_t C = d.C, P = d.P();
-  Tensor sum_dy = acc_empty(d_in, {C}), sum_dy_xhat = acc_empty(d_in, {C});
+  std::tuple<Tensor, Tensor> sums;
   dispatch_dtype(d_in.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -391,13 +391,10 @@ std::tuple<Tensor, Tensor> dwconv_backward_stats(
                                       });
         }
       });
-      std::vector<acc_t> total(2 * C);
-      sum_chunks(part, ch, 2 * C, false, total.data());
-      std::copy(total.begin(), total.begin() + C, sum_dy.mutable_data_ptr<acc_t>());
-      std::copy(total.begin() + C, total.end(), sum_dy_xhat.mutable_data_ptr<acc_t>());
+      sums = summed_grad_sums(part, ch, C, d_in);
     });
   });
-  return {sum_dy, sum_dy_xhat};
+  return sums;
 }
 
 DwconvBackwardResult dwconv_backward(const DwconvBackwardArgs& a, const Act act) {

@@ -407,6 +407,16 @@ Tensor acc_vector(const Tensor& like, const acc_t* src, at::IntArrayRef shape) {
   return t;
 }
 
+// Chunk partials of [C sums of dy][C sums of dy * x_hat], summed in chunk order: the two
+// per-channel vectors (sum dy, sum dy * x_hat) of a BN backward.
+template <typename acc_t>
+std::tuple<Tensor, Tensor> summed_grad_sums(const std::vector<acc_t>& partial, const Chunks& ch,
+                                            int64_t C, const Tensor& like) {
+  std::vector<acc_t> total(2 * C);
+  sum_chunks(partial, ch, 2 * C, false, total.data());
+  return {acc_vector(like, total.data(), {C}), acc_vector(like, total.data() + C, {C})};
+}
+
 // An optional per-sample / per-(sample, channel) vector in the accumulate dtype, or empty.
 template <typename acc_t>
 std::vector<acc_t> acc_values(const OptTensor& t) {
