@@ -80,20 +80,21 @@ def _is_identity(module: Optional[nn.Module]) -> bool:
     return module is None or type(module) is nn.Identity
 
 
-def _activation(module: nn.Module, where: str) -> str:
-    name = _ACTIVATION_NAMES.get(qualified_name(type(module)))
+def _named(module: nn.Module, names: Dict[str, str], supported, what: str, where: str) -> str:
+    """The fused name of ``module``'s type in ``names``; NotFusable naming it if it has none."""
+    name = names.get(qualified_name(type(module)))
     if name is None:
-        raise NotFusable(f"{where}: unsupported activation {_type_name(module)} "
-                         f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+        raise NotFusable(f"{where}: unsupported {what} {_type_name(module)} "
+                         f"(supported: {', '.join(sorted(supported))})")
     return name
+
+
+def _activation(module: nn.Module, where: str) -> str:
+    return _named(module, _ACTIVATION_NAMES, ACTIVATIONS, "activation", where)
 
 
 def _gate(module: nn.Module, where: str) -> str:
-    name = _GATE_NAMES.get(qualified_name(type(module)))
-    if name is None:
-        raise NotFusable(f"{where}: unsupported SE gate {_type_name(module)} "
-                         f"(supported: {', '.join(sorted(GATES))})")
-    return name
+    return _named(module, _GATE_NAMES, GATES, "SE gate", where)
 
 
 def _norm_act(bn: nn.Module, where: str) -> Optional[str]:
