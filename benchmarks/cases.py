@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
 
 import fused_mbconv as fm
 from fused_mbconv import profiling, verification
+from fused_mbconv.geometry import BlockConfig, b0_blocks
 
 SIZE_ENV = "FUSED_MBCONV_BENCH_SIZE"      # tiny | cpu | cuda | gpu-check
 DEVICE_ENV = "FUSED_MBCONV_BENCH_DEVICE"  # cpu | cuda
@@ -143,53 +144,23 @@ class FusedDWConvBNSiLU(nn.Module):
                                             bn.eps)
 
 
-@dataclass(frozen=True)
-class BlockShape:
-    """One distinct EfficientNet-B0 block configuration at its real stage input shape."""
-
-    in_channels: int
-    out_channels: int
-    expand_ratio: int
-    kernel_size: int
-    stride: int
-    resolution: int
-    hidden_channels: int
-
-    @property
-    def id(self) -> str:
-        return (f"{self.in_channels}-{self.out_channels}_e{self.expand_ratio}"
-                f"_k{self.kernel_size}_s{self.stride}_{self.resolution}px")
-
-
-def b0_block_shapes(resolution: int) -> List[BlockShape]:
-    """Distinct block configurations of efficientnet_b0, each with the spatial size its
-    input has at ``resolution`` (read off a forward with hooks, not hard-coded)."""
-    model = fm.efficientnet_b0().eval()
-    shapes: Dict[BlockShape, None] = {}
-
-    def hook(block, inputs, _output):
-        shapes.setdefault(BlockShape(block.in_channels, block.out_channels,
-                                     int(block.expand_ratio), block.kernel_size, block.stride,
-                                     inputs[0].shape[-1], block.hidden_channels))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, fm.MBConv)]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, resolution, resolution))
-    for h in handles:
-        h.remove()
-    shapes = list(shapes)
-    if size().name == "tiny":  # smoke: no expansion, and expansion with stride 2
+def b0_block_shapes(resolution: int) -> List[BlockConfig]:
+    """Distinct block configurations of efficientnet_b0 at ``resolution``
+    (``geometry.b0_blocks``); the "tiny" smoke size keeps one without expansion and one with
+    stride 2."""
+    shapes = b0_blocks(resolution)
+    if size().name == "tiny":
         shapes = [s for s in shapes if s.expand_ratio == 1][:1] + \
             [s for s in shapes if s.stride == 2][:1]
     return shapes
 
 
-def op_shapes(resolution: int) -> List[BlockShape]:
+def op_shapes(resolution: int) -> List[BlockConfig]:
     """The depthwise stage of every distinct B0 block configuration with a distinct
     (channels, kernel, stride, resolution)."""
     seen = {}
     for s in b0_block_shapes(resolution):
-        seen.setdefault((s.hidden_channels, s.kernel_size, s.stride, s.resolution), s)
+        seen.setdefault(s.depthwise_id, s)
     return list(seen.values())[:1] if size().name == "tiny" else list(seen.values())
 
 
@@ -228,20 +199,20 @@ def cached(build):
 
 
 @cached
-def op_workload(shape: BlockShape, provider: str, batch: int) -> profiling.Workload:
+def op_workload(shape: BlockConfig, provider: str, batch: int) -> profiling.Workload:
     eager = _seeded(lambda: DWConvBNSiLU(shape.hidden_channels, shape.kernel_size,
                                          shape.stride)).train()
     # The depthwise conv sees the expanded map at the block's input resolution.
-    x = _input(batch, shape.hidden_channels, shape.resolution, shape.resolution)
+    x = _input(batch, shape.hidden_channels, shape.side, shape.side)
     module = _wrap(provider, eager, FusedDWConvBNSiLU)
     return profiling.Workload.build(module, x, shape_from=eager)
 
 
 @cached
-def block_workload(shape: BlockShape, provider: str, batch: int) -> profiling.Workload:
+def block_workload(shape: BlockConfig, provider: str, batch: int) -> profiling.Workload:
     eager = _seeded(lambda: fm.MBConv(shape.in_channels, shape.out_channels, shape.kernel_size,
                                       shape.stride, shape.expand_ratio)).train()
-    x = _input(batch, shape.in_channels, shape.resolution, shape.resolution)
+    x = _input(batch, shape.in_channels, shape.side, shape.side)
     module = _wrap(provider, eager, lambda m: fm.FusedMBConv.from_module(m))
     return profiling.Workload.build(module, x, shape_from=eager)
 

@@ -203,9 +203,7 @@ def _measure_bandwidth(args, device, size, block_shapes, op_shapes, memory_bound
                 ("block", block_shapes, cases.block_workload, size.block_batch),
                 ("op", op_shapes, cases.op_workload, size.op_batch)):
             for shape in shapes:
-                case = shape.id if level == "block" else \
-                    f"c{shape.hidden_channels}_k{shape.kernel_size}_s{shape.stride}_" \
-                    f"{shape.resolution}px"
+                case = shape.id if level == "block" else shape.depthwise_id
                 work = None
                 try:
                     with fm.use_backend(backend):

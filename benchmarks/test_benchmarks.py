@@ -76,16 +76,14 @@ def _modes():
 
 @_modes()
 @pytest.mark.parametrize("provider", cases.providers("op"))
-@pytest.mark.parametrize("shape", OP_SHAPES, ids=lambda s: f"c{s.hidden_channels}_k{s.kernel_size}"
-                         f"_s{s.stride}_{s.resolution}px")
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=lambda s: s.depthwise_id)
 def test_dwconv_bn_silu(benchmark, records, shape, provider, mode):
     _skip_unavailable(provider)
     backend = cases.backend_of(provider)
     with fm.use_backend(backend):
         work = cases.op_workload(shape, provider, SIZE.op_batch)
         fn, setup = work.step(mode)
-        _measure(benchmark, records, "op", f"c{shape.hidden_channels}_k{shape.kernel_size}"
-                 f"_s{shape.stride}_{shape.resolution}px", provider, mode, SIZE.op_batch, fn,
+        _measure(benchmark, records, "op", shape.depthwise_id, provider, mode, SIZE.op_batch, fn,
                  setup, work.forward, work.activation_exclusions())
 
 

@@ -44,11 +44,17 @@ class BlockConfig:
     kernel_size: int
     stride: int
     side: int
+    hidden_channels: int
 
     @property
     def id(self) -> str:
         return (f"{self.in_channels}-{self.out_channels}_e{self.expand_ratio}"
                 f"_k{self.kernel_size}_s{self.stride}_{self.side}px")
+
+    @property
+    def depthwise_id(self) -> str:
+        """The id of its depthwise stage alone (dwconv_bn_silu's benchmark cases)."""
+        return f"c{self.hidden_channels}_k{self.kernel_size}_s{self.stride}_{self.side}px"
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ def b0_blocks(resolution: int = RESOLUTION) -> List[BlockConfig]:
     def hook(block, inputs, _output):
         found.setdefault(BlockConfig(block.in_channels, block.out_channels,
                                      int(block.expand_ratio), block.kernel_size, block.stride,
-                                     inputs[0].shape[-1]))
+                                     inputs[0].shape[-1], block.hidden_channels))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, MBConv)]
     try:

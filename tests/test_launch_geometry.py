@@ -14,7 +14,7 @@ from tolerances import assert_close_by_rule
 
 # A block whose maps split: positions chunks in the GEMMs, wgrad and squeeze, and more
 # partial rows than one reduction step.
-SPLIT_BLOCK = geometry.BlockConfig(8, 8, 4, 3, 1, 24)
+SPLIT_BLOCK = geometry.BlockConfig(8, 8, 4, 3, 1, 24, 32)
 # The kernels split by positions: each moves more than 1 MB in every B0 block.
 SPLIT_KERNELS = ("pointwise_conv_kernel", "pointwise_wgrad_kernel", "squeeze_kernel")
 
