@@ -106,8 +106,9 @@ def test_backend_functions_take_the_specification_signature(name):
 
 
 def test_an_implementation_with_other_parameters_is_refused_at_import():
-    with pytest.raises(TypeError, match=r"mbconv_squeeze_forward\(d, bn, activation\) does not "
-                       r"match the kernel interface's mbconv_squeeze_forward\(d, bn2, activation\)"):
+    expected = (r"mbconv_squeeze_forward\(d, bn, activation\) does not match the kernel "
+                r"interface's mbconv_squeeze_forward\(d, bn2, activation\)")
+    with pytest.raises(TypeError, match=expected):
         @interface.specified_by(reference.mbconv_squeeze_forward)
         def mbconv_squeeze_forward(d, bn, activation):
             return d
