@@ -12,9 +12,9 @@ import argparse
 import sys
 
 import torch
-import torch.nn as nn
 
 import fused_mbconv as fm
+from cases import DWConvBNSiLU, FusedDWConvBNSiLU
 from cpu_timing import time_ms, write_csv
 
 SHAPES = {  # name: (N, C, H, W, k, stride)
@@ -23,22 +23,12 @@ SHAPES = {  # name: (N, C, H, W, k, stride)
 }
 
 
-class Eager(nn.Module):
-    def __init__(self, c, k, s):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, k, s, k // 2, groups=c, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return nn.functional.silu(self.bn(self.conv(x)))
-
-
 def fused(module, backend):
+    fused_module = FusedDWConvBNSiLU(module)
+
     def run(x):
         with fm.use_backend(backend):
-            return fm.functional.dwconv_bn_silu(
-                x, module.conv.weight, module.bn.running_mean, module.bn.running_var,
-                module.bn.weight, module.bn.bias, stride=module.conv.stride[0], training=True)
+            return fused_module(x)
     return run
 
 
@@ -54,7 +44,7 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"backends {fm.available_backends('cpu')}")
     for name, (n, c, h, w, k, s) in SHAPES.items():
-        module = Eager(c, k, s).train()
+        module = DWConvBNSiLU(c, k, s).train()
         x = torch.randn(n, c, h, w)
         with torch.no_grad():
             grad = torch.randn_like(module(x))
