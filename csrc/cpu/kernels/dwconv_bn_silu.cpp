@@ -36,6 +36,21 @@ void dispatch_kernel_size(int k, int s, F&& f) {
   else with_s(std::integral_constant<int, 0>{});
 }
 
+// One output row of `cols` values: value(checked, c) with checked = std::true_type (the
+// stencil bounds-checks its taps) outside the interior columns [c_lo, c_hi) or on a row outside
+// the interior rows, std::false_type (unchecked, vectorized) inside.
+template <typename scalar_t, typename F>
+void stencil_row(scalar_t* row, int64_t cols, bool interior_row, int64_t c_lo, int64_t c_hi,
+                 const F& value) {
+  if (!interior_row) c_lo = c_hi = cols;
+  for (int64_t c = 0; c < c_lo; ++c) row[c] = static_cast<scalar_t>(value(std::true_type{}, c));
+#pragma omp simd
+  for (int64_t c = c_lo; c < c_hi; ++c) {
+    row[c] = static_cast<scalar_t>(value(std::false_type{}, c));
+  }
+  for (int64_t c = c_hi; c < cols; ++c) row[c] = static_cast<scalar_t>(value(std::true_type{}, c));
+}
+
 // Depthwise conv of one NCHW plane into d (in the data dtype, like the saved conv_out).
 template <int K, int S, typename acc_t, typename scalar_t>
 void conv_plane(const scalar_t* x, const acc_t* w, scalar_t* d, const Geometry& g) {
@@ -45,23 +60,12 @@ void conv_plane(const scalar_t* x, const acc_t* w, scalar_t* d, const Geometry& 
   interior_range(g.H, g.Ho, k, S, &h_lo, &h_hi);
   interior_range(g.W, g.Wo, k, S, &w_lo, &w_hi);
   for (int64_t ho = 0; ho < g.Ho; ++ho) {
-    scalar_t* row = d + ho * g.Wo;
     const int64_t hi0 = ho * S - p;
-    auto edge = [&](int64_t wo) {
-      row[wo] = static_cast<scalar_t>(
-          dw_stencil<true, K, acc_t>(x, g.W, 1, g.H, g.W, w, 1, k, hi0, wo * S - p));
-    };
-    if (ho < h_lo || ho >= h_hi) {
-      for (int64_t wo = 0; wo < g.Wo; ++wo) edge(wo);
-      continue;
-    }
-    for (int64_t wo = 0; wo < w_lo; ++wo) edge(wo);
-#pragma omp simd
-    for (int64_t wo = w_lo; wo < w_hi; ++wo) {
-      row[wo] = static_cast<scalar_t>(
-          dw_stencil<false, K, acc_t>(x, g.W, 1, g.H, g.W, w, 1, k, hi0, wo * S - p));
-    }
-    for (int64_t wo = w_hi; wo < g.Wo; ++wo) edge(wo);
+    stencil_row(d + ho * g.Wo, g.Wo, ho >= h_lo && ho < h_hi, w_lo, w_hi,
+                [&](auto checked, int64_t wo) {
+                  return dw_stencil<decltype(checked)::value, K, acc_t>(x, g.W, 1, g.H, g.W, w, 1,
+                                                                        k, hi0, wo * S - p);
+                });
   }
 }
 
@@ -168,6 +172,22 @@ ForwardResult forward_cpu(const DwconvBnSiluForwardArgs& a) {
 
 // ---- backward ----------------------------------------------------------------------------
 
+// f(kh, kw, h0, h1, w0, w1) for each tap of a k x k stride-S kernel: outputs [h0, h1) x
+// [w0, w1) are those whose tap (kh, kw) lands inside the input.
+template <int S, typename F>
+void for_each_tap(const Geometry& g, int k, const F& f) {
+  const int p = k / 2;
+  for (int kh = 0; kh < k; ++kh) {
+    int64_t h0, h1;
+    tap_range(g.H, g.Ho, S, kh - p, &h0, &h1);
+    for (int kw = 0; kw < k; ++kw) {
+      int64_t w0, w1;
+      tap_range(g.W, g.Wo, S, kw - p, &w0, &w1);
+      f(kh, kw, h0, h1, w0, w1);
+    }
+  }
+}
+
 // Input gradient of one NCHW plane from the plane's conv-output gradient gc.
 // Stride 1: the transposed stencil (a gather, checks only at the borders).
 // Stride 2: half the taps miss each input element, so scatter tap by tap instead: for each tap,
@@ -179,21 +199,15 @@ void input_grad_plane(const acc_t* gc, const acc_t* w, scalar_t* gx, acc_t* scra
   const int p = k / 2;
   if (S != 1) {
     std::fill(scratch, scratch + g.in_plane(), acc_t(0));
-    for (int kh = 0; kh < k; ++kh) {
-      int64_t h0, h1;
-      tap_range(g.H, g.Ho, S, kh - p, &h0, &h1);
-      for (int kw = 0; kw < k; ++kw) {
-        int64_t w0, w1;
-        tap_range(g.W, g.Wo, S, kw - p, &w0, &w1);
-        const acc_t wt = w[kh * k + kw];
-        for (int64_t ho = h0; ho < h1; ++ho) {
-          acc_t* dst = scratch + (ho * S + kh - p) * g.W + (kw - p);
-          const acc_t* src = gc + ho * g.Wo;
+    for_each_tap<S>(g, k, [&](int kh, int kw, int64_t h0, int64_t h1, int64_t w0, int64_t w1) {
+      const acc_t wt = w[kh * k + kw];
+      for (int64_t ho = h0; ho < h1; ++ho) {
+        acc_t* dst = scratch + (ho * S + kh - p) * g.W + (kw - p);
+        const acc_t* src = gc + ho * g.Wo;
 #pragma omp simd
-          for (int64_t wo = w0; wo < w1; ++wo) dst[wo * S] += src[wo] * wt;
-        }
+        for (int64_t wo = w0; wo < w1; ++wo) dst[wo * S] += src[wo] * wt;
       }
-    }
+    });
 #pragma omp simd
     for (int64_t i = 0; i < g.in_plane(); ++i) gx[i] = static_cast<scalar_t>(scratch[i]);
     return;
@@ -202,22 +216,11 @@ void input_grad_plane(const acc_t* gc, const acc_t* w, scalar_t* gx, acc_t* scra
   const int64_t w_lo = std::min<int64_t>(p, g.W), w_hi = std::max<int64_t>(w_lo, g.Wo - p);
   auto at = [&](int64_t ho, int64_t wo) { return gc[ho * g.Wo + wo]; };
   for (int64_t hi = 0; hi < g.H; ++hi) {
-    scalar_t* row = gx + hi * g.W;
-    auto edge = [&](int64_t wi) {
-      row[wi] = static_cast<scalar_t>(
-          dw_input_grad<true, K, 1, acc_t>(at, w, 1, k, 1, g.Ho, g.Wo, hi, wi));
-    };
-    if (hi < h_lo || hi >= h_hi) {
-      for (int64_t wi = 0; wi < g.W; ++wi) edge(wi);
-      continue;
-    }
-    for (int64_t wi = 0; wi < w_lo; ++wi) edge(wi);
-#pragma omp simd
-    for (int64_t wi = w_lo; wi < w_hi; ++wi) {
-      row[wi] = static_cast<scalar_t>(
-          dw_input_grad<false, K, 1, acc_t>(at, w, 1, k, 1, g.Ho, g.Wo, hi, wi));
-    }
-    for (int64_t wi = w_hi; wi < g.W; ++wi) edge(wi);
+    stencil_row(gx + hi * g.W, g.W, hi >= h_lo && hi < h_hi, w_lo, w_hi,
+                [&](auto checked, int64_t wi) {
+                  return dw_input_grad<decltype(checked)::value, K, 1, acc_t>(
+                      at, w, 1, k, 1, g.Ho, g.Wo, hi, wi);
+                });
   }
 }
 
@@ -226,22 +229,16 @@ template <int K, int S, typename acc_t, typename scalar_t>
 void weight_grad_plane(const acc_t* gc, const scalar_t* x, acc_t* gw, const Geometry& g) {
   const int k = K > 0 ? K : g.k;
   const int p = k / 2;
-  for (int kh = 0; kh < k; ++kh) {
-    int64_t h0, h1;
-    tap_range(g.H, g.Ho, S, kh - p, &h0, &h1);
-    for (int kw = 0; kw < k; ++kw) {
-      int64_t w0, w1;
-      tap_range(g.W, g.Wo, S, kw - p, &w0, &w1);
-      acc_t sum = 0;
-      for (int64_t ho = h0; ho < h1; ++ho) {
-        const scalar_t* xr = x + (ho * S + kh - p) * g.W + (kw - p);
-        const acc_t* gr = gc + ho * g.Wo;
+  for_each_tap<S>(g, k, [&](int kh, int kw, int64_t h0, int64_t h1, int64_t w0, int64_t w1) {
+    acc_t sum = 0;
+    for (int64_t ho = h0; ho < h1; ++ho) {
+      const scalar_t* xr = x + (ho * S + kh - p) * g.W + (kw - p);
+      const acc_t* gr = gc + ho * g.Wo;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t wo = w0; wo < w1; ++wo) sum += gr[wo] * static_cast<acc_t>(xr[wo * S]);
-      }
-      gw[kh * k + kw] = sum;
+      for (int64_t wo = w0; wo < w1; ++wo) sum += gr[wo] * static_cast<acc_t>(xr[wo * S]);
     }
-  }
+    gw[kh * k + kw] = sum;
+  });
 }
 
 template <typename scalar_t>
