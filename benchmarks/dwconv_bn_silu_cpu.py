@@ -9,27 +9,17 @@ largest depthwise layers at batch 8.
 """
 
 import argparse
-import sys
 
 import torch
 
 import fused_mbconv as fm
 from cases import DWConvBNSiLU, FusedDWConvBNSiLU
-from cpu_timing import time_ms, write_csv
+from cpu_timing import on_backend, report, time_ms, write_csv
 
 SHAPES = {  # name: (N, C, H, W, k, stride)
     "b0-112x112-c96-k3-s2": (8, 96, 112, 112, 3, 2),
     "b0-56x56-c144-k3-s1": (8, 144, 56, 56, 3, 1),
 }
-
-
-def fused(module, backend):
-    fused_module = FusedDWConvBNSiLU(module)
-
-    def run(x):
-        with fm.use_backend(backend):
-            return fused_module(x)
-    return run
 
 
 def main(argv=None):
@@ -48,18 +38,13 @@ def main(argv=None):
         x = torch.randn(n, c, h, w)
         with torch.no_grad():
             grad = torch.randn_like(module(x))
-        providers = {"eager": module, "fused[torch]": fused(module, "torch"),
-                     "fused[cpu]": fused(module, "cpu")}
+        fused = FusedDWConvBNSiLU(module)
+        providers = {"eager": module, "fused[torch]": on_backend(fused, "torch"),
+                     "fused[cpu]": on_backend(fused, "cpu")}
         if not args.no_compile:
             providers["torch.compile"] = torch.compile(module)
         results = time_ms(providers, x, grad, args.reps)
-        for provider, (median, best) in results.items():
-            rows.append(dict(shape=name, provider=provider, median_ms=round(median, 2),
-                             min_ms=round(best, 2),
-                             speedup_vs_eager=round(results["eager"][0] / median, 2)))
-            print(f"{name:24s} {provider:14s} median {median:8.2f} ms  min {best:8.2f} ms  "
-                  f"x{results['eager'][0] / median:.2f} vs eager")
-        sys.stdout.flush()
+        rows += report(name, results)
     if args.csv:
         write_csv(args.csv, rows)
 

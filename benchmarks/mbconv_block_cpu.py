@@ -11,12 +11,11 @@ channels_last (``--layout nchw`` for NCHW).
 
 import argparse
 import copy
-import sys
 
 import torch
 
 import fused_mbconv as fm
-from cpu_timing import time_ms, write_csv
+from cpu_timing import on_backend, report, time_ms, write_csv
 
 SHAPES = {  # name: (in, out, kernel, stride, expand, input H = W)
     "stage2.0 16->24 k3 s2 112x112": (16, 24, 3, 2, 6, 112),
@@ -24,13 +23,6 @@ SHAPES = {  # name: (in, out, kernel, stride, expand, input H = W)
     "stage3.0 24->40 k5 s2 56x56": (24, 40, 5, 2, 6, 56),
     "stage3.1 40->40 k5 s1 28x28": (40, 40, 5, 1, 6, 28),
 }
-
-
-def fused_on(block, backend):
-    def run(x):
-        with fm.use_backend(backend):
-            return block(x)
-    return run
 
 
 def main(argv=None):
@@ -59,21 +51,13 @@ def main(argv=None):
         x = torch.randn(args.batch, cin, hw, hw).contiguous(memory_format=fmt)
         with torch.no_grad():
             grad = torch.randn_like(copy.deepcopy(eager)(x))
-        providers = {"eager": eager, "fused[torch]": fused_on(fused, "torch"),
-                     "fused[cpu]": fused_on(fused, "cpu")}
+        providers = {"eager": eager, "fused[torch]": on_backend(fused, "torch"),
+                     "fused[cpu]": on_backend(fused, "cpu")}
         if not args.no_compile:
             providers["torch.compile"] = torch.compile(copy.deepcopy(eager))
         providers = {p: providers[p] for p in args.providers if p in providers}
         results = time_ms(providers, x, grad, args.reps)
-        base = results["eager"][0] if "eager" in results else None
-        for provider, (median, best) in results.items():
-            speedup = round(base / median, 2) if base else None
-            rows.append(dict(shape=name, provider=provider, layout=args.layout,
-                             threads=torch.get_num_threads(), median_ms=round(median, 2),
-                             min_ms=round(best, 2), speedup_vs_eager=speedup))
-            print(f"{name:32s} {provider:14s} median {median:8.2f} ms  min {best:8.2f} ms"
-                  + (f"  x{speedup:.2f} vs eager" if speedup else ""))
-        sys.stdout.flush()
+        rows += report(name, results, layout=args.layout, threads=torch.get_num_threads())
     if args.csv:
         write_csv(args.csv, rows)
 
