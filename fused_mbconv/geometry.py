@@ -11,8 +11,8 @@ them. A smaller spatial size would not do: tiling depends on the map's size.
 The compiled CUDA kernels report the grids their C++ launchers used (the launch record of
 csrc/include/fused_mbconv/cuda/runtime.cuh), sized for an H100's 132 SMs
 (``accounting.H100_SMS``) whatever the device, also under their CPU emulation; their library
-calls (cuDNN / cuBLAS 1x1 convolutions) still run and have no grid of ours ("n/a"), nor do
-the C++ CPU kernels, which also cannot skip.
+calls (the cuDNN 1x1 convolutions, the cuBLAS SE weight gradients) still run and have no
+grid of ours, nor do the C++ CPU kernels ("n/a"), which also cannot skip.
 
 The kernels run on channels_last maps on the CPU (``ops.mbconv.kernel_input``), so the table is
 recorded with channels_last inputs on every device: the same geometry everywhere.

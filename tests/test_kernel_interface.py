@@ -281,3 +281,46 @@ def test_excite_on_wide_se_layers_at_every_slicing(device, backend, case):
     assert len(programs[1]) == len(programs[accounting.H100_SMS]) in (0, 2), programs  # 0: no grid
     for few, many in zip(programs[1], programs[accounting.H100_SMS]):
         assert few < many and many >= most, (programs, most)
+
+
+# ---- B5 / B1 weight gradients: the CUDA GEMM's tiles and chunks -------------------------------
+
+# 162 rows (2 images of 9 x 9: 10 steps of 16 and 2 rows). B1's (72, 70): 2 x 2 tiles of 64, both
+# ragged; B5's (20, 72): 3 tiles of 32. Sized for 1 SM, B1 runs one chunk, B5 three (5, 5 and
+# 1 steps, the last ragged); for 132 SMs each runs 11 chunks of one step.
+WGRAD_GEOMETRY = (2, 70, 72, 20, 9, 9, 3, 1)
+WGRAD_GRIDS = {1: {"mbconv_expand_wgrad": 4, "mbconv_project_wgrad": 9},
+               accounting.H100_SMS: {"mbconv_expand_wgrad": 44, "mbconv_project_wgrad": 33}}
+
+
+@pytest.mark.parametrize("device, backend, case", grid(
+    ["mbconv_project_backward", "mbconv_expand_backward"], dict(layout=LAYOUTS),
+    interpreted=lambda c: False))
+def test_pointwise_weight_gradients_at_every_slicing(device, backend, case):
+    """B5 and B1 (float64) with grids sized for 1 SM and for 132: the CUDA weight-gradient
+    GEMM's tiles and position chunks, ragged at both ends, merged in chunk order. Each slicing
+    matches the reference and reruns bit for bit; the two differ only by rounding (the chunks'
+    partials are rounded apart: a result depends on the SM count, never on scheduling)."""
+    c = to_device(block_case(WGRAD_GEOMETRY, case["layout"], seed=5), device)
+    mask = [True, True]
+
+    def calls(m):
+        return {"B5": m.mbconv_project_backward(c["go"], c["q"], c["d"], c["gate"], c["pw"],
+                                                c["bn2"], "silu", c["bn3"], *c["s3"], c["ss"],
+                                                True, mask),
+                "B1": m.mbconv_expand_backward(c["gy1"], c["e"], c["x"], c["w1"], c["bn1"],
+                                               *c["s1"], True, c["gres"], mask)}
+
+    want = dict(flat(calls(reference)))
+    module = backend_module(backend)
+    for sms, grids in WGRAD_GRIDS.items():
+        runs = []
+        for _ in range(2):
+            with accounting.record_launches(multiprocessors=sms) as launches:
+                runs.append(dict(flat(calls(module))))
+            gemms = {launch.kernel: launch.grids[0][1] for launch in launches  # then the merge
+                     if launch.grids and launch.kernel in grids}
+            assert gemms in ({}, grids), (sms, gemms)  # {}: no grid of ours to check
+        for name, w in want.items():
+            assert_matches(runs[0][name], w, w, F64, f"{name} at {sms} SMs")
+            assert torch.equal(runs[0][name], runs[1][name]), f"{name} at {sms} SMs: reruns differ"

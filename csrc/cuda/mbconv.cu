@@ -6,9 +6,10 @@
 // elementwise map over an activation in memory order (map_kernel), and a per-channel or
 // per-(image, channel) reduction that may also write elementwise outputs
 // (channel_reduce_kernel, reduce.cuh). What a pass computes is a functor below; activations
-// are template flags. The 1x1 convolutions run on cuDNN / cuBLAS through ATen with the passes
-// placed around them: K5 builds its operand act(BN2(d)) * gate in one pass, convolves, then
-// takes BN3's statistics in one pass; the backward likewise. The squeeze-excite FC layers are
+// are template flags. The 1x1 convolutions run on cuDNN through ATen with the passes placed
+// around them: K5 builds its operand act(BN2(d)) * gate in one pass, convolves, then takes
+// BN3's statistics in one pass; the backward likewise, but for the weight gradients, our own
+// GEMM (pointwise_wgrad.cuh: a grid sized to fill the GPU). The squeeze-excite FC layers are
 // csrc/cuda/excite.cu. NCHW and channels_last are addressed in place (Plane). Reductions are
 // deterministic: fixed-order trees and merges, no atomics.
 #include <ATen/ATen.h>
@@ -21,6 +22,8 @@
 
 #include "fused_mbconv/block_checks.h"
 #include "fused_mbconv/bn.h"
+#include "fused_mbconv/cuda/plane.cuh"
+#include "fused_mbconv/cuda/pointwise_wgrad.cuh"
 #include "fused_mbconv/cuda/reduce.cuh"
 #include "fused_mbconv/cuda/runtime.cuh"
 #include "fused_mbconv/host.h"
@@ -31,28 +34,6 @@ namespace cuda {
 namespace {
 
 constexpr int kTapGroup = 9;  // depthwise weight-gradient taps per pass (a whole 3x3)
-
-// An activation (N, C, H, W) addressed by (image n, channel c, position p = h * W + w), NCHW
-// or channels_last. A tensor contiguous in both formats (C == 1 or H * W == 1) has the same
-// addresses under both, so a tensor's own layout is always a valid reading of it, and tensors
-// of one shape that the entry checks found in the same format share memory offsets. Indices
-// within an image are 32-bit (64-bit integer division is a called subroutine on the GPU, and
-// its calls spill registers); offsets are 64-bit.
-struct Plane {
-  int N, C, P;
-  bool channels_last;
-
-  FM_HOST_DEVICE int64_t at(int n, int c, int p) const {
-    return channels_last ? (int64_t(n) * P + p) * C + c : (int64_t(n) * C + c) * P + p;
-  }
-};
-
-Plane plane_of(const Tensor& t) {
-  const int64_t N = t.size(0), C = t.size(1), P = t.size(2) * t.size(3);
-  TORCH_CHECK_VALUE(C * P <= 0x7fffffff && N <= 65535, "fused_mbconv: an activation of shape ",
-                    t.sizes(), " exceeds the CUDA kernels' 32-bit per-image indexing");
-  return {static_cast<int>(N), static_cast<int>(C), static_cast<int>(P), is_channels_last(t)};
-}
 
 ChannelTiling tiling_of(const Plane& p) { return channel_tiling(p.N, p.C, p.P, p.channels_last); }
 
@@ -227,20 +208,11 @@ std::tuple<Tensor, Tensor> moments_of(const Tensor& t) {
   return {mean, var};
 }
 
-// ---- the 1x1 convolutions (cuDNN / cuBLAS through ATen) -------------------------------------
+// ---- the 1x1 convolutions (cuDNN through ATen) ----------------------------------------------
 
 // t (N, in, H, W) convolved with matrix (out, in), in `format`.
 Tensor pointwise_conv(const Tensor& t, const Tensor& matrix, at::MemoryFormat format) {
   return at::conv2d(t, matrix.reshape({matrix.size(0), matrix.size(1), 1, 1})).contiguous(format);
-}
-
-// An activation as (N * H * W, C) rows: a view for channels_last, a copy for NCHW.
-Tensor rows(const Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
-
-// The 1x1 convolution's weight gradient, (out, in): the sum over images and positions of
-// grad_out[n, o, p] * input[n, c, p].
-Tensor pointwise_weight_grad(const Tensor& grad_out, const Tensor& input) {
-  return at::mm(rows(grad_out).t(), rows(input));
 }
 
 // ---- K1 expand -----------------------------------------------------------------------------
@@ -577,7 +549,7 @@ ProjectBackwardResult project_backward(const ProjectBackwardArgs& a, const Act a
     if (!operand.defined()) {
       operand = project_operand(a.d, a.gate, a.mean2, a.var2, a.w2, a.b2, a.eps2, act);
     }
-    grad_weight = pointwise_weight_grad(gq, operand);
+    grad_weight = pointwise_weight_grad("mbconv_project_wgrad", gq, operand);
   }
   return {grad_a2, grad_gate, grad_weight};
 }
@@ -789,7 +761,7 @@ ExpandBackwardResult expand_backward(const ExpandBackwardArgs& a) {
     grad_x = pointwise_conv(ge, a.weight.t(), memory_format_of(a.x));
     if (given(a.grad_residual)) grad_x.add_(*a.grad_residual);
   }
-  if (a.output_mask[1]) grad_w = pointwise_weight_grad(ge, a.x);
+  if (a.output_mask[1]) grad_w = pointwise_weight_grad("mbconv_expand_wgrad", ge, a.x);
   return {grad_x, grad_w};
 }
 
