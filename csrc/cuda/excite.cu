@@ -121,10 +121,6 @@ size_t excite_shared_bytes(int64_t values, int64_t S, int64_t C, const Tensor& p
   return bytes;
 }
 
-// Issue 19's rule (fused_mbconv/accounting.py): a launch that moves more than 1 MB runs at
-// least 4 blocks per SM.
-constexpr int64_t kBigLaunchBytes = 1000 * 1000;
-
 struct ExciteGrid {
   dim3 grid;  // (sample, channel slice)
   int width;  // channels per slice
@@ -134,7 +130,7 @@ struct ExciteGrid {
 // per SM takes narrower ones (by warps, the widest that reaches it, down to one warp). Every
 // block recomputes its sample's whole chain, so small launches keep the wide slices.
 ExciteGrid excite_grid(int64_t N, int64_t C, int64_t bytes) {
-  const int64_t want = bytes > kBigLaunchBytes ? 4 * int64_t(multiprocessor_count()) : 0;
+  const int64_t want = bytes > kBigLaunchBytes ? fill_blocks() : 0;
   int width = kThreads;
   while (width > kWarpSize && N * ((C + width - 1) / width) < want) width -= kWarpSize;
   return {dim3(static_cast<unsigned>(N), static_cast<unsigned>((C + width - 1) / width)), width};

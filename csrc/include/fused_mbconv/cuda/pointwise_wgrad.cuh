@@ -40,7 +40,7 @@ inline WgradTiling wgrad_tiling(int tile, const Plane& g, const Plane& a) {
                     " positions exceeds the CUDA kernels' 32-bit indexing");
   const int64_t k_tiles = (a.C + tile - 1) / tile, tiles = (g.C + tile - 1) / tile * k_tiles;
   const int64_t steps = (R + kWgradStep - 1) / kWgradStep;
-  const int64_t wanted = (4 * int64_t(multiprocessor_count()) + tiles - 1) / tiles;
+  const int64_t wanted = (fill_blocks() + tiles - 1) / tiles;
   const int64_t chunk = std::max<int64_t>(1, steps / wanted) * kWgradStep;  // >= wanted chunks
   return {g.C, a.C, static_cast<int>(R), static_cast<int>(k_tiles), static_cast<int>(tiles),
           static_cast<int>(chunk), static_cast<int>((R + chunk - 1) / chunk)};

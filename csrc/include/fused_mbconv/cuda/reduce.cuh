@@ -146,10 +146,9 @@ inline ChannelTiling channel_tiling(int64_t N, int64_t C, int64_t P, bool channe
                     ")");
   // Enough blocks for 8 per SM, each with at least 4 positions per lane; on maps too small for
   // 4 blocks per SM that way (issue 19's rule), fewer positions per lane, down to one.
-  const int64_t sms = multiprocessor_count();
-  const int64_t want = sms * 8;
+  const int64_t want = int64_t(multiprocessor_count()) * 8;
   const int64_t per_image = std::max<int64_t>(1, (want + tiles * N - 1) / (tiles * N));
-  const int64_t fill = (4 * sms + tiles * N - 1) / (tiles * N);
+  const int64_t fill = (fill_blocks() + tiles * N - 1) / (tiles * N);
   const int64_t most = std::max<int64_t>(
       {int64_t(1), P / (4 * lanes_p), std::min<int64_t>(P / lanes_p, fill)});
   const int64_t chunk = (P + std::min(per_image, most) - 1) / std::min(per_image, most);

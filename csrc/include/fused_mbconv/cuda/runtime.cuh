@@ -144,6 +144,11 @@ __device__ __forceinline__ T* dynamic_shared() {
 
 #endif
 
+// Issue 19's occupancy rule, as fused_mbconv/accounting.py states it (BIG_LAUNCH_BYTES,
+// MIN_PROGRAMS): a launch moving more than kBigLaunchBytes runs at least fill_blocks() blocks.
+constexpr int64_t kBigLaunchBytes = 1000 * 1000;
+inline int64_t fill_blocks() { return 4 * int64_t(multiprocessor_count()); }
+
 // Blocks for a grid-stride loop over n elements: enough to fill the GPU, no more.
 inline unsigned blocks_for(int64_t n) {
   const int64_t most = int64_t(multiprocessor_count()) * 32;
