@@ -61,6 +61,18 @@ def adopt_state(target: nn.Module, source: nn.Module) -> None:
     target._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
 
 
+def rebuild(eager_type: type, attrs: dict, holder: nn.Module) -> nn.Module:
+    """A module of ``eager_type`` with attributes ``attrs``, over ``holder``'s children,
+    parameters and buffers (the same objects), in its training mode."""
+    module = eager_type.__new__(eager_type)
+    module.__dict__.update(attrs)
+    for name in _MODULE_STATE:
+        value = holder.__dict__[name]
+        module.__dict__[name] = value.copy() if hasattr(value, "copy") else value
+    module.training = holder.training
+    return module
+
+
 def register_block_type(block_type: type, recognize: Callable[[nn.Module], MBConvSpec]) -> None:
     """Teach ``FusedMBConv.from_module`` a block type (the conversion layer's extension point)."""
     _RECOGNIZERS[block_type] = recognize
@@ -200,13 +212,7 @@ class FusedMBConv(MBConv):
     def eager_block(self) -> nn.Module:
         """The block this one stands for (its original class), over the same children,
         parameters and buffers, in the same training mode: ``fused_mbconv.revert``'s unit."""
-        block = self._eager_type.__new__(self._eager_type)
-        block.__dict__.update(self._eager_attrs)
-        for name in _MODULE_STATE:
-            value = self.__dict__[name]
-            block.__dict__[name] = value.copy() if hasattr(value, "copy") else value
-        block.training = self.training
-        return block
+        return rebuild(self._eager_type, self._eager_attrs, self)
 
     def _cache_spec(self, spec: Optional[MBConvSpec], reason: Optional[str]) -> None:
         self._spec_cache = (_descendants(self), spec, reason)

@@ -35,8 +35,7 @@ import torch.nn.functional as F
 
 from . import functional
 from .activations import ACTIVATIONS
-from .fused_block import (_MODULE_STATE, _bn_params, _uses_batch_stats, adopt_state,
-                          own_attributes)
+from .fused_block import _bn_params, _uses_batch_stats, adopt_state, own_attributes, rebuild
 
 # BatchNorm classes the ops run, by qualified name (timm's applies an activation after).
 BATCH_NORMS = ("torch.nn.modules.batchnorm.BatchNorm2d", "timm.layers.norm_act.BatchNormAct2d")
@@ -57,13 +56,7 @@ def _rebuild(eager_type: type, attrs: dict, holder: nn.Module) -> nn.Module:
     """A module of ``eager_type`` over ``holder``'s children, parameters and buffers (the same
     objects), in its training mode, with the attributes named in ``attrs`` as ``holder`` has
     them now (it carries them: a change after conversion, e.g. of momentum, is kept)."""
-    module = eager_type.__new__(eager_type)
-    module.__dict__.update({k: holder.__dict__.get(k, v) for k, v in attrs.items()})
-    for name in _MODULE_STATE:
-        value = holder.__dict__[name]
-        module.__dict__[name] = value.copy() if hasattr(value, "copy") else value
-    module.training = holder.training
-    return module
+    return rebuild(eager_type, {k: holder.__dict__.get(k, v) for k, v in attrs.items()}, holder)
 
 
 def conv_reason(conv: nn.Module, kind: Optional[type] = None) -> Optional[str]:
